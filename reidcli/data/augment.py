@@ -1,0 +1,62 @@
+"""Batched training augmentation on the training device: flip, pad + random crop, normalise, random erasing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["AugmentConfig", "augment_batch", "normalize_batch"]
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    flip: float = 0.5
+    pad: int = 10
+    erase: float = 0.5
+    erase_area: tuple[float, float] = (0.02, 0.4)
+    erase_ratio: float = 0.3  # aspect ratios in [r, 1/r]
+
+
+def normalize_batch(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 (B, H, W, 3) → float (B, 3, H, W) with mean = std = 0.5."""
+    return images.permute(0, 3, 1, 2).to(dtype).div_(127.5).sub_(1.0)
+
+
+def augment_batch(images: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
+    """uint8 (B, H, W, 3) on any device → augmented, normalised float (B, 3, H, W) on the same device.
+
+    Random numbers come from ``gen`` (on the CPU, so runs are reproducible across devices) in one draw per kind.
+    """
+    b, h, w, _ = images.shape
+    dev = images.device
+    r = torch.rand(b, 8, generator=gen).to(dev)
+    x = normalize_batch(images)
+    if cfg.flip > 0:
+        x = torch.where((r[:, 0] < cfg.flip)[:, None, None, None], x.flip(3), x)
+    if cfg.pad > 0:
+        p = cfg.pad
+        x = F.pad(x, (p, p, p, p), value=-1.0)  # black border, as torchvision's Pad before Normalize
+        oy = (r[:, 1] * (2 * p + 1)).long().clamp_max(2 * p)
+        ox = (r[:, 2] * (2 * p + 1)).long().clamp_max(2 * p)
+        rows = (oy[:, None] + torch.arange(h, device=dev))[:, None, :, None].expand(b, 3, h, w + 2 * p)
+        cols = (ox[:, None] + torch.arange(w, device=dev))[:, None, None, :].expand(b, 3, h, w)
+        x = x.gather(2, rows).gather(3, cols)
+    if cfg.erase > 0:
+        lo, hi = cfg.erase_area
+        area = (lo + (hi - lo) * r[:, 3]) * h * w
+        logr = torch.log(torch.tensor(cfg.erase_ratio, device=dev))
+        aspect = torch.exp(logr + (-2 * logr) * r[:, 4])
+        eh = (area * aspect).sqrt().clamp(1, h)
+        ew = (area / aspect).sqrt().clamp(1, w)
+        y0 = r[:, 5] * (h - eh)
+        x0 = r[:, 6] * (w - ew)
+        ys = torch.arange(h, device=dev)[None, :]
+        xs = torch.arange(w, device=dev)[None, :]
+        inside_y = (ys >= y0[:, None]) & (ys < (y0 + eh)[:, None])  # (B, H)
+        inside_x = (xs >= x0[:, None]) & (xs < (x0 + ew)[:, None])  # (B, W)
+        mask = inside_y[:, :, None] & inside_x[:, None, :] & (r[:, 7] < cfg.erase)[:, None, None]
+        x = x.masked_fill(mask[:, None], 0.0)
+    return x
+

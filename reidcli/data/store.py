@@ -1,0 +1,128 @@
+"""The dataset HDF5 file (``format="reidcli.dataset"``, ``version=1``): write atomically, read with checks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from reidcli.errors import FormatError
+from reidcli.fileio import atomic_path
+
+__all__ = ["DATASET_FORMAT", "DatasetSplit", "DatasetWriter", "write_dataset", "read_dataset", "dataset_summary"]
+
+DATASET_FORMAT = "reidcli.dataset"
+DATASET_VERSION = 1
+_STR = h5py.string_dtype("utf-8")
+
+
+@dataclass(frozen=True)
+class DatasetSplit:
+    images: np.ndarray  # (N, H, W, 3) uint8
+    pids: np.ndarray  # (N,) int64
+    camids: np.ndarray  # (N,) int64, 0-based
+    paths: list[str]
+
+    def __len__(self) -> int:
+        return len(self.pids)
+
+
+class DatasetWriter:
+    """Fills pre-sized ``images`` datasets split by split; used inside :func:`write_dataset`."""
+
+    def __init__(self, h5: h5py.File, image_size: tuple[int, int]):
+        self.h5 = h5
+        self.image_size = image_size
+
+    def add_split(self, split: str, pids: np.ndarray, camids: np.ndarray, paths: list[str]) -> h5py.Dataset:
+        g = self.h5.create_group(split)
+        g.create_dataset("pids", data=np.asarray(pids, dtype=np.int64))
+        g.create_dataset("camids", data=np.asarray(camids, dtype=np.int64))
+        g.create_dataset("paths", data=np.asarray(paths, dtype=object), dtype=_STR)
+        h, w = self.image_size
+        n = len(pids)
+        return g.create_dataset("images", shape=(n, h, w, 3), dtype=np.uint8, chunks=(min(64, max(n, 1)), h, w, 3))
+
+
+@contextmanager
+def write_dataset(path: str | Path, name: str, image_size: tuple[int, int], **attrs) -> Iterator[DatasetWriter]:
+    """Create the dataset file atomically: it appears under ``path`` only once the block completes."""
+    with atomic_path(path, suffix=".h5") as tmp, h5py.File(tmp, "w") as h5:
+        h5.attrs["format"] = DATASET_FORMAT
+        h5.attrs["version"] = DATASET_VERSION
+        h5.attrs["name"] = name
+        h5.attrs["image_size"] = np.asarray(image_size, dtype=np.int64)
+        for k, v in attrs.items():
+            h5.attrs[k] = v
+        yield DatasetWriter(h5, image_size)
+
+
+def _open_checked(path: str | Path) -> h5py.File:
+    path = Path(path)
+    if not path.is_file():
+        raise FormatError(f"dataset file {path} not found; create it with 'reid prepare'")
+    try:
+        h5 = h5py.File(path, "r")
+    except OSError as e:
+        raise FormatError(f"{path} is not a readable HDF5 file ({e}); recreate it with 'reid prepare'") from e
+    fmt, ver = h5.attrs.get("format"), h5.attrs.get("version")
+    if fmt != DATASET_FORMAT:
+        h5.close()
+        raise FormatError(f"{path} is not a reidcli dataset file (format={fmt!r}); create one with 'reid prepare'")
+    if ver != DATASET_VERSION:
+        h5.close()
+        raise FormatError(f"{path} has dataset format version {ver}, this reidcli reads {DATASET_VERSION}; re-prepare it")
+    return h5
+
+
+def _check_split(path, split: str, g: h5py.Group, image_size: tuple[int, int]) -> int:
+    missing = [k for k in ("images", "pids", "camids", "paths") if k not in g]
+    if missing:
+        raise FormatError(f"{path}: split '{split}' lacks {', '.join(missing)}; re-prepare the dataset")
+    n = g["pids"].shape[0]
+    if g["images"].shape != (n, *image_size, 3) or g["camids"].shape != (n,) or g["paths"].shape != (n,):
+        raise FormatError(
+            f"{path}: split '{split}' has mismatched lengths or image shape "
+            f"(images {g['images'].shape}, pids {g['pids'].shape}); re-prepare the dataset"
+        )
+    return n
+
+
+def read_dataset(
+    path: str | Path, splits: tuple[str, ...] = ("train", "query", "gallery"), images: bool = True,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> tuple[dict, dict[str, DatasetSplit]]:
+    """Attributes and the requested splits, fully in memory (images optional, for metadata-only readers)."""
+    with _open_checked(path) as h5:
+        attrs = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in h5.attrs.items()}
+        image_size = tuple(int(x) for x in attrs["image_size"])
+        out = {}
+        for split in splits:
+            if split not in h5:
+                raise FormatError(f"{path} has no '{split}' split; re-prepare the dataset")
+            g = h5[split]
+            n = _check_split(path, split, g, image_size)
+            imgs = np.empty((n, *image_size, 3), np.uint8) if images else np.empty((0,), np.uint8)
+            if images:
+                step = 4096
+                for i in range(0, n, step):
+                    g["images"].read_direct(imgs, np.s_[i : i + step], np.s_[i : i + step])
+                    if on_progress:
+                        on_progress(min(i + step, n), n)
+            out[split] = DatasetSplit(
+                images=imgs, pids=g["pids"][:].astype(np.int64), camids=g["camids"][:].astype(np.int64),
+                paths=[p.decode() if isinstance(p, bytes) else p for p in g["paths"][:]],
+            )
+    return attrs, out
+
+
+def dataset_summary(splits: dict[str, DatasetSplit]) -> list[dict]:
+    """Rows of (split, images, ids, cameras) for tables."""
+    return [
+        {"split": s, "images": len(d), "ids": int(len(np.unique(d.pids))), "cameras": int(len(np.unique(d.camids)))}
+        for s, d in splits.items()
+    ]

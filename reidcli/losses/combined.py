@@ -1,0 +1,76 @@
+"""``--loss`` specs (``ce+triplet+rp-triplet``) and the weighted sum of their components."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from reidcli.errors import ConfigError
+from reidcli.losses.positional import patch_embedding, relation_vectors, rp_triplet
+from reidcli.losses.triplet import batch_hard_triplet
+
+__all__ = ["LOSS_NAMES", "LossConfig", "parse_loss_spec", "compute_losses"]
+
+LOSS_NAMES = ("ce", "triplet", "patch-triplet", "rp-triplet")
+
+
+def parse_loss_spec(spec: str) -> tuple[str, ...]:
+    """``'rp-triplet'`` → ``('ce', 'triplet', 'rp-triplet')``: a patch-level loss alone implies the global ones."""
+    names = [s.strip() for s in spec.split("+") if s.strip()]
+    unknown = [n for n in names if n not in LOSS_NAMES]
+    if unknown or not names:
+        raise ConfigError(f"unknown loss {unknown[0] if unknown else spec!r}; use a '+'-joined list of "
+                          f"{', '.join(LOSS_NAMES)} (e.g. ce+triplet+rp-triplet)")
+    if all(n in ("patch-triplet", "rp-triplet") for n in names):
+        names = ["ce", "triplet", *names]
+    return tuple(n for n in LOSS_NAMES if n in names)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    spec: str = "ce+triplet"
+    label_smoothing: float = 0.0
+    margin: float | None = None  # None: soft margin (TransReID's default)
+    ce_weight: float = 1.0
+    triplet_weight: float = 1.0
+    patch_weight: float = 1.0
+    rp_weight: float = 1.0
+    top_n: int = 8  # patches kept by the patch / RP triplet
+    rp_form: str = "stable"  # or "raw", the seed's form
+    rp_warmup_epochs: int = 5  # RP weight ramps linearly from 0 over these epochs (stable form)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return parse_loss_spec(self.spec)
+
+    def validate(self) -> LossConfig:
+        self.names  # noqa: B018 — parses and raises on a bad spec
+        if self.rp_form not in ("raw", "stable"):
+            raise ConfigError("--rp-form must be 'raw' or 'stable'")
+        if self.top_n < 2:
+            raise ConfigError("--top-n must be at least 2 (the RP loss needs pairs of patches)")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError("--label-smoothing must be in [0, 1)")
+        return self
+
+
+def compute_losses(model, out, labels: torch.Tensor, cfg: LossConfig, epoch: float = 0.0) -> dict[str, torch.Tensor]:
+    """Weighted components by name; their sum is the training loss. ``epoch`` drives the RP weight warm-up."""
+    names = cfg.names
+    losses: dict[str, torch.Tensor] = {}
+    if "ce" in names:
+        if out.logits is None:
+            raise ConfigError("the ce loss needs a classifier; build the model with num_classes > 0")
+        losses["ce"] = cfg.ce_weight * F.cross_entropy(out.logits.float(), labels, label_smoothing=cfg.label_smoothing)
+    if "triplet" in names:
+        losses["triplet"] = cfg.triplet_weight * batch_hard_triplet(out.feat, labels, cfg.margin)
+    if "patch-triplet" in names:
+        emb = patch_embedding(out.feat, out.tokens, cfg.top_n)
+        losses["patch-triplet"] = cfg.patch_weight * batch_hard_triplet(emb, labels, cfg.margin)
+    if "rp-triplet" in names:
+        ramp = 1.0 if cfg.rp_form == "raw" or cfg.rp_warmup_epochs <= 0 else min(1.0, epoch / cfg.rp_warmup_epochs)
+        rel = relation_vectors(model, out.feat, out.tokens, cfg.top_n)
+        losses["rp-triplet"] = cfg.rp_weight * ramp * rp_triplet(rel, labels, cfg.rp_form)
+    return losses

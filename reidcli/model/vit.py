@@ -1,0 +1,194 @@
+"""ViT for person ReID whose positional encoding is a switch (``none|ape|sincos|rpe|both``), with a BNNeck head."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from reidcli.errors import ConfigError
+from reidcli.model.attention import Block
+from reidcli.model.position import AbsolutePositionEmbedding, RelativePositionBias
+
+__all__ = ["PE_CHOICES", "PRESETS", "ModelConfig", "ReIDOutput", "ViTReID", "build_model", "parameter_report"]
+
+PE_CHOICES = ("none", "ape", "sincos", "rpe", "both")
+PRESETS = {
+    "vit_tiny": {"dim": 192, "depth": 12, "heads": 3},
+    "vit_small": {"dim": 384, "depth": 12, "heads": 6},
+    "vit_base": {"dim": 768, "depth": 12, "heads": 12},
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    pe: Literal["none", "ape", "sincos", "rpe", "both"] = "ape"
+    image_size: tuple[int, int] = (256, 128)
+    patch_size: int = 16
+    stride: int = 16  # < patch_size gives TransReID's overlapping patches
+    dim: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    drop_path: float = 0.1
+    num_classes: int = 0
+    neck_feat: Literal["before", "after"] = "before"  # test feature: CLS before the BNNeck (TransReID) or after
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        h, w = self.image_size
+        return (h - self.patch_size) // self.stride + 1, (w - self.patch_size) // self.stride + 1
+
+    def validate(self) -> ModelConfig:
+        if self.pe not in PE_CHOICES:
+            raise ConfigError(f"unknown --pe {self.pe!r}; choose one of {', '.join(PE_CHOICES)}")
+        if not 0 < self.stride <= self.patch_size:
+            raise ConfigError(f"--stride must be between 1 and the patch size {self.patch_size}, got {self.stride}")
+        if min(self.image_size) < self.patch_size:
+            raise ConfigError(f"--image-size {self.image_size} is smaller than one {self.patch_size}px patch")
+        if self.dim % self.heads:
+            raise ConfigError(f"--dim {self.dim} must be divisible by --heads {self.heads}")
+        if self.pe == "sincos" and self.dim % 4:
+            raise ConfigError(f"--pe sincos needs --dim divisible by 4, got {self.dim}")
+        if self.neck_feat not in ("before", "after"):
+            raise ConfigError("--neck-feat must be 'before' or 'after'")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        d = dict(d)
+        d["image_size"] = tuple(d["image_size"])
+        return cls(**d)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> ModelConfig:
+        if name not in PRESETS:
+            raise ConfigError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
+        return replace(cls(**PRESETS[name]), **{k: v for k, v in overrides.items() if v is not None})
+
+
+class ReIDOutput(NamedTuple):
+    feat: torch.Tensor  # (B, D) CLS embedding before the BNNeck
+    logits: torch.Tensor | None  # (B, classes) from the BN feature; None without a classifier
+    tokens: torch.Tensor  # (B, N, D) patch tokens after the final norm
+
+
+class PatchEmbed(nn.Module):
+    """Conv patchifier with its own stride (overlapping patches when stride < patch); timm's key names."""
+
+    def __init__(self, patch: int, stride: int, dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(3, dim, kernel_size=patch, stride=stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, N, D)
+
+
+class ViTReID(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg.validate()
+        grid, dim = cfg.grid, cfg.dim
+        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.stride, dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = None
+        if cfg.pe in ("ape", "both", "sincos"):
+            self.pos = AbsolutePositionEmbedding(grid, dim, learnable=cfg.pe != "sincos")
+        self.rel_pos = None
+        if cfg.pe in ("rpe", "both"):
+            self.rel_pos = nn.ModuleList(RelativePositionBias(grid, cfg.heads) for _ in range(cfg.depth))
+        rates = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()
+        self.blocks = nn.ModuleList(Block(dim, cfg.heads, cfg.mlp_ratio, r) for r in rates)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.bottleneck = nn.BatchNorm1d(dim)
+        self.bottleneck.bias.requires_grad_(False)  # BNNeck: the shift stays zero
+        self.classifier = nn.Linear(dim, cfg.num_classes, bias=False) if cfg.num_classes else None
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        nn.init.trunc_normal_(self.cls_token, std=1e-6)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        if self.classifier is not None:
+            nn.init.normal_(self.classifier.weight, std=0.001)
+        nn.init.ones_(self.bottleneck.weight)
+        nn.init.zeros_(self.bottleneck.bias)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, 3, H, W) normalised → (B, N+1, D) tokens after the final norm."""
+        x = self.patch_embed(x)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        if self.pos is not None:
+            x = self.pos(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, self.rel_pos[i]() if self.rel_pos is not None else None)
+        return self.norm(x)
+
+    def forward(self, x: torch.Tensor) -> ReIDOutput:
+        tokens = self.forward_features(x)
+        feat = tokens[:, 0]
+        logits = self.classifier(self.bottleneck(feat)) if self.classifier is not None else None
+        return ReIDOutput(feat, logits, tokens[:, 1:])
+
+    @torch.no_grad()
+    def embed(self, x: torch.Tensor, flip: bool = False) -> torch.Tensor:
+        """Test features (B, D), L2-normalised; ``flip`` averages with the horizontal mirror."""
+        feat = self._test_feature(x)
+        if flip:
+            feat = feat + self._test_feature(x.flip(3))
+        return F.normalize(feat.float(), dim=1)
+
+    def _test_feature(self, x: torch.Tensor) -> torch.Tensor:
+        feat = self.forward_features(x)[:, 0]
+        return self.bottleneck(feat) if self.cfg.neck_feat == "after" else feat
+
+    def positional_relation(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``r(a,b) = ⟨P_a, P_b⟩ + mean over layers and heads of B[idx(a,b)]`` for patch indices a, b (any shape).
+
+        The APE term is absent for ``rpe``/``none`` and the RPE term for ``ape``/``sincos``.
+        """
+        rel = torch.zeros(a.shape, device=a.device)
+        if self.pos is not None:
+            p = self.pos.patch_embeddings()  # (N, D)
+            rel = rel + (p[a] * p[b]).sum(-1)
+        if self.rel_pos is not None:
+            tables = torch.stack([r.relative_position_bias_table for r in self.rel_pos])  # (L, T+3, heads)
+            mean_bias = tables.mean(dim=(0, 2))  # (T+3,)
+            index = self.rel_pos[0].relative_position_index
+            rel = rel + mean_bias[index[a + 1, b + 1]]
+        return rel
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names kept out of weight decay: position tables, CLS token (biases and norms by rule)."""
+        names = {"cls_token"}
+        names |= {n for n, _ in self.named_parameters() if "pos_embed" in n or "relative_position_bias_table" in n}
+        return names
+
+
+def build_model(cfg: ModelConfig) -> ViTReID:
+    return ViTReID(cfg)
+
+
+def parameter_report(model: ViTReID) -> dict[str, float | int]:
+    """Totals and the shares taken by APE ((N+1)·D) and RPE (layers·heads·((2H−1)(2W−1)+3))."""
+    total = sum(p.numel() for p in model.parameters())
+    ape = model.pos.pos_embed.numel() if model.pos is not None and model.cfg.pe != "sincos" else 0
+    rpe = sum(r.relative_position_bias_table.numel() for r in model.rel_pos) if model.rel_pos is not None else 0
+    return {
+        "total": total,
+        "ape": ape,
+        "rpe": rpe,
+        "pe": ape + rpe,
+        "pe_share": (ape + rpe) / total if total else math.nan,
+        "grid": list(model.cfg.grid),
+    }

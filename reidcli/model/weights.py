@@ -1,0 +1,122 @@
+"""Initial weights from a timm-format ViT state dict (local file or timm's hub), resampled to our grid."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from reidcli.errors import FormatError, ReidError
+from reidcli.model.vit import ViTReID
+
+__all__ = ["load_state_file", "load_init_weights", "load_pretrained"]
+
+log = logging.getLogger(__name__)
+_PREFIXES = ("module.", "base.", "backbone.", "model.", "encoder.")
+_SKIP = ("head.", "fc.", "classifier.", "bottleneck.", "fc_norm.")
+
+
+def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from ``.safetensors`` or a ``.pth``/``.pt`` loaded with ``weights_only=True`` (no pickle code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FormatError(f"weights file {path} not found; pass an existing .pth or .safetensors file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 — any loader failure means the same thing to the user
+        raise FormatError(f"cannot read weights from {path} ({type(e).__name__}: {e}); is it a state dict?") from e
+    for key in ("state_dict", "model", "teacher", "student"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise FormatError(f"{path} does not hold a state dict of tensors")
+    return state
+
+
+def _strip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in state.items():
+        for p in _PREFIXES:
+            if k.startswith(p):
+                k = k[len(p) :]
+        if not k.startswith(_SKIP):
+            out[k] = v
+    return out
+
+
+def _adapt(model: ViTReID, state: dict[str, torch.Tensor], old_grid: tuple[int, int] | None) -> dict[str, torch.Tensor]:
+    """Rename timm keys to ours and resample position tables and the patch kernel to this model's grid."""
+    from timm.layers import resample_abs_pos_embed, resample_patch_embed
+    from timm.layers.pos_embed_rel import resize_rel_pos_bias_table
+
+    own = model.state_dict()
+    if "pos_embed" in state:
+        state["pos.pos_embed"] = state.pop("pos_embed")
+    pe = state.get("pos.pos_embed")
+    if pe is not None and "pos.pos_embed" in own and pe.shape != own["pos.pos_embed"].shape:
+        old = list(old_grid) if old_grid else _old_grid(model, pe.shape[1] - 1)  # CLS is the one prefix token
+        state["pos.pos_embed"] = resample_abs_pos_embed(pe, list(model.cfg.grid), old, num_prefix_tokens=1)
+        log.info("resampled APE %s -> %s", tuple(pe.shape), tuple(state["pos.pos_embed"].shape))
+    w = state.get("patch_embed.proj.weight")
+    if w is not None and w.shape[-2:] != own["patch_embed.proj.weight"].shape[-2:]:
+        state["patch_embed.proj.weight"] = resample_patch_embed(w, list(own["patch_embed.proj.weight"].shape[-2:]))
+    for k in [k for k in state if k.startswith("blocks.") and k.endswith("relative_position_bias_table")]:
+        state[f"rel_pos.{k.split('.')[1]}.relative_position_bias_table"] = state.pop(k)  # BEiT-style key
+    for k in [k for k in state if k.startswith("rel_pos.")]:
+        target = own.get(k)
+        if target is not None and state[k].shape != target.shape:
+            state[k] = resize_rel_pos_bias_table(state[k], model.cfg.grid, target.shape, old_window_size=old_grid)
+    return state
+
+
+def _old_grid(model: ViTReID, n: int) -> list[int]:
+    """Guess the checkpoint's patch grid: square, or the model's aspect ratio."""
+    h, w = model.cfg.grid
+    side = int(round(n**0.5))
+    if side * side == n:
+        return [side, side]
+    ratio = h / w
+    gw = int(round((n / ratio) ** 0.5))
+    return [n // gw, gw]
+
+
+def load_init_weights(
+    model: ViTReID, state: dict[str, torch.Tensor], old_grid: tuple[int, int] | None = None
+) -> dict[str, list[str]]:
+    """Load what fits (shape-checked after resampling); return the missing and unexpected keys.
+
+    ``old_grid`` is the checkpoint's patch grid when known (our own runs); else it is inferred (square, or
+    the model's aspect ratio).
+    """
+    state = _adapt(model, _strip(state), old_grid)
+    own = model.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
+    mismatched = sorted(k for k in state if k in own and state[k].shape != own[k].shape)
+    if not usable:
+        raise FormatError("none of the weights match this model; is it a ViT of the same width and depth?")
+    if mismatched:
+        raise FormatError(f"weights of another shape for {mismatched[0]} (and {len(mismatched) - 1} more); "
+                          "match --dim/--depth/--heads/--patch-size to the checkpoint")
+    result = model.load_state_dict(usable, strict=False)
+    return {"missing": list(result.missing_keys), "unexpected": sorted(k for k in state if k not in own)}
+
+
+def load_pretrained(model: ViTReID, timm_name: str) -> dict[str, list[str]]:
+    """Weights of a timm model from its hub (needs network access)."""
+    import timm
+
+    try:
+        ref = timm.create_model(timm_name, pretrained=True, num_classes=0)
+    except Exception as e:  # noqa: BLE001 — offline, unknown name, hub error: one message
+        raise ReidError(
+            f"cannot fetch pretrained '{timm_name}' from timm's hub ({type(e).__name__}); "
+            "when offline, download the weights elsewhere and pass them with --init FILE"
+        ) from e
+    return load_init_weights(model, ref.state_dict())

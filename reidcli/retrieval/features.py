@@ -1,0 +1,94 @@
+"""The features HDF5 file (``format="reidcli.features"``, ``version=1``), whoever wrote it."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from reidcli.errors import FormatError
+from reidcli.fileio import atomic_path
+
+__all__ = ["FEATURES_FORMAT", "FeatureSplit", "write_features", "read_features"]
+
+FEATURES_FORMAT = "reidcli.features"
+FEATURES_VERSION = 1
+_STR = h5py.string_dtype("utf-8")
+
+
+@dataclass(frozen=True)
+class FeatureSplit:
+    feats: np.ndarray  # (N, D) float16/float32, L2-normalised
+    pids: np.ndarray  # (N,) int64
+    camids: np.ndarray  # (N,) int64
+    paths: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.pids)
+
+
+def write_features(path: str | Path, splits: dict[str, FeatureSplit], provenance: dict | None = None) -> None:
+    """Write atomically; provenance values that are not strings or numbers are stored as JSON."""
+    with atomic_path(path, suffix=".h5") as tmp, h5py.File(tmp, "w") as h5:
+        h5.attrs["format"] = FEATURES_FORMAT
+        h5.attrs["version"] = FEATURES_VERSION
+        for k, v in (provenance or {}).items():
+            h5.attrs[k] = v if isinstance(v, (str, int, float)) else json.dumps(v)
+        for name, s in splits.items():
+            g = h5.create_group(name)
+            g.create_dataset("feats", data=s.feats)
+            g.create_dataset("pids", data=np.asarray(s.pids, dtype=np.int64))
+            g.create_dataset("camids", data=np.asarray(s.camids, dtype=np.int64))
+            paths = s.paths if s.paths else [""] * len(s.pids)
+            g.create_dataset("paths", data=np.asarray(paths, dtype=object), dtype=_STR)
+
+
+def read_features(path: str | Path, splits: tuple[str, ...] = ("query", "gallery")) -> tuple[dict, dict[str, FeatureSplit]]:
+    """Attributes and splits, checked: format/version, groups, lengths, dimensions, finite values."""
+    path = Path(path)
+    if not path.is_file():
+        raise FormatError(f"features file {path} not found; create it with 'reid extract'")
+    try:
+        h5 = h5py.File(path, "r")
+    except OSError as e:
+        raise FormatError(f"{path} is not a readable HDF5 file ({e}); recreate it with 'reid extract'") from e
+    with h5:
+        fmt, ver = h5.attrs.get("format"), h5.attrs.get("version")
+        if fmt != FEATURES_FORMAT:
+            raise FormatError(f"{path} is not a reidcli features file (format={fmt!r}); write one with 'reid extract'")
+        if ver != FEATURES_VERSION:
+            raise FormatError(f"{path} has features format version {ver}; this reidcli reads {FEATURES_VERSION}")
+        attrs = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in h5.attrs.items()}
+        out = {name: _read_split(path, h5, name) for name in splits}
+    dims = {name: s.feats.shape[1] for name, s in out.items()}
+    if len(set(dims.values())) > 1:
+        raise FormatError(f"{path}: feature dimensions differ between splits {dims}; extract all splits together")
+    return attrs, out
+
+
+def _read_split(path: Path, h5: h5py.File, name: str) -> FeatureSplit:
+    if name not in h5:
+        raise FormatError(f"{path} has no '{name}' group; extract it with 'reid extract --splits query,gallery'")
+    g = h5[name]
+    missing = [k for k in ("feats", "pids", "camids") if k not in g]
+    if missing:
+        raise FormatError(f"{path}: group '{name}' lacks {', '.join(missing)}; re-extract the features")
+    feats = g["feats"][:]
+    if feats.ndim != 2 or feats.dtype not in (np.float16, np.float32):
+        raise FormatError(f"{path}: {name}/feats must be float16 or float32 [N, D], got {feats.dtype} {feats.shape}")
+    n = feats.shape[0]
+    pids, camids = g["pids"][:], g["camids"][:]
+    paths = [p.decode() if isinstance(p, bytes) else p for p in g["paths"][:]] if "paths" in g else []
+    if pids.shape != (n,) or camids.shape != (n,) or (paths and len(paths) != n):
+        raise FormatError(
+            f"{path}: {name} has {n} features but {pids.shape[0]} pids / {camids.shape[0]} camids; re-extract"
+        )
+    if n == 0:
+        raise FormatError(f"{path}: the '{name}' group is empty; extract a non-empty split")
+    if not np.isfinite(feats).all():
+        bad = int((~np.isfinite(feats).all(1)).sum())
+        raise FormatError(f"{path}: {bad} {name} feature row(s) hold NaN or Inf; re-extract with a healthy model")
+    return FeatureSplit(feats, pids.astype(np.int64), camids.astype(np.int64), paths)

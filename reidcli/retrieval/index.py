@@ -1,0 +1,133 @@
+"""FAISS indexes over gallery features: flat (exact inner product) or IVF-PQ (approximate), saved with provenance."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from reidcli.errors import ConfigError, FormatError
+from reidcli.fileio import atomic_path, write_json_atomic
+
+__all__ = ["IndexConfig", "faiss_gpu_count", "build_index", "save_index", "load_index", "search", "features_digest"]
+
+log = logging.getLogger(__name__)
+GPU_MAX_K = 2048  # FAISS GPU search returns at most this many neighbours
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError as e:  # pragma: no cover - install-time choice
+        raise ConfigError("FAISS is not installed; run 'make install' (faiss-cpu, or faiss-gpu-cu12 with a GPU)") from e
+    return faiss
+
+
+def faiss_gpu_count() -> int:
+    faiss = _faiss()
+    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    kind: str = "flat"  # "flat" (exact) or "ivfpq" (approximate)
+    nlist: int = 0  # IVF cells; 0 = about 4·√N
+    m: int = 32  # PQ sub-quantisers (must divide the dimension)
+    nbits: int = 8
+    nprobe: int = 16
+    gpu: bool = True  # use all visible GPUs when FAISS has GPU support
+
+    def validate(self, n: int, d: int) -> IndexConfig:
+        if self.kind not in ("flat", "ivfpq"):
+            raise ConfigError(f"unknown index kind {self.kind!r}; use 'flat' (exact) or 'ivfpq' (approximate)")
+        if self.kind == "ivfpq":
+            if d % self.m:
+                raise ConfigError(f"--m {self.m} must divide the feature dimension {d}")
+            nlist = self.resolved_nlist(n)
+            if n < max(nlist, 2**self.nbits):
+                raise ConfigError(f"IVF-PQ needs at least {max(nlist, 2**self.nbits)} gallery vectors to train, "
+                                  f"got {n}; use --kind flat")
+        return self
+
+    def resolved_nlist(self, n: int) -> int:
+        return self.nlist or max(1, min(n // 39, int(4 * math.sqrt(n))))
+
+
+def features_digest(feats: np.ndarray, pids: np.ndarray) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(feats, dtype=np.float32).tobytes())
+    h.update(np.ascontiguousarray(pids, dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
+def build_index(feats: np.ndarray, cfg: IndexConfig):
+    """An index whose ids are the rows of ``feats`` (float32, L2-normalised); on GPU when FAISS can."""
+    faiss = _faiss()
+    x = np.ascontiguousarray(feats, dtype=np.float32)
+    n, d = x.shape
+    cfg.validate(n, d)
+    if cfg.kind == "flat":
+        index = faiss.IndexFlatIP(d)
+    else:
+        quantizer = faiss.IndexFlatIP(d)
+        index = faiss.IndexIVFPQ(quantizer, d, cfg.resolved_nlist(n), cfg.m, cfg.nbits, faiss.METRIC_INNER_PRODUCT)
+        index.train(x)
+        index.nprobe = cfg.nprobe
+    index.add(x)
+    return index
+
+
+def to_search_device(index, use_gpu: bool = True):
+    """The index on all visible GPUs when FAISS has GPU support, else unchanged (with a one-line notice)."""
+    faiss = _faiss()
+    if use_gpu and faiss_gpu_count() > 0:
+        return faiss.index_cpu_to_all_gpus(index), True
+    log.info("FAISS has no GPU support here: searching on CPU")
+    return index, False
+
+
+def search(index, queries: np.ndarray, k: int, on_gpu: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Scores (Q, k) and gallery rows (Q, k), best first; −1 rows where the gallery is shorter than k."""
+    k = min(k, index.ntotal, GPU_MAX_K if on_gpu else index.ntotal)
+    return index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+
+
+def save_index(index, path: str | Path, meta: dict) -> None:
+    """``path`` (.faiss) and ``path`` + ``.json`` (provenance: features file, split, digest, kind), atomically."""
+    faiss = _faiss()
+    path = Path(path)
+    with atomic_path(path, suffix=".faiss") as tmp:
+        faiss.write_index(index, str(tmp))
+    write_json_atomic(Path(str(path) + ".json"), {"format": "reidcli.index", "version": 1, **meta})
+
+
+def load_index(path: str | Path, feats: np.ndarray | None = None, pids: np.ndarray | None = None):
+    """Read an index and its provenance; when features are given, check they are the ones it was built from."""
+    faiss = _faiss()
+    path = Path(path)
+    meta_path = Path(str(path) + ".json")
+    if not path.is_file() or not meta_path.is_file():
+        raise FormatError(f"index {path} (with {meta_path.name}) not found; build it with 'reid index'")
+    try:
+        index = faiss.read_index(str(path))
+        meta = json.loads(meta_path.read_text())
+    except (RuntimeError, ValueError) as e:
+        raise FormatError(f"{path} is not a readable FAISS index ({e}); rebuild it with 'reid index'") from e
+    if feats is not None:
+        if index.ntotal != len(feats) or index.d != feats.shape[1]:
+            raise FormatError(f"index {path} holds {index.ntotal}×{index.d} vectors but the gallery is "
+                              f"{len(feats)}×{feats.shape[1]}; rebuild it with 'reid index' on these features")
+        if pids is not None and meta.get("digest") != features_digest(feats, pids):
+            raise FormatError(f"index {path} was built from other features than these; rebuild it with 'reid index'")
+    return index, meta
+
+
+def index_meta(cfg: IndexConfig, features_path: str, split: str, feats: np.ndarray, pids: np.ndarray) -> dict:
+    return {"config": asdict(cfg), "features": str(features_path), "split": split, "ntotal": int(len(feats)),
+            "dim": int(feats.shape[1]), "digest": features_digest(feats, pids), "exact": cfg.kind == "flat"}

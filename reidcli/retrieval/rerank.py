@@ -1,0 +1,144 @@
+"""k-reciprocal re-ranking (Zhong et al., CVPR 2017) in torch, sparse over k-nearest-neighbour lists.
+
+Same output as the published algorithm (``re_ranking`` of the authors' code, on squared Euclidean distances of the
+features as TransReID calls it): every row of the joint (query+gallery) distance matrix is divided by its maximum;
+k-reciprocal sets, their expansion by half-size reciprocal sets (kept when more than 2/3 of a candidate's set is
+shared), Gaussian-kernel weights, query expansion over the k2 nearest neighbours and the Jaccard distance of the
+weight vectors. Nothing N×N is stored: neighbour lists come from chunked distance rows, the weight matrix V is
+sparse (a few dozen entries a row), and the Jaccard overlaps are a sparse join over shared neighbours.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+__all__ = ["k_reciprocal_rerank"]
+
+
+def _sq_dist(a: torch.Tensor, b: torch.Tensor, b_sq: torch.Tensor) -> torch.Tensor:
+    return ((a * a).sum(1, keepdim=True) + b_sq[None, :] - 2.0 * a @ b.T).clamp_min_(0.0)
+
+
+def _neighbours(x: torch.Tensor, k: int, num_query: int, chunk: int):
+    """Sorted k nearest rows (N, k) and row maxima (N,) of the joint distances; query-to-gallery rows kept."""
+    n = x.shape[0]
+    x_sq = (x * x).sum(1)
+    knn = torch.empty(n, k, dtype=torch.long, device=x.device)
+    row_max = torch.empty(n, device=x.device)
+    qg = torch.empty(num_query, n - num_query, device=x.device)
+    for i in range(0, n, chunk):
+        d = _sq_dist(x[i : i + chunk], x, x_sq)
+        row_max[i : i + chunk] = d.amax(1)
+        knn[i : i + chunk] = d.topk(k, dim=1, largest=False, sorted=True).indices
+        if i < num_query:
+            qg[i : min(i + chunk, num_query)] = d[: num_query - i, num_query:]
+    return knn, row_max, qg / row_max[:num_query, None]
+
+
+def _reciprocal(knn: torch.Tensor) -> torch.Tensor:
+    """Mask (N, k): knn[i, a] has i among its own k nearest."""
+    me = torch.arange(knn.shape[0], device=knn.device)[:, None, None]
+    return (knn[knn] == me).any(-1)
+
+
+def _expansion_sets(knn: torch.Tensor, k1: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padded (N, C) candidate indices and a mask of the unique members of each expanded k-reciprocal set."""
+    n = knn.shape[0]
+    fwd = knn[:, : k1 + 1]
+    recip = _reciprocal(fwd)  # (N, k1+1)
+    kh = int(torch.tensor(k1 / 2.0).round()) + 1  # np.around: half to even
+    half = knn[:, :kh]
+    half_recip = _reciprocal(half)  # (N, kh)
+    cand_parts, mask_parts = [], []
+    for i in range(0, n, chunk):
+        f, r = fwd[i : i + chunk], recip[i : i + chunk]
+        members = half[f]  # (c, k1+1, kh): half-sets of each forward neighbour
+        m_mask = half_recip[f]
+        in_k = ((members[..., None] == f[:, None, None, :]) & r[:, None, None, :]).any(-1) & m_mask
+        accept = r & (in_k.sum(-1) > (2.0 / 3.0) * m_mask.sum(-1))  # (c, k1+1)
+        cand = torch.cat([f, members.flatten(1)], dim=1)
+        mask = torch.cat([r, (m_mask & accept[..., None]).flatten(1)], dim=1)
+        cand_parts.append(cand)
+        mask_parts.append(mask)
+    cand, mask = torch.cat(cand_parts), torch.cat(mask_parts)
+    # Keep each index once: sort (masked-out entries to a sentinel), drop repeats.
+    keyed = torch.where(mask, cand, torch.full_like(cand, n))
+    keyed, _ = keyed.sort(dim=1)
+    unique = keyed < n
+    unique[:, 1:] &= keyed[:, 1:] != keyed[:, :-1]
+    return keyed, unique
+
+
+def _weights(x: torch.Tensor, cand: torch.Tensor, mask: torch.Tensor, row_max: torch.Tensor, chunk: int):
+    """Sparse V: row-normalised ``exp(-d(i, j) / max_i)`` over each expanded set."""
+    n = x.shape[0]
+    vals = torch.zeros(cand.shape, device=x.device)
+    for i in range(0, n, chunk):
+        c = cand[i : i + chunk].clamp_max(n - 1)
+        xi = x[i : i + chunk]
+        xc = x[c]  # (c, C, D)
+        d = ((xi * xi).sum(1, keepdim=True) + (xc * xc).sum(-1) - 2.0 * torch.einsum("cd,ckd->ck", xi, xc)).clamp_min(0)
+        w = torch.exp(-d / row_max[i : i + chunk, None]) * mask[i : i + chunk]
+        vals[i : i + chunk] = w / w.sum(1, keepdim=True)
+    rows = torch.arange(n, device=x.device)[:, None].expand_as(cand)
+    indices = torch.stack([rows[mask], cand[mask]])
+    return torch.sparse_coo_tensor(indices, vals[mask], (n, n), check_invariants=False).coalesce()
+
+
+def _query_expansion(v: torch.Tensor, knn: torch.Tensor, k2: int) -> torch.Tensor:
+    n = knn.shape[0]
+    rows = torch.arange(n, device=knn.device)[:, None].expand(n, k2)
+    avg = torch.sparse_coo_tensor(
+        torch.stack([rows.reshape(-1), knn[:, :k2].reshape(-1)]), torch.full((n * k2,), 1.0 / k2, device=knn.device),
+        (n, n), check_invariants=False,
+    ).coalesce()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "sparse CSR support is in beta" from inside torch.sparse.mm
+        return torch.sparse.mm(avg, v).coalesce()
+
+
+def _jaccard_overlap(v: torch.Tensor, num_query: int, pair_budget: int = 1 << 24) -> torch.Tensor:
+    """(Q, G) ``Σ_k min(V[i,k], V[j,k])`` for query rows i and gallery rows j: a join on shared columns k."""
+    (rows, cols), vals = v.indices(), v.values()
+    n = v.shape[0]
+    is_q = rows < num_query
+    qr, qc, qv = rows[is_q], cols[is_q], vals[is_q]
+    g_sel = ~is_q
+    gr, gc, gv = rows[g_sel] - num_query, cols[g_sel], vals[g_sel]
+    order = gc.argsort()
+    gr, gc, gv = gr[order], gc[order], gv[order]
+    counts = torch.bincount(gc, minlength=n)
+    starts = counts.cumsum(0) - counts
+    overlap = torch.zeros(num_query, n - num_query, device=v.device)
+    matches = counts[qc]
+    pos = 0
+    while pos < len(qr):  # bounded memory: blocks of query entries whose pairs fit the budget
+        csum = matches[pos:].cumsum(0)
+        end = pos + max(1, int(torch.searchsorted(csum, torch.tensor(pair_budget, device=v.device))))
+        m = matches[pos:end]
+        owner = torch.repeat_interleave(torch.arange(pos, end, device=v.device), m)
+        within = torch.arange(int(m.sum()), device=v.device) - torch.repeat_interleave(m.cumsum(0) - m, m)
+        g_idx = starts[qc[owner]] + within
+        overlap.index_put_((qr[owner], gr[g_idx]), torch.minimum(qv[owner], gv[g_idx]), accumulate=True)
+        pos = end
+    return overlap
+
+
+@torch.no_grad()
+def k_reciprocal_rerank(
+    q: torch.Tensor, g: torch.Tensor, k1: int = 20, k2: int = 6, lambda_value: float = 0.3, chunk: int = 1024
+) -> torch.Tensor:
+    """Re-ranked distances (Q, G), lower is closer, for query features q (Q, D) and gallery features g (G, D)."""
+    x = torch.cat([q, g]).float()
+    num_query = q.shape[0]
+    k = min(k1 + 1, x.shape[0])
+    knn, row_max, original_qg = _neighbours(x, k, num_query, chunk)
+    cand, mask = _expansion_sets(knn, k - 1, max(1, chunk // 4))
+    v = _weights(x, cand, mask, row_max, max(1, chunk // 8))
+    if k2 != 1:
+        v = _query_expansion(v, knn, k2)
+    overlap = _jaccard_overlap(v, num_query)
+    jaccard = 1.0 - overlap / (2.0 - overlap)
+    return jaccard * (1 - lambda_value) + original_qg * lambda_value
