@@ -43,7 +43,7 @@ class SyntheticConfig:
     num_test_ids: int = 100
     num_cameras: int = 6
     images_per_camera: int = 3  # gallery images per (identity, camera) it appears in
-    difficulty: float = 0.5  # 0 easy … 1 hard: misalignment, occlusion, lighting, blur
+    difficulty: float = 0.3  # 0 easy … 1 hard: misalignment, occlusion, lighting, colour cast, blur
     num_distractors: int = 50  # pid 0000 in the gallery
     num_junk: int = 20  # pid -1 in the gallery
     seed: int = 0
@@ -105,13 +105,15 @@ def make_identity(seed: int, pid: int) -> Identity:
     )
 
 
-def _camera_style(seed: int, cam: int) -> dict:
+def _camera_style(seed: int, cam: int, difficulty: float) -> dict:
+    """A camera's look; colour cast and gain grow with the difficulty (colour constancy is what is hard)."""
     rng = np.random.default_rng([seed, 31337, cam])
+    strength = 0.25 + 0.75 * difficulty
     return {
         "bg_top": rng.uniform(40, 220, 3),
         "bg_bottom": rng.uniform(40, 220, 3),
-        "cast": rng.uniform(0.8, 1.2, 3),
-        "gain": rng.uniform(0.75, 1.2),
+        "cast": 1.0 + strength * rng.uniform(-0.2, 0.2, 3),
+        "gain": 1.0 + strength * rng.uniform(-0.25, 0.2),
         "blur": rng.uniform(0.0, 1.0),
         "scale": rng.uniform(0.9, 1.05),
         "texture": rng.uniform(5, 25),
@@ -240,7 +242,7 @@ def _image(cfg: SyntheticConfig, pid: int, cam: int, k: int, ident: Identity | N
     rng = np.random.default_rng([cfg.seed, pid + 2, cam, k])
     if ident is None:  # junk / distractor: a random stranger, often badly cropped
         ident = make_identity(cfg.seed + 1_000_003, int(rng.integers(1 << 30)))
-    arr = draw_person(ident, rng, _camera_style(cfg.seed, cam), cfg.difficulty)
+    arr = draw_person(ident, rng, _camera_style(cfg.seed, cam, cfg.difficulty), cfg.difficulty)
     if pid < 0:  # junk: mostly background, a sliver of a person
         cut = int(rng.integers(10, 40))
         arr = np.roll(arr, cut if rng.random() < 0.5 else -cut, axis=int(rng.integers(2)))

@@ -1,0 +1,101 @@
+"""``reid evaluate``: Market-1501 protocol CMC / mAP / mINP, optional re-ranking, ranked-list pictures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from reidcli.cli.console import err, print_json, print_table
+from reidcli.cli.options import DeviceOpt, JsonOpt
+
+
+def evaluate(
+    features: Annotated[Path, typer.Argument(help="Features HDF5 with query and gallery groups.")],
+    index: Annotated[Path | None, typer.Option(help="FAISS index from 'reid index' [default: flat, on the fly].")] = None,
+    engine: Annotated[str, typer.Option(help="faiss (ranked lists + exact counting) or torch (all exact).")] = "faiss",
+    depth: Annotated[int, typer.Option(help="faiss: ranked-list length.")] = 100,
+    max_rank: Annotated[int, typer.Option(help="Longest CMC rank reported.")] = 50,
+    rerank: Annotated[bool, typer.Option(help="k-reciprocal re-ranking (Zhong et al. 2017).")] = False,
+    k1: Annotated[int, typer.Option(help="re-ranking k1.")] = 20,
+    k2: Annotated[int, typer.Option(help="re-ranking k2.")] = 6,
+    lambda_value: Annotated[float, typer.Option("--lambda", help="re-ranking weight of the original distance.")] = 0.3,
+    device: DeviceOpt = "auto",
+    out: Annotated[Path | None, typer.Option(help="Folder for results.json, results.csv and pictures.")] = None,
+    visualize: Annotated[int, typer.Option(help="Write ranked lists of this many queries (needs --out).")] = 0,
+    top_k: Annotated[int, typer.Option(help="Gallery images per ranked list picture.")] = 10,
+    data: Annotated[Path | None, typer.Option(help="Dataset HDF5 for pictures [default: from the features].")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Evaluate retrieval under the Market-1501 protocol (same pid + camera removed, queries without a match
+    skipped). CMC, mAP and mINP are exact for a flat index at any gallery size.
+
+    Examples:
+
+      reid evaluate feats/rpe.h5
+
+      reid evaluate feats/rpe.h5 --index feats/rpe.faiss --json
+
+      reid evaluate feats/rpe.h5 --rerank --out results/rpe --visualize 8
+    """
+    from reidcli.errors import ConfigError
+    from reidcli.retrieval.evaluate import EvalConfig
+    from reidcli.retrieval.evaluate import evaluate as run_eval
+    from reidcli.retrieval.features import read_features
+
+    if visualize and out is None:
+        raise ConfigError("--visualize needs --out DIR for the pictures")
+    cfg = EvalConfig(engine=engine, depth=depth, max_rank=max_rank, rerank=rerank, k1=k1, k2=k2,
+                     lambda_value=lambda_value, device=device).validate()
+    attrs, splits = read_features(features)
+    built = _load_index(index, splits["gallery"]) if index else None
+    result = run_eval(splits["query"], splits["gallery"], cfg, built)
+    if result.engine.startswith("faiss") and "cuda" not in result.device and not json_out:
+        err.print("notice: retrieval ran on CPU")
+    report = {**result.metrics.to_dict(), "seconds": result.seconds, "engine": result.engine, "device": result.device}
+    if out is not None:
+        _write_results(out, report)
+        if visualize:
+            _pictures(out, splits, data or attrs.get("dataset_file"), visualize, top_k)
+    if json_out:
+        print_json(report)
+        return
+    m = result.metrics
+    cmc = m.cmc
+    rows = [("mAP", m.mAP), ("mINP", m.mINP)] + [(f"Rank-{r}", cmc[r - 1]) for r in (1, 5, 10, 20) if r <= len(cmc)]
+    rows += [("valid queries", f"{m.num_valid_queries}/{m.num_queries}"), ("seconds", round(result.seconds, 4))]
+    title = f"{features.name}: {result.engine} on {result.device}" + (" (approximate)" if m.approximate else "")
+    print_table(title, ["metric", "value"], rows)
+
+
+def _load_index(path: Path, gallery):
+    from reidcli.retrieval.index import load_index
+
+    built, _ = load_index(path, gallery.feats, gallery.pids)
+    return built
+
+
+def _write_results(out: Path, report: dict) -> None:
+    import pandas as pd
+
+    from reidcli.fileio import atomic_path, write_json_atomic
+
+    write_json_atomic(out / "results.json", report)
+    flat = {k: v for k, v in report.items() if k != "cmc"}
+    flat.update({f"rank{r}": report["cmc"][r - 1] for r in (1, 5, 10, 20) if r <= len(report["cmc"])})
+    with atomic_path(out / "results.csv", suffix=".csv") as tmp:
+        pd.DataFrame([flat]).to_csv(tmp, index=False)
+
+
+def _pictures(out: Path, splits, data, n: int, top_k: int) -> None:
+    from reidcli.errors import ConfigError
+    from reidcli.report.ranked import write_ranked_lists
+
+    if not data:
+        raise ConfigError("pictures need the dataset images: pass --data FILE")
+    write_ranked_lists(out / "ranked_lists.png", splits["query"], splits["gallery"], Path(data), n, top_k)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(evaluate)

@@ -1,0 +1,136 @@
+"""``reid train``: ViT-ReID with a chosen positional encoding and loss, into a run folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from reidcli.cli.console import err, print_json, print_table, progress
+from reidcli.cli.options import DataOpt, DeviceOpt, JsonOpt, parse_size
+
+PeOpt = Annotated[str, typer.Option(help="Positional encoding: none, ape, sincos, rpe or both.")]
+LossOpt = Annotated[str, typer.Option(help="'+'-joined losses: ce, triplet, patch-triplet, rp-triplet.")]
+
+
+def model_options(
+    pe: str, preset: str | None, dim: int | None, depth: int | None, heads: int | None, patch_size: int,
+    stride: int | None, image_size: tuple[int, int], drop_path: float, neck_feat: str,
+):
+    from reidcli.model.vit import ModelConfig
+
+    base = ModelConfig.from_preset(preset) if preset else ModelConfig()
+    return ModelConfig(
+        pe=pe, image_size=image_size, patch_size=patch_size, stride=stride or patch_size,
+        dim=dim or base.dim, depth=depth or base.depth, heads=heads or base.heads, drop_path=drop_path,
+        neck_feat=neck_feat,
+    ).validate()
+
+
+def dataset_image_size(data: Path) -> tuple[int, int]:
+    from reidcli.data.store import read_dataset
+
+    attrs, _ = read_dataset(data, (), images=False)
+    return tuple(attrs["image_size"])
+
+
+def train(
+    data: DataOpt,
+    out: Annotated[Path, typer.Option(help="Run folder (config, checkpoints, metrics, weights, curves).")],
+    pe: PeOpt = "ape",
+    loss: LossOpt = "ce+triplet",
+    preset: Annotated[str | None, typer.Option(help="vit_tiny, vit_small or vit_base.")] = "vit_base",
+    dim: Annotated[int | None, typer.Option(help="Width (overrides the preset).")] = None,
+    depth: Annotated[int | None, typer.Option(help="Blocks (overrides the preset).")] = None,
+    heads: Annotated[int | None, typer.Option(help="Attention heads (overrides the preset).")] = None,
+    patch_size: Annotated[int, typer.Option(help="Patch size in pixels.")] = 16,
+    stride: Annotated[int | None, typer.Option(help="Patch stride (< patch size: overlapping patches).")] = None,
+    image_size: Annotated[str | None, typer.Option(help="HEIGHTxWIDTH [default: the dataset's].")] = None,
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 120,
+    batch: Annotated[int, typer.Option(help="Images per batch (P identities × K).")] = 64,
+    k: Annotated[int, typer.Option("--k", help="Images per identity in a batch.")] = 4,
+    optimizer: Annotated[str, typer.Option(help="sgd or adamw.")] = "sgd",
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 0.008,
+    weight_decay: Annotated[float, typer.Option(help="Weight decay (not on biases, norms, position tables).")] = 1e-4,
+    warmup_epochs: Annotated[float, typer.Option(help="Linear warm-up epochs.")] = 5.0,
+    drop_path: Annotated[float, typer.Option(help="Stochastic depth rate.")] = 0.1,
+    label_smoothing: Annotated[float, typer.Option(help="CE label smoothing.")] = 0.0,
+    margin: Annotated[float | None, typer.Option(help="Triplet margin [default: soft margin].")] = None,
+    top_n: Annotated[int, typer.Option(help="Patches used by patch-triplet / rp-triplet.")] = 8,
+    rp_form: Annotated[str, typer.Option(help="rp-triplet form: stable (default) or raw (the seed's).")] = "stable",
+    rp_weight: Annotated[float, typer.Option(help="rp-triplet weight.")] = 1.0,
+    patch_weight: Annotated[float, typer.Option(help="patch-triplet weight.")] = 1.0,
+    neck_feat: Annotated[str, typer.Option(help="Test feature: before or after the BNNeck.")] = "before",
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    device: DeviceOpt = "auto",
+    compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
+    init: Annotated[Path | None, typer.Option(help="timm-format ViT weights (.pth / .safetensors).")] = None,
+    pretrained: Annotated[str | None, typer.Option(help="timm model name to fetch weights from (online).")] = None,
+    eval_every: Annotated[int, typer.Option(help="Evaluate on query/gallery every N epochs (0: never).")] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
+    print_model: Annotated[bool, typer.Option(help="Print the parameter summary and exit.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Train a ViT-ReID model; writes config.json, checkpoint.pt, metrics.jsonl, model.safetensors, curves.png.
+
+    Examples:
+
+      reid train --data data/market1501.h5 --out runs/rpe --pe rpe --loss ce+triplet
+
+      reid train --data data/market1501.h5 --out runs/both-rp --pe both --loss rp-triplet --init vit_base_lup.pth
+
+      reid train --data demo/synthetic.h5 --out runs/tiny --preset vit_tiny --dim 96 --depth 4 --epochs 10
+    """
+    from reidcli.engine.train import TrainConfig
+    from reidcli.losses.combined import LossConfig
+
+    size = parse_size(image_size) if image_size else dataset_image_size(data)
+    mcfg = model_options(pe, preset, dim, depth, heads, patch_size, stride, size, drop_path, neck_feat)
+    if print_model:
+        _print_model(mcfg, json_out)
+        return
+    cfg = TrainConfig(
+        data=str(data), run_dir=str(out), model=mcfg,
+        loss=LossConfig(spec=loss, label_smoothing=label_smoothing, margin=margin, top_n=top_n, rp_form=rp_form,
+                        rp_weight=rp_weight, patch_weight=patch_weight),
+        epochs=epochs, batch=batch, k=k, optimizer=optimizer, lr=lr, weight_decay=weight_decay,
+        warmup_epochs=warmup_epochs, seed=seed, device=device, compile=compile_,
+        init=str(init) if init else None, pretrained=pretrained, eval_every=eval_every,
+    ).validate()
+    result = run_training(cfg, resume)
+    last = result.metrics[-1] if result.metrics else {}
+    if json_out:
+        print_json({"run": str(result.run_dir), "epochs": result.epochs_done, "last": last, "params": result.params})
+        return
+    rows = [(k_, v) for k_, v in last.items()]
+    print_table(f"trained {out} ({result.epochs_done} epochs)", ["metric", "last epoch"], rows)
+
+
+def run_training(cfg, resume: bool):
+    """Training with a Rich progress bar (steps of the current epoch, epochs in the label)."""
+    from reidcli.engine.train import train as train_run
+
+    with progress("train") as update:
+        def on_epoch(row: dict) -> None:
+            err.log(f"epoch {row['epoch']}/{cfg.epochs}  loss {row['loss']:.4f}  {row['images_per_s']:.0f} img/s"
+                    + (f"  mAP {row['eval_mAP']:.4f}" if "eval_mAP" in row else ""))
+
+        return train_run(cfg, resume=resume, on_epoch=on_epoch, on_step=update)
+
+
+def _print_model(mcfg, json_out: bool) -> None:
+    from reidcli.model.vit import ViTReID, parameter_report
+
+    report = parameter_report(ViTReID(mcfg))
+    if json_out:
+        print_json({"model": mcfg.to_dict(), **report})
+        return
+    rows = [("total", report["total"], "100%"), ("APE", report["ape"], f"{report['ape'] / report['total']:.3%}"),
+            ("RPE", report["rpe"], f"{report['rpe'] / report['total']:.3%}")]
+    print_table(f"{mcfg.pe} ViT, {mcfg.depth}×{mcfg.dim}, {mcfg.heads} heads, grid {report['grid']}",
+                ["parameters", "count", "share"], rows)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(train)

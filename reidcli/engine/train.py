@@ -1,0 +1,309 @@
+"""The training loop: images held on the training device, PK batches, batched augmentation, resumable runs."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from reidcli.data.augment import AugmentConfig, augment_batch
+from reidcli.data.sampler import PKSampler
+from reidcli.data.store import read_dataset
+from reidcli.engine.checkpoint import (
+    RunFiles,
+    load_checkpoint,
+    save_checkpoint,
+    save_weights,
+    write_json_atomic,
+    write_metrics,
+)
+from reidcli.errors import ConfigError, TrainingError
+from reidcli.losses.combined import LossConfig, compute_losses
+from reidcli.model.vit import ModelConfig, ViTReID, parameter_report
+from reidcli.retrieval.evaluate import resolve_device
+
+__all__ = ["TrainConfig", "TrainResult", "train", "lr_at"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: str
+    run_dir: str
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    epochs: int = 120
+    batch: int = 64
+    k: int = 4  # images per identity in a batch (P = batch / k identities)
+    optimizer: str = "sgd"
+    lr: float = 0.008
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 5.0
+    min_lr_factor: float = 0.002  # cosine floor as a fraction of lr (TransReID)
+    seed: int = 0
+    device: str = "auto"
+    bf16: bool = True  # autocast on CUDA only
+    compile: bool = False
+    init: str | None = None  # timm-format weights file
+    pretrained: str | None = None  # timm hub model name
+    eval_every: int = 0
+    max_grad_norm: float = 1e4  # larger gradient norms stop the run (divergence)
+    check_every: int = 20  # steps between finiteness checks (each is a host sync)
+
+    def validate(self) -> TrainConfig:
+        self.model.validate()
+        self.loss.validate()
+        if self.epochs < 1:
+            raise ConfigError(f"--epochs must be at least 1, got {self.epochs}")
+        if self.k < 1 or self.batch < 2 * self.k or self.batch % self.k:
+            raise ConfigError(f"--batch {self.batch} must be a multiple of --k {self.k} with at least 2 identities")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ConfigError(f"unknown --optimizer {self.optimizer!r}; use sgd or adamw")
+        if self.lr <= 0:
+            raise ConfigError("--lr must be positive")
+        if "rp-triplet" in self.loss.names and self.model.pe == "none":
+            raise ConfigError("rp-triplet needs position parameters; use --pe ape, rpe, both or sincos")
+        return self
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["model"] = self.model.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        d = dict(d)
+        d["model"] = ModelConfig.from_dict(d["model"])
+        d["loss"] = LossConfig(**d["loss"])
+        aug = dict(d["augment"])
+        aug["erase_area"] = tuple(aug["erase_area"])
+        d["augment"] = AugmentConfig(**aug)
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run_dir: Path
+    epochs_done: int
+    metrics: list[dict]
+    params: dict
+
+
+def lr_at(step: float, steps_per_epoch: int, cfg: TrainConfig) -> float:
+    """Linear warm-up from 1% of lr, then cosine down to ``min_lr_factor``·lr, per step."""
+    epoch = step / steps_per_epoch
+    if epoch < cfg.warmup_epochs:
+        return cfg.lr * (0.01 + 0.99 * epoch / cfg.warmup_epochs)
+    span = max(cfg.epochs - cfg.warmup_epochs, 1e-8)
+    t = min(1.0, (epoch - cfg.warmup_epochs) / span)
+    floor = cfg.lr * cfg.min_lr_factor
+    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * t))
+
+
+def _param_groups(model: ViTReID, weight_decay: float) -> list[dict]:
+    """No weight decay on biases, norms and position tables."""
+    skip = model.no_weight_decay()
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or name in skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _optimizer(model: ViTReID, cfg: TrainConfig) -> torch.optim.Optimizer:
+    groups = _param_groups(model, cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+@dataclass
+class _State:
+    """What the loop carries between epochs, and what a checkpoint restores."""
+
+    model: ViTReID
+    opt: torch.optim.Optimizer
+    gen: torch.Generator
+    epoch: int = 0
+    metrics: list[dict] = field(default_factory=list)
+
+
+def _build(cfg: TrainConfig, num_classes: int, device: torch.device) -> _State:
+    torch.manual_seed(cfg.seed)
+    model = ViTReID(replace(cfg.model, num_classes=num_classes))
+    if cfg.init:
+        from reidcli.model.weights import load_init_weights, load_state_file
+
+        load_init_weights(model, load_state_file(cfg.init))
+    elif cfg.pretrained:
+        from reidcli.model.weights import load_pretrained
+
+        load_pretrained(model, cfg.pretrained)
+    model.to(device)
+    return _State(model, _optimizer(model, cfg), torch.Generator().manual_seed(cfg.seed))
+
+
+def _restore(state: _State, files: RunFiles) -> None:
+    ckpt = load_checkpoint(files.checkpoint)
+    try:
+        state.model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise ConfigError(f"{files.checkpoint} was trained with other model options ({str(e).splitlines()[0]}); "
+                          "resume with the run's own options or start a new run folder") from e
+    state.opt.load_state_dict(ckpt["optimizer"])
+    state.gen.set_state(ckpt["generator"])
+    torch.set_rng_state(ckpt["torch_rng"])
+    state.epoch = int(ckpt["epoch"])
+    state.metrics = [r for r in _read_jsonl(files.metrics) if r["epoch"] <= state.epoch]
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def _save(state: _State, files: RunFiles) -> None:
+    save_checkpoint(files.checkpoint, {
+        "model": state.model.state_dict(), "optimizer": state.opt.state_dict(), "generator": state.gen.get_state(),
+        "torch_rng": torch.get_rng_state(), "epoch": state.epoch,
+    })
+    write_metrics(files.metrics, state.metrics)
+
+
+def train(
+    cfg: TrainConfig, resume: bool = False, on_epoch: Callable[[dict], None] | None = None,
+    on_step: Callable[[int, int], None] | None = None,
+) -> TrainResult:
+    """Train into ``cfg.run_dir``; with ``resume`` continue from its checkpoint on the same trajectory."""
+    cfg.validate()
+    files = RunFiles(cfg.run_dir)
+    if files.checkpoint.exists() and not resume:
+        raise ConfigError(f"{files.root} already holds a run; pass --resume to continue it or choose another --out")
+    device = resolve_device(cfg.device)
+    attrs, splits = read_dataset(cfg.data, ("train",))
+    train_split = splits["train"]
+    image_size = tuple(attrs["image_size"])
+    if tuple(cfg.model.image_size) != image_size:
+        raise ConfigError(f"the dataset images are {image_size[0]}x{image_size[1]} but the model expects "
+                          f"{cfg.model.image_size[0]}x{cfg.model.image_size[1]}; pass --image-size to match")
+    pids, labels = np.unique(train_split.pids, return_inverse=True)
+    sampler = PKSampler(labels, cfg.batch // cfg.k, cfg.k)
+    state = _build(cfg, len(pids), device)
+    if resume and files.checkpoint.exists():
+        _restore(state, files)
+    files.root.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(files.config, {**cfg.to_dict(), "model": {**cfg.model.to_dict(), "num_classes": len(pids)},
+                                     "dataset": attrs.get("name"), "num_train_ids": int(len(pids))})
+    images = torch.from_numpy(train_split.images).to(device)  # uint8 (N, H, W, 3), resident for the whole run
+    targets = torch.from_numpy(labels).to(device)
+    step_fn = _make_step(state, cfg, device)
+    while state.epoch < cfg.epochs:
+        row = _run_epoch(state, cfg, sampler, images, targets, step_fn, on_step)
+        if cfg.eval_every and (state.epoch + 1) % cfg.eval_every == 0:
+            row.update(_quick_eval(state.model, cfg, device))
+        state.epoch += 1
+        state.metrics.append(row)
+        _save(state, files)
+        if on_epoch:
+            on_epoch(row)
+    _finish(state, cfg, files)
+    return TrainResult(files.root, state.epoch, state.metrics, parameter_report(state.model))
+
+
+def _make_step(state: _State, cfg: TrainConfig, device: torch.device):
+    model = torch.compile(state.model) if cfg.compile else state.model
+    autocast = device.type == "cuda" and cfg.bf16
+    params = [p for p in state.model.parameters() if p.requires_grad]
+
+    def step(x: torch.Tensor, y: torch.Tensor, epoch: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            out = model(x)
+            comps = compute_losses(state.model, out, y, cfg.loss, epoch)
+        loss = sum(comps.values())
+        state.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
+        state.opt.step()
+        return comps, grad_norm
+
+    return step
+
+
+def _run_epoch(state: _State, cfg, sampler, images, targets, step_fn, on_step) -> dict:
+    state.model.train()
+    batches = sampler.epoch(state.gen)
+    n = len(batches)
+    sums: dict[str, torch.Tensor] = {}
+    grad_max = torch.zeros((), device=images.device)
+    t0 = time.perf_counter()
+    for i, idx in enumerate(batches):
+        lr = lr_at(state.epoch * n + i, n, cfg)
+        for group in state.opt.param_groups:
+            group["lr"] = lr
+        idx = idx.to(images.device)
+        x = augment_batch(images[idx], cfg.augment, state.gen)
+        comps, grad_norm = step_fn(x, targets[idx], state.epoch + i / n)
+        for k, v in comps.items():
+            sums[k] = sums.get(k, 0.0) + v.detach().float()
+        grad_max = torch.maximum(grad_max, grad_norm.detach().float())
+        if (i + 1) % cfg.check_every == 0 or i == n - 1:
+            _check_finite(sums, grad_max, cfg, state.epoch)
+        if on_step:
+            on_step(i + 1, n)
+    seconds = time.perf_counter() - t0
+    row = {"epoch": state.epoch + 1, "lr": lr, "seconds": seconds, "images_per_s": n * len(batches[0]) / seconds,
+           "grad_norm_max": float(grad_max)}
+    row.update({f"loss_{k}": float(v) / n for k, v in sums.items()})
+    row["loss"] = sum(float(v) for v in sums.values()) / n
+    row.update(_position_norms(state.model))
+    return row
+
+
+def _check_finite(sums: dict[str, torch.Tensor], grad_max: torch.Tensor, cfg: TrainConfig, epoch: int) -> None:
+    for name, v in sums.items():
+        if not bool(torch.isfinite(v)):
+            raise TrainingError(f"loss component '{name}' became non-finite in epoch {epoch + 1}; training stopped, "
+                                "the last good checkpoint is kept (lower --lr, or use --rp-form stable)")
+    if not bool(torch.isfinite(grad_max)) or float(grad_max) > cfg.max_grad_norm:
+        raise TrainingError(f"gradient norm exploded ({float(grad_max):.3g} > {cfg.max_grad_norm:g}) in epoch "
+                            f"{epoch + 1}; training stopped, the last good checkpoint is kept (lower --lr)")
+
+
+def _position_norms(model: ViTReID) -> dict[str, float]:
+    out = {}
+    if model.pos is not None and model.cfg.pe != "sincos":
+        out["ape_norm"] = float(model.pos.pos_embed.detach().norm())
+    if model.rel_pos is not None:
+        out["rpe_norm"] = float(torch.stack([r.relative_position_bias_table.detach().norm() for r in model.rel_pos])
+                                .norm())
+    return out
+
+
+def _quick_eval(model: ViTReID, cfg: TrainConfig, device: torch.device) -> dict:
+    from reidcli.engine.extract import embed_dataset
+    from reidcli.retrieval.evaluate import EvalConfig, evaluate
+
+    feats = embed_dataset(model, cfg.data, ("query", "gallery"), device=device)
+    out = evaluate(feats["query"], feats["gallery"], EvalConfig(engine="torch", device=str(device)))
+    return {"eval_mAP": out.metrics.mAP, "eval_rank1": out.metrics.cmc[0]}
+
+
+def _finish(state: _State, cfg: TrainConfig, files: RunFiles) -> None:
+    save_weights(files.weights, state.model, {"model": state.model.cfg.to_dict(), "epochs": state.epoch})
+    try:
+        from reidcli.report.plots import plot_training_curves
+
+        plot_training_curves(state.metrics, files.curves, title=files.root.name)
+    except Exception as e:  # noqa: BLE001 — a plot must never lose a finished run
+        log.warning("could not plot training curves: %s", e)

@@ -1,0 +1,1 @@
+"""Ablation runner, comparison tables and pictures."""

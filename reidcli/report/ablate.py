@@ -1,0 +1,219 @@
+"""``reid ablate``: every (pe, loss, seed) variant trained → extracted → evaluated, finished runs reused.
+
+A run's folder name carries a hash of its resolved training config, so a changed option never reuses a stale run,
+and an interrupted ablation resumes: finished runs (``DONE``) are read back, a run with a checkpoint continues.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from reidcli.engine.checkpoint import RunFiles
+from reidcli.engine.train import TrainConfig
+from reidcli.errors import ConfigError
+from reidcli.fileio import write_json_atomic
+
+__all__ = ["AblationConfig", "Variant", "plan", "run_ablation", "summarize_runs", "COLUMNS"]
+
+log = logging.getLogger(__name__)
+COLUMNS = ["variant", "mAP", "Rank-1", "Rank-5", "Rank-10", "mINP", "mAP shifted", "PE params", "PE share",
+           "train img/s", "final loss", "runs"]
+
+
+@dataclass(frozen=True)
+class AblationConfig:
+    out: str
+    template: TrainConfig  # every option but pe, loss, seed and run_dir
+    pes: tuple[str, ...] = ("ape", "rpe", "both")
+    losses: tuple[str, ...] = ("ce+triplet",)
+    seeds: tuple[int, ...] = (0,)
+    perturb: float = 0.1  # query misalignment for the robustness column (fraction of the image); 0 = off
+    flip: bool = True
+
+    def validate(self) -> AblationConfig:
+        if not self.pes or not self.losses or not self.seeds:
+            raise ConfigError("--pe, --loss and --seeds each need at least one value")
+        for v in plan(self):
+            v.train.validate()
+        if not 0.0 <= self.perturb < 0.5:
+            raise ConfigError("--perturb must be in [0, 0.5)")
+        return self
+
+
+@dataclass(frozen=True)
+class Variant:
+    pe: str
+    loss: str
+    seed: int
+    train: TrainConfig
+
+    @property
+    def label(self) -> str:
+        return f"{self.pe} | {self.loss}"
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.train.run_dir)
+
+
+def _config_hash(cfg: TrainConfig) -> str:
+    d = cfg.to_dict()
+    d.pop("run_dir")
+    d.pop("device")
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def plan(cfg: AblationConfig) -> list[Variant]:
+    out = []
+    for loss in cfg.losses:
+        for pe in cfg.pes:
+            for seed in cfg.seeds:
+                t = replace(cfg.template, model=replace(cfg.template.model, pe=pe), seed=seed,
+                            loss=replace(cfg.template.loss, spec=loss), run_dir="")
+                name = f"{pe}__{loss.replace('+', '-')}__s{seed}__{_config_hash(t)}"
+                out.append(Variant(pe, loss, seed, replace(t, run_dir=str(Path(cfg.out) / "runs" / name))))
+    return out
+
+
+def _run_variant(v: Variant, cfg: AblationConfig, on_step) -> dict:
+    """Train (or resume), extract and evaluate one variant; return its result row (cached in results.json)."""
+    from reidcli.engine.extract import embed_dataset
+    from reidcli.engine.train import train
+    from reidcli.model.vit import parameter_report
+    from reidcli.retrieval.evaluate import EvalConfig, evaluate, resolve_device
+
+    files = RunFiles(v.run_dir)
+    cached = v.run_dir / "results.json"
+    if files.done.is_file() and cached.is_file():
+        return json.loads(cached.read_text())
+    result = train(v.train, resume=files.checkpoint.is_file(), on_step=on_step)
+    from reidcli.engine.checkpoint import load_run_model
+
+    device = resolve_device(v.train.device)
+    model, _, _ = load_run_model(v.run_dir, device)
+    feats = embed_dataset(model, v.train.data, ("query", "gallery"), device, flip=cfg.flip)
+    metrics = evaluate(feats["query"], feats["gallery"], EvalConfig(engine="torch", device=str(device))).metrics
+    row = {"pe": v.pe, "loss": v.loss, "seed": v.seed, "run": str(v.run_dir), "mAP": metrics.mAP,
+           "Rank-1": metrics.cmc[0], "Rank-5": metrics.cmc[4], "Rank-10": metrics.cmc[9], "mINP": metrics.mINP}
+    if cfg.perturb > 0:
+        row["mAP shifted"] = _shifted_map(model, v, cfg, feats["gallery"], device)
+    params = parameter_report(model)
+    last = result.metrics[-1]
+    row.update({"PE params": params["pe"], "PE share": params["pe_share"], "total params": params["total"],
+                "train img/s": float(np.mean([m["images_per_s"] for m in result.metrics])), "final loss": last["loss"]})
+    write_json_atomic(cached, row)
+    files.done.write_text(_config_hash(v.train) + "\n")
+    return row
+
+
+def _shifted_map(model, v: Variant, cfg: AblationConfig, gallery, device) -> float:
+    """mAP when every query crop is misaligned (shifted down and right, as a detector error), gallery unchanged."""
+    from reidcli.data.store import read_dataset
+    from reidcli.engine.extract import embed_images
+    from reidcli.retrieval.evaluate import EvalConfig, evaluate
+    from reidcli.retrieval.features import FeatureSplit
+
+    _, parts = read_dataset(v.train.data, ("query",))
+    q = parts["query"]
+    h, w = q.images.shape[1:3]
+    dy, dx = int(round(cfg.perturb * h)), int(round(cfg.perturb * w))
+    shifted = np.zeros_like(q.images)
+    shifted[:, dy:, dx:] = q.images[:, : h - dy, : w - dx]
+    feats = FeatureSplit(embed_images(model, shifted, device, flip=cfg.flip), q.pids, q.camids)
+    return evaluate(feats, gallery, EvalConfig(engine="torch", device=str(device))).metrics.mAP
+
+
+def summarize_runs(rows: list[dict]) -> list[dict]:
+    """Mean ± std over seeds per (pe, loss)."""
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    out = []
+    metric_cols = [c for c in ("mAP", "Rank-1", "Rank-5", "Rank-10", "mINP", "mAP shifted") if c in df]
+    for (loss, pe), g in df.groupby(["loss", "pe"], sort=False):
+        row = {"variant": f"{pe} | {loss}", "pe": pe, "loss": loss, "runs": len(g)}
+        for c in metric_cols:
+            row[c] = float(g[c].mean())
+            row[c + " std"] = float(g[c].std(ddof=0)) if len(g) > 1 else 0.0
+        for c in ("PE params", "PE share", "train img/s", "final loss"):
+            row[c] = float(g[c].mean())
+        out.append(row)
+    return out
+
+
+def run_ablation(
+    cfg: AblationConfig, on_variant: Callable[[int, int, Variant], None] | None = None,
+    on_step: Callable[[int, int], None] | None = None,
+) -> list[dict]:
+    """Run (or reuse) every variant; write results.csv, results.md and the pictures; return the summary rows."""
+    cfg.validate()
+    variants = plan(cfg)
+    rows = []
+    for i, v in enumerate(variants):
+        if on_variant:
+            on_variant(i, len(variants), v)
+        rows.append(_run_variant(v, cfg, on_step))
+    summary = summarize_runs(rows)
+    _write_tables(Path(cfg.out), summary, rows)
+    _write_pictures(Path(cfg.out), variants)
+    return summary
+
+
+def _write_tables(out: Path, summary: list[dict], rows: list[dict]) -> None:
+    import pandas as pd
+
+    from reidcli.fileio import atomic_path
+
+    df = pd.DataFrame(summary)
+    with atomic_path(out / "results.csv", suffix=".csv") as tmp:
+        df.to_csv(tmp, index=False)
+    with atomic_path(out / "runs.csv", suffix=".csv") as tmp:
+        pd.DataFrame(rows).to_csv(tmp, index=False)
+    with atomic_path(out / "results.md", suffix=".md") as tmp:
+        tmp.write_text(markdown_table(summary) + "\n")
+
+
+def format_cell(row: dict, col: str) -> str:
+    v = row.get(col)
+    if v is None:
+        return "—"
+    if col in ("mAP", "Rank-1", "Rank-5", "Rank-10", "mINP", "mAP shifted"):
+        std = row.get(col + " std", 0.0)
+        return f"{100 * v:.1f} ± {100 * std:.1f}" if row.get("runs", 1) > 1 else f"{100 * v:.1f}"
+    if col == "PE share":
+        return f"{100 * v:.2f}%"
+    if col == "PE params":
+        return f"{int(v):,}"
+    if col == "train img/s":
+        return f"{v:.0f}"
+    if col == "final loss":
+        return f"{v:.3f}"
+    return str(v)
+
+
+def markdown_table(summary: list[dict]) -> str:
+    cols = [c for c in COLUMNS if any(c in r for r in summary)]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines += ["| " + " | ".join(format_cell(r, c) for c in cols) + " |" for r in summary]
+    return "\n".join(lines)
+
+
+def _write_pictures(out: Path, variants: list[Variant]) -> None:
+    from reidcli.report.figures import variant_pictures
+
+    seen = set()
+    for v in variants:
+        if (v.pe, v.loss) in seen:
+            continue
+        seen.add((v.pe, v.loss))
+        try:
+            variant_pictures(v, out / "pictures")
+        except Exception as e:  # noqa: BLE001 — a picture must never fail a finished ablation
+            log.warning("pictures for %s failed: %s", v.label, e)

@@ -1,0 +1,94 @@
+"""The pictures of one trained variant: curves, APE similarity, RPE bias maps, RP relation vectors, ranked lists."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from reidcli.engine.checkpoint import RunFiles, load_run_model
+from reidcli.report.plots import _plt, _save, plot_ape_similarity, plot_rpe_bias, plot_training_curves
+
+__all__ = ["variant_pictures", "plot_relation_vectors"]
+
+
+def variant_pictures(variant, out: Path) -> list[Path]:
+    """Write the pictures of ``variant`` (seed of the first run) into ``out``; return the paths written."""
+    files = RunFiles(variant.run_dir)
+    tag = f"{variant.pe}__{variant.loss.replace('+', '-')}"
+    model, _, _ = load_run_model(files.root, "cpu")
+    written = []
+    metrics = [json.loads(line) for line in files.metrics.read_text().splitlines() if line.strip()]
+    written.append(out / f"curves_{tag}.png")
+    plot_training_curves(metrics, written[-1], title=variant.label)
+    grid = model.cfg.grid
+    if model.pos is not None:
+        written.append(out / f"ape_similarity_{tag}.png")
+        plot_ape_similarity(model.pos.patch_embeddings().detach().numpy(), grid, written[-1], title=f"{tag}: APE")
+    if model.rel_pos is not None:
+        tables = torch.stack([r.relative_position_bias_table.detach() for r in model.rel_pos]).numpy()
+        written.append(out / f"rpe_bias_{tag}.png")
+        plot_rpe_bias(tables, grid, written[-1], title=f"{tag}: RPE bias by offset")
+    if model.pos is not None or model.rel_pos is not None:
+        written.append(out / f"relation_vectors_{tag}.png")
+        plot_relation_vectors(model, variant.train.data, written[-1], variant.train.loss.top_n, title=tag)
+    written.append(out / f"ranked_{tag}.png")
+    _ranked(model, variant, written[-1])
+    return written
+
+
+def _triple(pids: np.ndarray) -> tuple[int, int, int]:
+    """Indices of an anchor, a positive (same id) and a negative (another id)."""
+    ids, counts = np.unique(pids, return_counts=True)
+    pid = ids[np.argmax(counts >= 2)]
+    same = np.flatnonzero(pids == pid)
+    other = np.flatnonzero(pids != pid)
+    return int(same[0]), int(same[1]), int(other[0])
+
+
+@torch.no_grad()
+def plot_relation_vectors(model, data: str, path: Path, top_n: int, title: str = "") -> None:
+    """The RP-triplet relation vectors (C(N,2) values) of an anchor, a positive and a negative training image."""
+    from reidcli.data.augment import normalize_batch
+    from reidcli.data.store import read_dataset
+    from reidcli.losses.positional import relation_vectors
+
+    _, parts = read_dataset(data, ("train",))
+    tr = parts["train"]
+    idx = list(_triple(tr.pids))
+    x = normalize_batch(torch.from_numpy(tr.images[idx]))
+    model.eval()
+    out = model(x)
+    rel = relation_vectors(model, out.feat, out.tokens, top_n).numpy()
+    plt = _plt()
+    fig, axes = plt.subplots(1, 4, figsize=(14, 3), gridspec_kw={"width_ratios": [1, 1, 1, 5]})
+    for ax, i, name in zip(axes[:3], idx, ("anchor", "positive", "negative")):
+        ax.imshow(tr.images[i])
+        ax.set_title(f"{name} (pid {tr.pids[i]})", fontsize=8)
+        ax.axis("off")
+    for r, name in zip(rel, ("anchor", "positive", "negative")):
+        axes[3].plot(r, marker=".", label=name)
+    axes[3].set(title=f"positional relation of the top-{top_n} patch pairs", xlabel="pair (rank order)")
+    axes[3].legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    _save(fig, path)
+
+
+def _ranked(model, variant, path: Path) -> None:
+    from reidcli.engine.extract import embed_dataset
+    from reidcli.report.ranked import list_status
+    from reidcli.report.plots import plot_ranked_lists
+    from reidcli.retrieval.evaluate import ranked_lists
+    from reidcli.data.store import read_dataset
+
+    feats = embed_dataset(model, variant.train.data, ("query", "gallery"), torch.device("cpu"))
+    q, g = feats["query"], feats["gallery"]
+    rows = np.linspace(0, len(q) - 1, min(6, len(q))).astype(int)
+    from reidcli.retrieval.features import FeatureSplit
+
+    lists = ranked_lists(FeatureSplit(q.feats[rows], q.pids[rows], q.camids[rows]), g, 8, "cpu")
+    _, parts = read_dataset(variant.train.data, ("query", "gallery"))
+    plot_ranked_lists(parts["query"].images[rows], parts["gallery"].images, lists, list_status(lists, q, g, rows), path,
+                      title=variant.label)

@@ -1,0 +1,112 @@
+"""Pictures (matplotlib, PNG, written atomically): training curves, ranked lists, position maps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from reidcli.fileio import atomic_path
+
+__all__ = ["plot_training_curves", "plot_ranked_lists", "plot_ape_similarity", "plot_rpe_bias"]
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str | Path) -> None:
+    plt = _plt()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_training_curves(metrics: list[dict], path: str | Path, title: str = "") -> None:
+    """Loss components, learning rate and (when present) evaluation mAP against the epoch."""
+    plt = _plt()
+    epochs = [m["epoch"] for m in metrics]
+    keys = sorted(k for k in metrics[0] if k.startswith("loss_")) if metrics else []
+    extra = [k for k in ("eval_mAP", "ape_norm", "rpe_norm") if metrics and k in metrics[-1]]
+    fig, axes = plt.subplots(1, 2 + len(extra), figsize=(4.2 * (2 + len(extra)), 3.2))
+    for k in keys:
+        axes[0].plot(epochs, [m.get(k, np.nan) for m in metrics], label=k[5:])
+    axes[0].set(title="loss components", xlabel="epoch")
+    axes[0].legend(fontsize=8)
+    axes[1].plot(epochs, [m["lr"] for m in metrics])
+    axes[1].set(title="learning rate", xlabel="epoch")
+    for ax, k in zip(axes[2:], extra):
+        ax.plot(epochs, [m.get(k, np.nan) for m in metrics], marker="o" if k == "eval_mAP" else None)
+        ax.set(title=k, xlabel="epoch")
+    fig.suptitle(title)
+    _save(fig, path)
+
+
+def plot_ranked_lists(
+    q_images: np.ndarray, g_images: np.ndarray, lists: np.ndarray, status: np.ndarray, path: str | Path, title: str = ""
+) -> None:
+    """One row per query: the query, then its top-k gallery images with green (match), red (wrong) or grey (junk,
+    same identity and camera, ignored by the protocol) borders."""
+    plt = _plt()
+    nq, k = lists.shape
+    fig, axes = plt.subplots(nq, k + 1, figsize=(1.0 * (k + 1), 2.1 * nq), squeeze=False)
+    colours = {1: (0.1, 0.7, 0.1), 0: (0.85, 0.1, 0.1), -1: (0.6, 0.6, 0.6)}
+    for r in range(nq):
+        axes[r, 0].imshow(q_images[r])
+        axes[r, 0].set_title("query", fontsize=7)
+        for c in range(k):
+            ax = axes[r, c + 1]
+            img = g_images[lists[r, c]].astype(np.float32)
+            if status[r, c] == -1:
+                img = img * 0.4 + 150
+            ax.imshow(img.clip(0, 255).astype(np.uint8))
+            ax.set_title(str(c + 1), fontsize=7)
+            for s in ax.spines.values():
+                s.set(color=colours[int(status[r, c])], linewidth=3)
+        for ax in axes[r]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.suptitle(title, fontsize=9)
+    _save(fig, path)
+
+
+def plot_ape_similarity(pos_embed: np.ndarray, grid: tuple[int, int], path: str | Path, title: str = "") -> None:
+    """Cosine similarity of each patch's APE to every other patch's, as a grid of small maps (ViT paper, Fig. 7)."""
+    plt = _plt()
+    h, w = grid
+    p = pos_embed / np.linalg.norm(pos_embed, axis=1, keepdims=True).clip(1e-12)
+    sim = p @ p.T  # (N, N)
+    fig, axes = plt.subplots(h, w, figsize=(0.55 * w + 1, 0.55 * h * 1.0 + 0.6), squeeze=False)
+    for i in range(h * w):
+        ax = axes[i // w, i % w]
+        ax.imshow(sim[i].reshape(h, w), vmin=-1, vmax=1, cmap="viridis")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(title or "APE cosine similarity", fontsize=9)
+    _save(fig, path)
+
+
+def plot_rpe_bias(tables: np.ndarray, grid: tuple[int, int], path: str | Path, title: str = "") -> None:
+    """RPE bias over 2-D offsets (Δrow, Δcol) for every layer (rows) and head (columns)."""
+    plt = _plt()
+    h, w = grid
+    layers, _, heads = tables.shape
+    t = tables[:, : (2 * h - 1) * (2 * w - 1)].reshape(layers, 2 * h - 1, 2 * w - 1, heads)
+    fig, axes = plt.subplots(layers, heads, figsize=(0.9 * heads + 1, 1.4 * layers + 0.6), squeeze=False)
+    for layer in range(layers):
+        for head in range(heads):
+            ax = axes[layer, head]
+            ax.imshow(t[layer, :, :, head], cmap="coolwarm")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if head == 0:
+                ax.set_ylabel(f"L{layer}", fontsize=7)
+            if layer == 0:
+                ax.set_title(f"h{head}", fontsize=7)
+    fig.suptitle(title or "RPE bias by offset (centre = same patch)", fontsize=9)
+    _save(fig, path)
