@@ -14,6 +14,8 @@ from rich.table import Table
 __all__ = ["out", "err", "progress", "print_table", "print_json", "fmt"]
 
 out = Console(highlight=False)
+if not out.is_terminal:  # piped or logged: wide enough that tables keep one line per row
+    out = Console(highlight=False, width=160)
 err = Console(stderr=True, highlight=False)
 
 

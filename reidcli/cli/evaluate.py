@@ -63,7 +63,7 @@ def evaluate(
         return
     m = result.metrics
     cmc = m.cmc
-    rows = [("mAP", m.mAP), ("mINP", m.mINP)] + [(f"Rank-{r}", cmc[r - 1]) for r in (1, 5, 10, 20) if r <= len(cmc)]
+    rows = [("mAP", m.mAP), ("mINP", m.mINP), ("random-ranking mAP", m.chance_mAP)] + [(f"Rank-{r}", cmc[r - 1]) for r in (1, 5, 10, 20) if r <= len(cmc)]
     rows += [("valid queries", f"{m.num_valid_queries}/{m.num_queries}"), ("seconds", round(result.seconds, 4))]
     title = f"{features.name}: {result.engine} on {result.device}" + (" (approximate)" if m.approximate else "")
     print_table(title, ["metric", "value"], rows)

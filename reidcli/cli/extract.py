@@ -18,7 +18,7 @@ def extract(
     splits: Annotated[str, typer.Option(help="Comma-separated splits to embed.")] = "query,gallery",
     batch: Annotated[int, typer.Option(help="Images per forward pass.")] = 256,
     flip: Annotated[bool, typer.Option(help="Average with the horizontally flipped image.")] = True,
-    dtype: Annotated[str, typer.Option(help="Stored dtype: float16 or float32.")] = "float16",
+    dtype: Annotated[str, typer.Option(help="Stored dtype: float32, or float16 (half the size).")] = "float32",
     device: DeviceOpt = "auto",
     json_out: JsonOpt = False,
 ) -> None:
@@ -28,7 +28,7 @@ def extract(
 
       reid extract --run runs/rpe --data data/market1501.h5 --out feats/rpe.h5
 
-      reid extract --run runs/rpe --data data/market1501.h5 --out feats/rpe32.h5 --dtype float32 --no-flip
+      reid extract --run runs/rpe --data data/market1501.h5 --out feats/rpe16.h5 --dtype float16 --no-flip
     """
     from reidcli.engine.extract import ExtractConfig, extract_features
 

@@ -56,7 +56,7 @@ class Variant:
 
     @property
     def label(self) -> str:
-        return f"{self.pe} | {self.loss}"
+        return f"{self.pe} · {self.loss}"
 
     @property
     def run_dir(self) -> Path:
@@ -138,7 +138,7 @@ def summarize_runs(rows: list[dict]) -> list[dict]:
     out = []
     metric_cols = [c for c in ("mAP", "Rank-1", "Rank-5", "Rank-10", "mINP", "mAP shifted") if c in df]
     for (loss, pe), g in df.groupby(["loss", "pe"], sort=False):
-        row = {"variant": f"{pe} | {loss}", "pe": pe, "loss": loss, "runs": len(g)}
+        row = {"variant": f"{pe} · {loss}", "pe": pe, "loss": loss, "runs": len(g)}
         for c in metric_cols:
             row[c] = float(g[c].mean())
             row[c + " std"] = float(g[c].std(ddof=0)) if len(g) > 1 else 0.0

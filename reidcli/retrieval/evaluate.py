@@ -121,7 +121,7 @@ def _faiss_ranks(query, gallery, cfg, index, tensors, chunk) -> tuple[list[Query
     index, on_gpu = to_search_device(index)
     _, lists = search(index, query.feats, cfg.depth, on_gpu)
     found, complete = ranks_from_lists(torch.from_numpy(lists).to(q.device), qp, qc, gp, gc)
-    parts = [QueryRanks(found.ranks[complete], found.num_pos[complete])]
+    parts = [QueryRanks(found.ranks[complete], found.num_pos[complete], found.num_valid[complete])]
     tail = complete.logical_not().nonzero()[:, 0]
     if len(tail):
         parts += _count_all(q, qp, qc, g, gp, gc, chunk, rows=tail)

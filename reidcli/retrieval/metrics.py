@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["QueryRanks", "MetricResult", "positive_ranks", "ranks_from_lists", "summarize"]
+__all__ = ["QueryRanks", "MetricResult", "positive_ranks", "ranks_from_lists", "summarize", "chance_average_precision"]
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,7 @@ class QueryRanks:
 
     ranks: torch.Tensor  # (Q, P) int64
     num_pos: torch.Tensor  # (Q,) int64
+    num_valid: torch.Tensor  # (Q,) int64: gallery items left after removing junk
 
 
 @dataclass(frozen=True)
@@ -34,12 +35,13 @@ class MetricResult:
     cmc: list[float]  # rank 1 first, fractions
     num_valid_queries: int
     num_queries: int
+    chance_mAP: float  # expected mAP of a uniformly random ranking of the same gallery
     approximate: bool = False
 
     def to_dict(self) -> dict:
         return {
             "mAP": self.mAP, "mINP": self.mINP, "cmc": self.cmc, "num_valid_queries": self.num_valid_queries,
-            "num_queries": self.num_queries, "approximate": self.approximate,
+            "num_queries": self.num_queries, "chance_mAP": self.chance_mAP, "approximate": self.approximate,
         }
 
 
@@ -53,9 +55,10 @@ def positive_ranks(
     pos = same_pid & (q_camids[:, None] != g_camids[None, :])
     others = ~same_pid  # valid items that are not positives (junk = same pid, same camera, is neither)
     num_pos = pos.sum(1)
+    num_valid = num_pos + others.sum(1)
     p_max = int(num_pos.max()) if q else 0
     if p_max == 0:
-        return QueryRanks(torch.full((q, 0), -1, dtype=torch.long, device=dev), num_pos)
+        return QueryRanks(torch.full((q, 0), -1, dtype=torch.long, device=dev), num_pos, num_valid)
     pos_scores, pos_index = _positives_in_order(scores, pos, p_max)  # (Q, P) best first, pads last
     is_pad = torch.arange(p_max, device=dev)[None, :] >= num_pos[:, None]
     asc = pos_scores.masked_fill(is_pad, float("inf")).sort(dim=1).values  # ascending, pads (+inf) last
@@ -69,7 +72,7 @@ def positive_ranks(
     beats = beats_asc.gather(1, (num_pos[:, None] - 1 - desc).clamp_min(0))  # in best-first order
     beats += _tied_before(scores, asc, others, pos_scores, pos_index)
     ranks = (beats + desc).masked_fill(is_pad, -1)  # + better positives, which sit before it in order
-    return QueryRanks(ranks, num_pos)
+    return QueryRanks(ranks, num_pos, num_valid)
 
 
 def _positives_in_order(scores: torch.Tensor, pos: torch.Tensor, p_max: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,7 +120,7 @@ def ranks_from_lists(
     pos = same_pid & (g_camids[idx] != q_camids[:, None])
     valid = filled & ~(same_pid & ~pos)
     rank_in_valid = valid.long().cumsum(1) - 1  # 0-based rank among valid items
-    num_pos_total = _count_positives(q_pids, q_camids, g_pids, g_camids)
+    num_pos_total, num_valid = _count_positives(q_pids, q_camids, g_pids, g_camids)
     found = pos.sum(1)
     p_max = int(num_pos_total.max()) if q else 0
     ranks = torch.full((q, max(p_max, 1)), -1, dtype=torch.long, device=lists.device)
@@ -125,22 +128,35 @@ def ranks_from_lists(
     rows = torch.arange(q, device=lists.device)[:, None].expand_as(pos)
     keep = pos & (slot < ranks.shape[1])
     ranks[rows[keep], slot[keep]] = rank_in_valid[keep]
-    return QueryRanks(ranks[:, :p_max], num_pos_total), found == num_pos_total
+    return QueryRanks(ranks[:, :p_max], num_pos_total, num_valid), found == num_pos_total
 
 
-def _count_positives(q_pids, q_camids, g_pids, g_camids, chunk: int = 1024) -> torch.Tensor:
-    out = []
+def _count_positives(q_pids, q_camids, g_pids, g_camids, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positives and valid (non-junk) gallery items per query."""
+    pos, valid = [], []
     for i in range(0, len(q_pids), chunk):
-        qp, qc = q_pids[i : i + chunk, None], q_camids[i : i + chunk, None]
-        out.append(((g_pids[None, :] == qp) & (g_camids[None, :] != qc)).sum(1))
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+        same = g_pids[None, :] == q_pids[i : i + chunk, None]
+        same_cam = g_camids[None, :] == q_camids[i : i + chunk, None]
+        pos.append((same & ~same_cam).sum(1))
+        valid.append(len(g_pids) - (same & same_cam).sum(1))
+    empty = torch.zeros(0, dtype=torch.long, device=q_pids.device)
+    return (torch.cat(pos), torch.cat(valid)) if pos else (empty, empty)
+
+
+def chance_average_precision(num_pos: torch.Tensor, num_valid: torch.Tensor) -> torch.Tensor:
+    """Expected AP of a uniformly random ranking with n positives among M items:
+    ``H_M / M + (n−1)(M − H_M) / (M(M−1))`` (H_M the M-th harmonic number)."""
+    n, m = num_pos.double(), num_valid.double()
+    h = torch.special.digamma(m + 1) + 0.5772156649015329  # H_M
+    second = torch.where(m > 1, (n - 1) * (m - h) / (m * (m - 1)).clamp_min(1), torch.zeros_like(m))
+    return h / m + second
 
 
 def summarize(parts: list[QueryRanks], max_rank: int = 50, approximate: bool = False) -> MetricResult:
     """CMC (first hit), mAP and mINP over all queries with at least one positive."""
     num_queries = sum(int(p.num_pos.shape[0]) for p in parts)
     cmc = torch.zeros(max_rank, dtype=torch.float64)
-    ap_sum = inp_sum = 0.0
+    ap_sum = inp_sum = chance_sum = 0.0
     n_valid = 0
     for part in parts:
         ok = part.num_pos > 0
@@ -156,8 +172,11 @@ def summarize(parts: list[QueryRanks], max_rank: int = 50, approximate: bool = F
         first = ranks[:, 0].long()
         cmc += torch.bincount(first.clamp_max(max_rank), minlength=max_rank + 1)[:max_rank].double().cumsum(0)
         ap_sum += float(ap.sum())
+        chance_sum += float(chance_average_precision(npos, part.num_valid[ok].cpu()).sum())
         inp_sum += float(inp.sum())
         n_valid += int(ok.sum())
     if n_valid == 0:
-        return MetricResult(float("nan"), float("nan"), [float("nan")] * max_rank, 0, num_queries, approximate)
-    return MetricResult(ap_sum / n_valid, inp_sum / n_valid, (cmc / n_valid).tolist(), n_valid, num_queries, approximate)
+        nan = float("nan")
+        return MetricResult(nan, nan, [nan] * max_rank, 0, num_queries, nan, approximate)
+    return MetricResult(ap_sum / n_valid, inp_sum / n_valid, (cmc / n_valid).tolist(), n_valid, num_queries,
+                        chance_sum / n_valid, approximate)

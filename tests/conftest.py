@@ -1,0 +1,32 @@
+"""Shared fixtures: small synthetic datasets prepared once per session, and a CLI runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """12 + 12 identities at 64×32: enough for shapes, formats and a few training steps."""
+    from reidcli.data.prepare import PrepareConfig, prepare_dataset
+    from reidcli.data.synthetic import SyntheticConfig, generate_synthetic
+
+    root = tmp_path_factory.mktemp("tiny")
+    generate_synthetic(root / "raw", SyntheticConfig(num_train_ids=12, num_test_ids=12, num_distractors=6,
+                                                     num_junk=3, images_per_camera=2, seed=1))
+    out = root / "tiny.h5"
+    prepare_dataset(PrepareConfig(dataset="synthetic", root=root / "raw", out=out, image_size=(64, 32)))
+    return out
+
+
+def run_cli(*args: str, timeout: int = 600, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """The real ``reid`` entry point in a subprocess."""
+    return subprocess.run([sys.executable, "-m", "reidcli", *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=cwd)

@@ -1,0 +1,192 @@
+import io
+import zipfile
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+
+from reidcli.data.prepare import PrepareConfig, prepare_dataset
+from reidcli.data.store import read_dataset
+from reidcli.data.synthetic import SyntheticConfig, generate_synthetic
+from reidcli.errors import DataError, FormatError
+from tests.conftest import run_cli
+
+SMALL = SyntheticConfig(num_train_ids=4, num_test_ids=4, num_distractors=2, num_junk=2, images_per_camera=1, seed=5)
+
+
+@pytest.fixture()
+def market(tmp_path) -> Path:
+    root = tmp_path / "Market-1501-v15.09.15"
+    generate_synthetic(root, SMALL)
+    (root / "bounding_box_train" / "Thumbs.db").write_bytes(b"junk")  # ignored: not an image
+    return root
+
+
+def _prepare(root, out, **kw):
+    return prepare_dataset(PrepareConfig(dataset="market1501", root=root, out=out, image_size=(32, 16), **kw))
+
+
+def test_folder_round_trip(market, tmp_path):
+    out = tmp_path / "m.h5"
+    result = _prepare(market, out)
+    attrs, splits = read_dataset(out)
+    assert attrs["format"] == "reidcli.dataset" and attrs["version"] == 1 and attrs["image_size"] == [32, 16]
+    n_gallery = len(list((market / "bounding_box_test").glob("*.jpg")))
+    assert len(splits["gallery"]) == n_gallery - 2  # junk (-1) dropped
+    assert (splits["gallery"].pids == 0).sum() == 2  # distractors kept
+    assert splits["train"].images.shape[1:] == (32, 16, 3) and splits["train"].images.dtype == np.uint8
+    assert splits["query"].camids.min() >= 0
+    assert all(p.startswith("query/") for p in splits["query"].paths)
+    rows = {r["split"]: r for r in result.rows}
+    assert rows["train"]["ids"] == 4
+
+
+def test_zip_and_nested_folder_give_the_same_file(market, tmp_path):
+    zpath = tmp_path / "market.zip"
+    with zipfile.ZipFile(zpath, "w") as z:
+        for p in market.rglob("*"):
+            if p.is_file():
+                z.write(p, f"Market-1501-v15.09.15/{p.relative_to(market).as_posix()}")
+    _prepare(tmp_path, tmp_path / "a.h5")  # the parent folder: finds the nested layout
+    _prepare(zpath, tmp_path / "b.h5")
+    a, b = read_dataset(tmp_path / "a.h5")[1], read_dataset(tmp_path / "b.h5")[1]
+    for s in ("train", "query", "gallery"):
+        np.testing.assert_array_equal(a[s].images, b[s].images)
+        np.testing.assert_array_equal(a[s].pids, b[s].pids)
+
+
+def test_zip_with_escaping_member_is_refused(tmp_path):
+    zpath = tmp_path / "evil.zip"
+    with zipfile.ZipFile(zpath, "w") as z:
+        z.writestr("../../etc/evil.jpg", b"x")
+    with pytest.raises(DataError, match="unsafe member"):
+        _prepare(zpath, tmp_path / "x.h5")
+
+
+def test_grayscale_cmyk_and_png_images_become_rgb(market, tmp_path):
+    folder = market / "bounding_box_train"
+    first = sorted(folder.glob("*.jpg"))[:3]
+    Image.open(first[0]).convert("L").save(first[0], format="JPEG")
+    Image.open(first[1]).convert("CMYK").save(first[1], format="JPEG")
+    Image.open(first[2]).save(first[2].with_suffix(".png"))
+    first[2].unlink()
+    _, splits = read_dataset(_prepare(market, tmp_path / "m.h5").out)
+    assert splits["train"].images.shape[-1] == 3
+
+
+def test_unreadable_image_names_file_and_leaves_nothing(market, tmp_path):
+    bad = sorted((market / "query").glob("*.jpg"))[0]
+    bad.write_bytes(b"\xff\xd8 not really a jpeg")
+    out = tmp_path / "m.h5"
+    with pytest.raises(DataError, match=bad.name):
+        _prepare(market, out)
+    assert not out.exists() and not list(tmp_path.glob(".m.h5*"))
+    result = _prepare(market, out, skip_bad=True)
+    assert result.skipped == [f"query/{bad.name}"]
+    assert out.exists()
+
+
+def test_zero_byte_image(market, tmp_path):
+    bad = sorted((market / "bounding_box_test").glob("0*.jpg"))[0]
+    bad.write_bytes(b"")
+    with pytest.raises(DataError, match="0 bytes"):
+        _prepare(market, tmp_path / "m.h5")
+
+
+def test_failed_prepare_keeps_the_previous_file(market, tmp_path):
+    out = tmp_path / "m.h5"
+    _prepare(market, out)
+    before = out.read_bytes()
+    sorted((market / "query").glob("*.jpg"))[0].write_bytes(b"broken")
+    with pytest.raises(DataError):
+        _prepare(market, out)
+    assert out.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda r: [p.unlink() for p in (r / "query").glob("*")], "query split .* has no images"),
+        (lambda r: (r / "bounding_box_train" / "IMG_0001.jpg").write_bytes(b"x"), "IMG_0001.jpg.*naming"),
+        (lambda r: (r / "bounding_box_train").rename(r / "train"), "no 'bounding_box_train'"),
+    ],
+    ids=["empty-split", "bad-name", "wrong-layout"],
+)
+def test_bad_layouts(market, tmp_path, mutate, message):
+    mutate(market)
+    with pytest.raises(DataError, match=message):
+        _prepare(market, tmp_path / "m.h5")
+
+
+def test_missing_and_empty_roots(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        _prepare(tmp_path / "nope", tmp_path / "m.h5")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="is empty"):
+        _prepare(tmp_path / "empty", tmp_path / "m.h5")
+
+
+def test_msmt17_list_layout(tmp_path):
+    root = tmp_path / "MSMT17_V1"
+    lines = {"train": [], "val": [], "query": [], "gallery": []}
+    for split, folder, pid, cam in [("train", "train", 0, 1), ("train", "train", 0, 2), ("val", "train", 1, 3),
+                                    ("query", "test", 5, 1), ("gallery", "test", 5, 2), ("gallery", "test", 6, 4)]:
+        rel = f"{pid:04d}/{pid:04d}_{len(lines[split]):03d}_{cam:02d}_0303morning_0015_0.jpg"
+        (root / folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        buf = io.BytesIO()
+        Image.new("RGB", (20, 40), (pid * 30, 10, 10)).save(buf, format="JPEG")
+        (root / folder / rel).write_bytes(buf.getvalue())
+        lines[split].append(f"{rel} {pid}")
+    for split, ls in lines.items():
+        (root / f"list_{split}.txt").write_text("\n".join(ls) + "\n")
+    out = tmp_path / "msmt.h5"
+    prepare_dataset(PrepareConfig(dataset="msmt17", root=root, out=out, image_size=(32, 16)))
+    _, s = read_dataset(out)
+    assert len(s["train"]) == 3 and list(s["train"].camids) == [0, 1, 2]  # train + val
+    assert list(s["gallery"].pids) == [5, 6] and list(s["gallery"].camids) == [1, 3]
+
+
+def test_cuhk03np_detected_subset(market, tmp_path):
+    root = tmp_path / "cuhk03-np"
+    root.mkdir()
+    market.rename(root / "detected")
+    prepare_dataset(PrepareConfig(dataset="cuhk03np", root=root, out=tmp_path / "c.h5", image_size=(32, 16)))
+    with pytest.raises(DataError, match="labeled"):
+        prepare_dataset(PrepareConfig(dataset="cuhk03np", root=root, out=tmp_path / "d.h5", image_size=(32, 16),
+                                      cuhk03_subset="labeled"))
+
+
+def test_reader_rejects_other_files(tmp_path, market):
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as h5:
+        h5.attrs["format"] = "something.else"
+    with pytest.raises(FormatError, match="not a reidcli dataset"):
+        read_dataset(other)
+    (tmp_path / "trunc.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 20)
+    with pytest.raises(FormatError, match="not a readable HDF5"):
+        read_dataset(tmp_path / "trunc.h5")
+    out = _prepare(market, tmp_path / "m.h5").out
+    with h5py.File(out, "a") as h5:
+        h5.attrs["version"] = 99
+    with pytest.raises(FormatError, match="version 99"):
+        read_dataset(out)
+
+
+def test_cli_prepare_errors_are_one_line_exit_1(tmp_path):
+    r = run_cli("prepare", "market1501", "--root", str(tmp_path / "missing"), "--out", str(tmp_path / "x.h5"))
+    assert r.returncode == 1
+    assert r.stderr.startswith("Error: dataset root") and r.stderr.count("\n") == 1
+    assert "Traceback" not in r.stderr
+    r = run_cli("prepare", "imagenet", "--root", str(tmp_path))
+    assert r.returncode == 1 and "unknown dataset 'imagenet'" in r.stderr
+
+
+def test_cli_synthetic(tmp_path):
+    r = run_cli("prepare", "synthetic", "--root", str(tmp_path / "syn"), "--out", str(tmp_path / "s.h5"), "--ids", "3",
+                "--image-size", "32x16", "--distractors", "1", "--junk", "1", "--images-per-camera", "1", "--json")
+    assert r.returncode == 0, r.stderr
+    assert '"split": "train"' in r.stdout
+    r = run_cli("prepare", "synthetic", "--root", str(tmp_path / "syn"), "--out", str(tmp_path / "t.h5"))
+    assert r.returncode == 1 and "not empty" in r.stderr
