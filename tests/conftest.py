@@ -19,8 +19,10 @@ def tiny_data(tmp_path_factory) -> Path:
     from reidcli.data.synthetic import SyntheticConfig, generate_synthetic
 
     root = tmp_path_factory.mktemp("tiny")
-    generate_synthetic(root / "raw", SyntheticConfig(num_train_ids=12, num_test_ids=12, num_distractors=6,
-                                                     num_junk=3, images_per_camera=2, seed=1))
+    generate_synthetic(
+        root / "raw",
+        SyntheticConfig(num_train_ids=12, num_test_ids=12, num_distractors=6, num_junk=3, images_per_camera=2, seed=1),
+    )
     out = root / "tiny.h5"
     prepare_dataset(PrepareConfig(dataset="synthetic", root=root / "raw", out=out, image_size=(64, 32)))
     return out
@@ -28,5 +30,6 @@ def tiny_data(tmp_path_factory) -> Path:
 
 def run_cli(*args: str, timeout: int = 600, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """The real ``reid`` entry point in a subprocess."""
-    return subprocess.run([sys.executable, "-m", "reidcli", *args], capture_output=True, text=True, timeout=timeout,
-                          cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "reidcli", *args], capture_output=True, text=True, timeout=timeout, cwd=cwd
+    )

@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from reidcli.cli.console import err, out as console, print_json, progress
+from reidcli.cli.console import err, print_json, progress
+from reidcli.cli.console import out as console
 from reidcli.cli.options import DataOpt, DeviceOpt, JsonOpt, parse_list, parse_size
 
 
@@ -34,6 +35,7 @@ def ablate(
     drop_path: Annotated[float, typer.Option(help="Stochastic depth rate.")] = 0.1,
     top_n: Annotated[int, typer.Option(help="Patches for patch-triplet / rp-triplet.")] = 8,
     rp_form: Annotated[str, typer.Option(help="rp-triplet form: stable or raw.")] = "stable",
+    neck_feat: Annotated[str, typer.Option(help="Test feature: before or after the BNNeck.")] = "before",
     perturb: Annotated[float, typer.Option(help="Query misalignment for the robustness column (0: off).")] = 0.1,
     device: DeviceOpt = "auto",
     dry_run: Annotated[bool, typer.Option(help="Print the plan (and which runs are reused) and exit.")] = False,
@@ -63,13 +65,26 @@ def ablate(
     except ValueError:
         raise ConfigError(f"--seeds {seeds!r} must be comma-separated integers, e.g. 0,1,2") from None
     size = parse_size(image_size) if image_size else dataset_image_size(data)
-    mcfg = model_options(pes[0] if pes else "ape", preset, dim, depth, heads, patch_size, stride, size, drop_path,
-                         "before")
-    template = TrainConfig(data=str(data), run_dir="", model=mcfg, loss=LossConfig(top_n=top_n, rp_form=rp_form),
-                           epochs=epochs, batch=batch, k=k, optimizer=optimizer, lr=lr, weight_decay=weight_decay,
-                           warmup_epochs=warmup_epochs, device=device)
-    cfg = AblationConfig(out=str(out), template=template, pes=pes, losses=tuple(parse_list(loss)), seeds=seed_list,
-                         perturb=perturb).validate()
+    mcfg = model_options(
+        pes[0] if pes else "ape", preset, dim, depth, heads, patch_size, stride, size, drop_path, neck_feat
+    )
+    template = TrainConfig(
+        data=str(data),
+        run_dir="",
+        model=mcfg,
+        loss=LossConfig(top_n=top_n, rp_form=rp_form),
+        epochs=epochs,
+        batch=batch,
+        k=k,
+        optimizer=optimizer,
+        lr=lr,
+        weight_decay=weight_decay,
+        warmup_epochs=warmup_epochs,
+        device=device,
+    )
+    cfg = AblationConfig(
+        out=str(out), template=template, pes=pes, losses=tuple(parse_list(loss)), seeds=seed_list, perturb=perturb
+    ).validate()
     if dry_run:
         _print_plan(plan(cfg), json_out)
         return
@@ -112,8 +127,12 @@ def _print_summary(summary: list[dict], out: Path) -> None:
     for c in cols:
         table.add_column(c, justify="left" if c == "variant" else "right")
     for i, r in enumerate(summary):
-        table.add_row(*[f"[bold green]{format_cell(r, c)}[/]" if best.get(c) == i and len(summary) > 1
-                        else format_cell(r, c) for c in cols])
+        table.add_row(
+            *[
+                f"[bold green]{format_cell(r, c)}[/]" if best.get(c) == i and len(summary) > 1 else format_cell(r, c)
+                for c in cols
+            ]
+        )
     console.print(table)
     console.print(f"tables: {out / 'results.csv'}, {out / 'results.md'}; pictures: {out / 'pictures'}")
 

@@ -23,8 +23,14 @@ err = Console(stderr=True, highlight=False)
 def progress(label: str, total: int | None = None) -> Iterator[Callable[[int, int], None]]:
     """Yield ``update(done, total)``; shows a bar with ETA on stderr (nothing when stderr is not a terminal)."""
     with Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TimeRemainingColumn(), console=err, transient=True, disable=not err.is_terminal,
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+        disable=not err.is_terminal,
     ) as bar:
         task = bar.add_task(label, total=total)
 

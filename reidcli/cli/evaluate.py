@@ -13,7 +13,9 @@ from reidcli.cli.options import DeviceOpt, JsonOpt
 
 def evaluate(
     features: Annotated[Path, typer.Argument(help="Features HDF5 with query and gallery groups.")],
-    index: Annotated[Path | None, typer.Option(help="FAISS index from 'reid index' [default: flat, on the fly].")] = None,
+    index: Annotated[
+        Path | None, typer.Option(help="FAISS index from 'reid index' [default: flat, on the fly].")
+    ] = None,
     engine: Annotated[str, typer.Option(help="faiss (ranked lists + exact counting) or torch (all exact).")] = "faiss",
     depth: Annotated[int, typer.Option(help="faiss: ranked-list length.")] = 100,
     max_rank: Annotated[int, typer.Option(help="Longest CMC rank reported.")] = 50,
@@ -46,8 +48,16 @@ def evaluate(
 
     if visualize and out is None:
         raise ConfigError("--visualize needs --out DIR for the pictures")
-    cfg = EvalConfig(engine=engine, depth=depth, max_rank=max_rank, rerank=rerank, k1=k1, k2=k2,
-                     lambda_value=lambda_value, device=device).validate()
+    cfg = EvalConfig(
+        engine=engine,
+        depth=depth,
+        max_rank=max_rank,
+        rerank=rerank,
+        k1=k1,
+        k2=k2,
+        lambda_value=lambda_value,
+        device=device,
+    ).validate()
     attrs, splits = read_features(features)
     built = _load_index(index, splits["gallery"]) if index else None
     result = run_eval(splits["query"], splits["gallery"], cfg, built)
@@ -63,7 +73,9 @@ def evaluate(
         return
     m = result.metrics
     cmc = m.cmc
-    rows = [("mAP", m.mAP), ("mINP", m.mINP), ("random-ranking mAP", m.chance_mAP)] + [(f"Rank-{r}", cmc[r - 1]) for r in (1, 5, 10, 20) if r <= len(cmc)]
+    rows = [("mAP", m.mAP), ("mINP", m.mINP), ("random-ranking mAP", m.chance_mAP)] + [
+        (f"Rank-{r}", cmc[r - 1]) for r in (1, 5, 10, 20) if r <= len(cmc)
+    ]
     rows += [("valid queries", f"{m.num_valid_queries}/{m.num_queries}"), ("seconds", round(result.seconds, 4))]
     title = f"{features.name}: {result.engine} on {result.device}" + (" (approximate)" if m.approximate else "")
     print_table(title, ["metric", "value"], rows)

@@ -32,8 +32,16 @@ def extract(
     """
     from reidcli.engine.extract import ExtractConfig, extract_features
 
-    cfg = ExtractConfig(run=str(run), data=str(data), out=str(out), splits=tuple(parse_list(splits)), batch=batch,
-                        flip=flip, dtype=dtype, device=device).validate()
+    cfg = ExtractConfig(
+        run=str(run),
+        data=str(data),
+        out=str(out),
+        splits=tuple(parse_list(splits)),
+        batch=batch,
+        flip=flip,
+        dtype=dtype,
+        device=device,
+    ).validate()
     with err.status(f"embedding {', '.join(cfg.splits)}"):
         counts = extract_features(cfg)
     if json_out:

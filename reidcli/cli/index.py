@@ -41,8 +41,13 @@ def index(
         built = build_index(s.feats, cfg)
     save_index(built, out, index_meta(cfg, str(features), split, s.feats, s.pids))
     reloaded, meta = load_index(out, s.feats, s.pids)  # the reload check
-    info = {"out": str(out), "kind": kind, "ntotal": int(reloaded.ntotal), "dim": int(reloaded.d),
-            "exact": meta["exact"]}
+    info = {
+        "out": str(out),
+        "kind": kind,
+        "ntotal": int(reloaded.ntotal),
+        "dim": int(reloaded.d),
+        "exact": meta["exact"],
+    }
     if json_out:
         print_json(info)
         return

@@ -45,8 +45,9 @@ def prepare(
     out = out or Path("data") / f"{dataset}.h5"
     if dataset == "synthetic":
         _generate(root, seed, ids, cameras, images_per_camera, difficulty, distractors, junk)
-    cfg = PrepareConfig(dataset=dataset, root=root, out=out, image_size=size, skip_bad=skip_bad,
-                        cuhk03_subset=cuhk03_subset)
+    cfg = PrepareConfig(
+        dataset=dataset, root=root, out=out, image_size=size, skip_bad=skip_bad, cuhk03_subset=cuhk03_subset
+    )
     with progress(f"prepare {dataset}") as update:
         result = prepare_dataset(cfg, update)
     if json_out:
@@ -63,9 +64,16 @@ def _generate(root: Path, seed, ids, cameras, images_per_camera, difficulty, dis
 
     if root.exists() and any(root.iterdir()):
         raise DataError(f"{root} is not empty; synthetic data is written into an empty or new folder")
-    cfg = SyntheticConfig(num_train_ids=ids, num_test_ids=ids, num_cameras=cameras,
-                          images_per_camera=images_per_camera, difficulty=difficulty, num_distractors=distractors,
-                          num_junk=junk, seed=seed)
+    cfg = SyntheticConfig(
+        num_train_ids=ids,
+        num_test_ids=ids,
+        num_cameras=cameras,
+        images_per_camera=images_per_camera,
+        difficulty=difficulty,
+        num_distractors=distractors,
+        num_junk=junk,
+        seed=seed,
+    )
     cfg.validate()
     partial = root.with_name(f".{root.name}.partial")  # renamed into place only when complete
     shutil.rmtree(partial, ignore_errors=True)

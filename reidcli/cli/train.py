@@ -15,15 +15,29 @@ LossOpt = Annotated[str, typer.Option(help="'+'-joined losses: ce, triplet, patc
 
 
 def model_options(
-    pe: str, preset: str | None, dim: int | None, depth: int | None, heads: int | None, patch_size: int,
-    stride: int | None, image_size: tuple[int, int], drop_path: float, neck_feat: str,
+    pe: str,
+    preset: str | None,
+    dim: int | None,
+    depth: int | None,
+    heads: int | None,
+    patch_size: int,
+    stride: int | None,
+    image_size: tuple[int, int],
+    drop_path: float,
+    neck_feat: str,
 ):
     from reidcli.model.vit import ModelConfig
 
     base = ModelConfig.from_preset(preset) if preset else ModelConfig()
     return ModelConfig(
-        pe=pe, image_size=image_size, patch_size=patch_size, stride=stride or patch_size,
-        dim=dim or base.dim, depth=depth or base.depth, heads=heads or base.heads, drop_path=drop_path,
+        pe=pe,
+        image_size=image_size,
+        patch_size=patch_size,
+        stride=stride or patch_size,
+        dim=dim or base.dim,
+        depth=depth or base.depth,
+        heads=heads or base.heads,
+        drop_path=drop_path,
         neck_feat=neck_feat,
     ).validate()
 
@@ -91,12 +105,31 @@ def train(
         _print_model(mcfg, json_out)
         return
     cfg = TrainConfig(
-        data=str(data), run_dir=str(out), model=mcfg,
-        loss=LossConfig(spec=loss, label_smoothing=label_smoothing, margin=margin, top_n=top_n, rp_form=rp_form,
-                        rp_weight=rp_weight, patch_weight=patch_weight),
-        epochs=epochs, batch=batch, k=k, optimizer=optimizer, lr=lr, weight_decay=weight_decay,
-        warmup_epochs=warmup_epochs, seed=seed, device=device, compile=compile_,
-        init=str(init) if init else None, pretrained=pretrained, eval_every=eval_every,
+        data=str(data),
+        run_dir=str(out),
+        model=mcfg,
+        loss=LossConfig(
+            spec=loss,
+            label_smoothing=label_smoothing,
+            margin=margin,
+            top_n=top_n,
+            rp_form=rp_form,
+            rp_weight=rp_weight,
+            patch_weight=patch_weight,
+        ),
+        epochs=epochs,
+        batch=batch,
+        k=k,
+        optimizer=optimizer,
+        lr=lr,
+        weight_decay=weight_decay,
+        warmup_epochs=warmup_epochs,
+        seed=seed,
+        device=device,
+        compile=compile_,
+        init=str(init) if init else None,
+        pretrained=pretrained,
+        eval_every=eval_every,
     ).validate()
     result = run_training(cfg, resume)
     last = result.metrics[-1] if result.metrics else {}
@@ -112,9 +145,12 @@ def run_training(cfg, resume: bool):
     from reidcli.engine.train import train as train_run
 
     with progress("train") as update:
+
         def on_epoch(row: dict) -> None:
-            err.log(f"epoch {row['epoch']}/{cfg.epochs}  loss {row['loss']:.4f}  {row['images_per_s']:.0f} img/s"
-                    + (f"  mAP {row['eval_mAP']:.4f}" if "eval_mAP" in row else ""))
+            err.log(
+                f"epoch {row['epoch']}/{cfg.epochs}  loss {row['loss']:.4f}  {row['images_per_s']:.0f} img/s"
+                + (f"  mAP {row['eval_mAP']:.4f}" if "eval_mAP" in row else "")
+            )
 
         return train_run(cfg, resume=resume, on_epoch=on_epoch, on_step=update)
 
@@ -126,10 +162,16 @@ def _print_model(mcfg, json_out: bool) -> None:
     if json_out:
         print_json({"model": mcfg.to_dict(), **report})
         return
-    rows = [("total", report["total"], "100%"), ("APE", report["ape"], f"{report['ape'] / report['total']:.3%}"),
-            ("RPE", report["rpe"], f"{report['rpe'] / report['total']:.3%}")]
-    print_table(f"{mcfg.pe} ViT, {mcfg.depth}×{mcfg.dim}, {mcfg.heads} heads, grid {report['grid']}",
-                ["parameters", "count", "share"], rows)
+    rows = [
+        ("total", report["total"], "100%"),
+        ("APE", report["ape"], f"{report['ape'] / report['total']:.3%}"),
+        ("RPE", report["rpe"], f"{report['rpe'] / report['total']:.3%}"),
+    ]
+    print_table(
+        f"{mcfg.pe} ViT, {mcfg.depth}×{mcfg.dim}, {mcfg.heads} heads, grid {report['grid']}",
+        ["parameters", "count", "share"],
+        rows,
+    )
 
 
 def register(app: typer.Typer) -> None:

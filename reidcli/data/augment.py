@@ -59,4 +59,3 @@ def augment_batch(images: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator
         mask = inside_y[:, :, None] & inside_x[:, None, :] & (r[:, 7] < cfg.erase)[:, None, None]
         x = x.masked_fill(mask[:, None], 0.0)
     return x
-

@@ -49,12 +49,11 @@ def _find_prefix(files: list[str], marker: str, source: Source, hint: str) -> st
 def _market_style(source: Source, files: list[str], subset: str = "") -> dict[str, list[Record]]:
     hint = "the Market-1501 layout: bounding_box_train/, query/, bounding_box_test/"
     prefix = _find_prefix(files, "bounding_box_train", source, hint)
-    if subset:
-        if not prefix.endswith(subset):
-            candidates = [f for f in files if f"/{subset}/bounding_box_train/" in f"/{f}"]
-            if not candidates:
-                raise DataError(f"no '{subset}/bounding_box_train' under {source.label}; expected {hint} in {subset}/")
-            prefix = _find_prefix(candidates, "bounding_box_train", source, hint)
+    if subset and not prefix.endswith(subset):
+        candidates = [f for f in files if f"/{subset}/bounding_box_train/" in f"/{f}"]
+        if not candidates:
+            raise DataError(f"no '{subset}/bounding_box_train' under {source.label}; expected {hint} in {subset}/")
+        prefix = _find_prefix(candidates, "bounding_box_train", source, hint)
     out: dict[str, list[Record]] = {}
     for split, folder in _MARKET_FOLDERS.items():
         base = f"{prefix}/{folder}/" if prefix else f"{folder}/"

@@ -68,7 +68,10 @@ def decode_image(data: bytes, size: tuple[int, int], name: str) -> np.ndarray:
 
 
 def _decode_all(
-    source: Source, records: list[Record], cfg: PrepareConfig, pool: ThreadPoolExecutor,
+    source: Source,
+    records: list[Record],
+    cfg: PrepareConfig,
+    pool: ThreadPoolExecutor,
     on_image: Callable[[], None] | None,
 ) -> tuple[np.ndarray, list[Record], list[str]]:
     """Decode ``records``; return the images, the records kept and the paths skipped."""
@@ -85,8 +88,8 @@ def _decode_all(
                 on_image()
 
     arrays = list(pool.map(load, records))
-    kept = [r for r, a in zip(records, arrays) if a is not None]
-    skipped = [r.path for r, a in zip(records, arrays) if a is None]
+    kept = [r for r, a in zip(records, arrays, strict=False) if a is not None]
+    skipped = [r.path for r, a in zip(records, arrays, strict=False) if a is None]
     if not kept:
         raise DataError(f"no readable image left in a split of {source.label}; check the dataset")
     return np.stack([a for a in arrays if a is not None]), kept, skipped
@@ -107,19 +110,24 @@ def prepare_dataset(cfg: PrepareConfig, on_progress: Callable[[int, int], None] 
             on_progress(done, total)
 
     rows, skipped = [], []
-    with ThreadPoolExecutor(cfg.workers) as pool, write_dataset(
-        cfg.out, cfg.dataset, cfg.image_size, source=str(cfg.root)
-    ) as writer:
+    with (
+        ThreadPoolExecutor(cfg.workers) as pool,
+        write_dataset(cfg.out, cfg.dataset, cfg.image_size, source=str(cfg.root)) as writer,
+    ):
         for split in SPLITS:
             images, kept, bad = _decode_all(source, splits[split], cfg, pool, tick)
             pids = np.array([r.pid for r in kept], dtype=np.int64)
             camids = np.array([r.camid for r in kept], dtype=np.int64)
             writer.add_split(split, pids, camids, [r.path for r in kept])[...] = images
             skipped += bad
-            rows.append({
-                "split": split, "images": len(kept), "ids": int(len(np.unique(pids))),
-                "cameras": int(len(np.unique(camids))),
-            })
+            rows.append(
+                {
+                    "split": split,
+                    "images": len(kept),
+                    "ids": int(len(np.unique(pids))),
+                    "cameras": int(len(np.unique(camids))),
+                }
+            )
     if skipped:
         log.warning("skipped %d unreadable image(s), e.g. %s", len(skipped), skipped[0])
     return PrepareResult(out=cfg.out, rows=rows, skipped=skipped)

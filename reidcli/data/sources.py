@@ -49,7 +49,9 @@ class ZipSource:
                 raise DataError(f"{path} holds an unsafe member name {name!r} (absolute or with '..'); refusing it")
         nested = [n for n in names if n.lower().endswith(".zip")]
         if nested and len(nested) == len(names):
-            raise DataError(f"{path} only holds other zip archives ({nested[0]}…): unzip it once and pass the inner zip")
+            raise DataError(
+                f"{path} only holds other zip archives ({nested[0]}…): unzip it once and pass the inner zip"
+            )
         self._names = sorted(names)
 
     def files(self) -> list[str]:
@@ -62,7 +64,9 @@ class ZipSource:
 def open_source(root: str | Path) -> Source:
     root = Path(root)
     if not root.exists():
-        raise DataError(f"dataset root {root} does not exist; pass the extracted dataset folder (or its zip) with --root")
+        raise DataError(
+            f"dataset root {root} does not exist; pass the extracted dataset folder (or its zip) with --root"
+        )
     if root.is_file():
         if zipfile.is_zipfile(root):
             return ZipSource(root)

@@ -75,7 +75,9 @@ def _open_checked(path: str | Path) -> h5py.File:
         raise FormatError(f"{path} is not a reidcli dataset file (format={fmt!r}); create one with 'reid prepare'")
     if ver != DATASET_VERSION:
         h5.close()
-        raise FormatError(f"{path} has dataset format version {ver}, this reidcli reads {DATASET_VERSION}; re-prepare it")
+        raise FormatError(
+            f"{path} has dataset format version {ver}, this reidcli reads {DATASET_VERSION}; re-prepare it"
+        )
     return h5
 
 
@@ -93,7 +95,9 @@ def _check_split(path, split: str, g: h5py.Group, image_size: tuple[int, int]) -
 
 
 def read_dataset(
-    path: str | Path, splits: tuple[str, ...] = ("train", "query", "gallery"), images: bool = True,
+    path: str | Path,
+    splits: tuple[str, ...] = ("train", "query", "gallery"),
+    images: bool = True,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> tuple[dict, dict[str, DatasetSplit]]:
     """Attributes and the requested splits, fully in memory (images optional, for metadata-only readers)."""
@@ -114,7 +118,9 @@ def read_dataset(
                     if on_progress:
                         on_progress(min(i + step, n), n)
             out[split] = DatasetSplit(
-                images=imgs, pids=g["pids"][:].astype(np.int64), camids=g["camids"][:].astype(np.int64),
+                images=imgs,
+                pids=g["pids"][:].astype(np.int64),
+                camids=g["camids"][:].astype(np.int64),
                 paths=[p.decode() if isinstance(p, bytes) else p for p in g["paths"][:]],
             )
     return attrs, out

@@ -207,7 +207,9 @@ def draw_person(ident: Identity, rng: np.random.Generator, style: dict, difficul
             hair &= ~_ellipse(yy, xx, head_cy + 1, cx, head_r * 0.8, head_r * 0.6)
     parts.append((hair, ident.hair))
     if ident.hat:
-        parts.append((_box(yy, xx, top - 2, head_cy - head_r * 0.2, cx - head_r * 1.2, cx + head_r * 1.2), ident.accent))
+        parts.append(
+            (_box(yy, xx, top - 2, head_cy - head_r * 0.2, cx - head_r * 1.2, cx + head_r * 1.2), ident.accent)
+        )
 
     for mask, colour in parts:
         img[mask] = colour
@@ -279,7 +281,13 @@ def generate_synthetic(root: str | Path, cfg: SyntheticConfig) -> dict[str, int]
         is_test = pid > cfg.num_train_ids
         for cam in cams:
             for k in range(cfg.images_per_camera):
-                put("bounding_box_test" if is_test else "bounding_box_train", pid, cam, k, _image(cfg, pid, cam, k, ident))
+                put(
+                    "bounding_box_test" if is_test else "bounding_box_train",
+                    pid,
+                    cam,
+                    k,
+                    _image(cfg, pid, cam, k, ident),
+                )
             if is_test and cam != cams[-1]:
                 k = cfg.images_per_camera
                 put("query", pid, cam, k, _image(cfg, pid, cam, k, ident))

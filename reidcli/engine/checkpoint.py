@@ -36,8 +36,9 @@ def load_checkpoint(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
-        raise FormatError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); "
-                          "delete it to start over, or restore it") from e
+        raise FormatError(
+            f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); delete it to start over, or restore it"
+        ) from e
 
 
 def save_weights(path: Path, model: torch.nn.Module, metadata: dict) -> None:
@@ -78,8 +79,10 @@ def load_run_model(run: str | Path, device: torch.device | str = "cpu"):
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        raise FormatError(f"weights in {source} do not fit the model in config.json ({str(e).splitlines()[0]}); "
-                          "the run folder is inconsistent") from e
+        raise FormatError(
+            f"weights in {source} do not fit the model in config.json ({str(e).splitlines()[0]}); "
+            "the run folder is inconsistent"
+        ) from e
     return model.to(device).eval(), config, source
 
 

@@ -42,8 +42,14 @@ class ExtractConfig:
 
 
 @torch.no_grad()
-def embed_images(model, images: np.ndarray, device: torch.device, batch: int = 256, flip: bool = True,
-                 on_batch: Callable[[int], None] | None = None) -> np.ndarray:
+def embed_images(
+    model,
+    images: np.ndarray,
+    device: torch.device,
+    batch: int = 256,
+    flip: bool = True,
+    on_batch: Callable[[int], None] | None = None,
+) -> np.ndarray:
     """uint8 (N, H, W, 3) → float32 (N, D) L2-normalised features, row i for image i."""
     model.eval()
     autocast = device.type == "cuda"
@@ -57,13 +63,22 @@ def embed_images(model, images: np.ndarray, device: torch.device, batch: int = 2
     return torch.cat(out).numpy()
 
 
-def embed_dataset(model, data: str | Path, splits: tuple[str, ...], device: torch.device, batch: int = 256,
-                  flip: bool = True, on_batch: Callable[[int], None] | None = None) -> dict[str, FeatureSplit]:
+def embed_dataset(
+    model,
+    data: str | Path,
+    splits: tuple[str, ...],
+    device: torch.device,
+    batch: int = 256,
+    flip: bool = True,
+    on_batch: Callable[[int], None] | None = None,
+) -> dict[str, FeatureSplit]:
     attrs, parts = read_dataset(data, splits)
     size = tuple(attrs["image_size"])
     if tuple(model.cfg.image_size) != size:
-        raise ConfigError(f"the dataset images are {size[0]}x{size[1]} but the model was trained on "
-                          f"{model.cfg.image_size[0]}x{model.cfg.image_size[1]}; prepare the data at that size")
+        raise ConfigError(
+            f"the dataset images are {size[0]}x{size[1]} but the model was trained on "
+            f"{model.cfg.image_size[0]}x{model.cfg.image_size[1]}; prepare the data at that size"
+        )
     return {
         s: FeatureSplit(embed_images(model, p.images, device, batch, flip, on_batch), p.pids, p.camids, p.paths)
         for s, p in parts.items()
@@ -79,8 +94,12 @@ def extract_features(cfg: ExtractConfig, on_batch: Callable[[int], None] | None 
     dtype = np.float16 if cfg.dtype == "float16" else np.float32
     feats = {s: FeatureSplit(f.feats.astype(dtype), f.pids, f.camids, f.paths) for s, f in feats.items()}
     provenance = {
-        "model_config": config["model"], "checkpoint": str(source), "checkpoint_sha256": sha256_file(source),
-        "dataset": str(config.get("dataset", "")), "dataset_file": str(cfg.data), "flip": int(cfg.flip),
+        "model_config": config["model"],
+        "checkpoint": str(source),
+        "checkpoint_sha256": sha256_file(source),
+        "dataset": str(config.get("dataset", "")),
+        "dataset_file": str(cfg.data),
+        "flip": int(cfg.flip),
         "run": str(RunFiles(cfg.run).root),
     }
     write_features(cfg.out, feats, provenance)

@@ -158,8 +158,10 @@ def _restore(state: _State, files: RunFiles) -> None:
     try:
         state.model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
-        raise ConfigError(f"{files.checkpoint} was trained with other model options ({str(e).splitlines()[0]}); "
-                          "resume with the run's own options or start a new run folder") from e
+        raise ConfigError(
+            f"{files.checkpoint} was trained with other model options ({str(e).splitlines()[0]}); "
+            "resume with the run's own options or start a new run folder"
+        ) from e
     state.opt.load_state_dict(ckpt["optimizer"])
     state.gen.set_state(ckpt["generator"])
     torch.set_rng_state(ckpt["torch_rng"])
@@ -174,15 +176,23 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def _save(state: _State, files: RunFiles) -> None:
-    save_checkpoint(files.checkpoint, {
-        "model": state.model.state_dict(), "optimizer": state.opt.state_dict(), "generator": state.gen.get_state(),
-        "torch_rng": torch.get_rng_state(), "epoch": state.epoch,
-    })
+    save_checkpoint(
+        files.checkpoint,
+        {
+            "model": state.model.state_dict(),
+            "optimizer": state.opt.state_dict(),
+            "generator": state.gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "epoch": state.epoch,
+        },
+    )
     write_metrics(files.metrics, state.metrics)
 
 
 def train(
-    cfg: TrainConfig, resume: bool = False, on_epoch: Callable[[dict], None] | None = None,
+    cfg: TrainConfig,
+    resume: bool = False,
+    on_epoch: Callable[[dict], None] | None = None,
     on_step: Callable[[int, int], None] | None = None,
 ) -> TrainResult:
     """Train into ``cfg.run_dir``; with ``resume`` continue from its checkpoint on the same trajectory."""
@@ -195,16 +205,25 @@ def train(
     train_split = splits["train"]
     image_size = tuple(attrs["image_size"])
     if tuple(cfg.model.image_size) != image_size:
-        raise ConfigError(f"the dataset images are {image_size[0]}x{image_size[1]} but the model expects "
-                          f"{cfg.model.image_size[0]}x{cfg.model.image_size[1]}; pass --image-size to match")
+        raise ConfigError(
+            f"the dataset images are {image_size[0]}x{image_size[1]} but the model expects "
+            f"{cfg.model.image_size[0]}x{cfg.model.image_size[1]}; pass --image-size to match"
+        )
     pids, labels = np.unique(train_split.pids, return_inverse=True)
     sampler = PKSampler(labels, cfg.batch // cfg.k, cfg.k)
     state = _build(cfg, len(pids), device)
     if resume and files.checkpoint.exists():
         _restore(state, files)
     files.root.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(files.config, {**cfg.to_dict(), "model": {**cfg.model.to_dict(), "num_classes": len(pids)},
-                                     "dataset": attrs.get("name"), "num_train_ids": int(len(pids))})
+    write_json_atomic(
+        files.config,
+        {
+            **cfg.to_dict(),
+            "model": {**cfg.model.to_dict(), "num_classes": len(pids)},
+            "dataset": attrs.get("name"),
+            "num_train_ids": int(len(pids)),
+        },
+    )
     images = torch.from_numpy(train_split.images).to(device)  # uint8 (N, H, W, 3), resident for the whole run
     targets = torch.from_numpy(labels).to(device)
     step_fn = _make_step(state, cfg, device)
@@ -262,8 +281,13 @@ def _run_epoch(state: _State, cfg, sampler, images, targets, step_fn, on_step) -
         if on_step:
             on_step(i + 1, n)
     seconds = time.perf_counter() - t0
-    row = {"epoch": state.epoch + 1, "lr": lr, "seconds": seconds, "images_per_s": n * len(batches[0]) / seconds,
-           "grad_norm_max": float(grad_max)}
+    row = {
+        "epoch": state.epoch + 1,
+        "lr": lr,
+        "seconds": seconds,
+        "images_per_s": n * len(batches[0]) / seconds,
+        "grad_norm_max": float(grad_max),
+    }
     row.update({f"loss_{k}": float(v) / n for k, v in sums.items()})
     row["loss"] = sum(float(v) for v in sums.values()) / n
     row.update(_position_norms(state.model))
@@ -273,11 +297,15 @@ def _run_epoch(state: _State, cfg, sampler, images, targets, step_fn, on_step) -
 def _check_finite(sums: dict[str, torch.Tensor], grad_max: torch.Tensor, cfg: TrainConfig, epoch: int) -> None:
     for name, v in sums.items():
         if not bool(torch.isfinite(v)):
-            raise TrainingError(f"loss component '{name}' became non-finite in epoch {epoch + 1}; training stopped, "
-                                "the last good checkpoint is kept (lower --lr, or use --rp-form stable)")
+            raise TrainingError(
+                f"loss component '{name}' became non-finite in epoch {epoch + 1}; training stopped, "
+                "the last good checkpoint is kept (lower --lr, or use --rp-form stable)"
+            )
     if not bool(torch.isfinite(grad_max)) or float(grad_max) > cfg.max_grad_norm:
-        raise TrainingError(f"gradient norm exploded ({float(grad_max):.3g} > {cfg.max_grad_norm:g}) in epoch "
-                            f"{epoch + 1}; training stopped, the last good checkpoint is kept (lower --lr)")
+        raise TrainingError(
+            f"gradient norm exploded ({float(grad_max):.3g} > {cfg.max_grad_norm:g}) in epoch "
+            f"{epoch + 1}; training stopped, the last good checkpoint is kept (lower --lr)"
+        )
 
 
 def _position_norms(model: ViTReID) -> dict[str, float]:
@@ -285,8 +313,9 @@ def _position_norms(model: ViTReID) -> dict[str, float]:
     if model.pos is not None and model.cfg.pe != "sincos":
         out["ape_norm"] = float(model.pos.pos_embed.detach().norm())
     if model.rel_pos is not None:
-        out["rpe_norm"] = float(torch.stack([r.relative_position_bias_table.detach().norm() for r in model.rel_pos])
-                                .norm())
+        out["rpe_norm"] = float(
+            torch.stack([r.relative_position_bias_table.detach().norm() for r in model.rel_pos]).norm()
+        )
     return out
 
 

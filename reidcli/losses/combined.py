@@ -21,8 +21,10 @@ def parse_loss_spec(spec: str) -> tuple[str, ...]:
     names = [s.strip() for s in spec.split("+") if s.strip()]
     unknown = [n for n in names if n not in LOSS_NAMES]
     if unknown or not names:
-        raise ConfigError(f"unknown loss {unknown[0] if unknown else spec!r}; use a '+'-joined list of "
-                          f"{', '.join(LOSS_NAMES)} (e.g. ce+triplet+rp-triplet)")
+        raise ConfigError(
+            f"unknown loss {unknown[0] if unknown else spec!r}; use a '+'-joined list of "
+            f"{', '.join(LOSS_NAMES)} (e.g. ce+triplet+rp-triplet)"
+        )
     if all(n in ("patch-triplet", "rp-triplet") for n in names):
         names = ["ce", "triplet", *names]
     return tuple(n for n in LOSS_NAMES if n in names)

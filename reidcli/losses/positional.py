@@ -42,7 +42,9 @@ def relation_vectors(model, cls_feat: torch.Tensor, tokens: torch.Tensor, n: int
     return model.positional_relation(idx[:, i], idx[:, j])
 
 
-def rp_triplet(relations: torch.Tensor, labels: torch.Tensor, form: Literal["raw", "stable"] = "stable") -> torch.Tensor:
+def rp_triplet(
+    relations: torch.Tensor, labels: torch.Tensor, form: Literal["raw", "stable"] = "stable"
+) -> torch.Tensor:
     """Batch-hard triplet on relation vectors: ``raw`` as in the seed (unbounded vectors, soft margin),
     ``stable`` on L2-normalised vectors with a soft margin."""
     if form == "raw":

@@ -17,9 +17,11 @@ def pairwise_distance(x: torch.Tensor) -> torch.Tensor:
 
 
 def hardest_pairs(dist: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each anchor: its farthest positive and nearest negative distance, (B,) each."""
+    """For each anchor: its farthest positive (itself excluded) and nearest negative distance, (B,) each;
+    −inf / +inf where it has none."""
     same = labels[:, None] == labels[None, :]
-    d_ap = dist.masked_fill(~same, float("-inf")).amax(1)
+    self_pair = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+    d_ap = dist.masked_fill(~same | self_pair, float("-inf")).amax(1)
     d_an = dist.masked_fill(same, float("inf")).amin(1)
     return d_ap, d_an
 

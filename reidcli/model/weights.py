@@ -100,8 +100,10 @@ def load_init_weights(
     usable = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
     mismatched = sorted(k for k in state if k in own and state[k].shape != own[k].shape)
     if mismatched:
-        raise FormatError(f"weights of another shape for {mismatched[0]} (and {len(mismatched) - 1} more); "
-                          "match --dim/--depth/--heads/--patch-size to the checkpoint")
+        raise FormatError(
+            f"weights of another shape for {mismatched[0]} (and {len(mismatched) - 1} more); "
+            "match --dim/--depth/--heads/--patch-size to the checkpoint"
+        )
     if not usable:
         raise FormatError("none of the weights match this model; is it a ViT of the same width and depth?")
     result = model.load_state_dict(usable, strict=False)

@@ -23,8 +23,20 @@ from reidcli.fileio import write_json_atomic
 __all__ = ["AblationConfig", "Variant", "plan", "run_ablation", "summarize_runs", "COLUMNS"]
 
 log = logging.getLogger(__name__)
-COLUMNS = ["variant", "mAP", "Rank-1", "Rank-5", "Rank-10", "mINP", "mAP shifted", "PE params", "PE share",
-           "train img/s", "final loss", "runs"]
+COLUMNS = [
+    "variant",
+    "mAP",
+    "Rank-1",
+    "Rank-5",
+    "Rank-10",
+    "mINP",
+    "mAP shifted",
+    "PE params",
+    "PE share",
+    "train img/s",
+    "final loss",
+    "runs",
+]
 
 
 @dataclass(frozen=True)
@@ -75,8 +87,13 @@ def plan(cfg: AblationConfig) -> list[Variant]:
     for loss in cfg.losses:
         for pe in cfg.pes:
             for seed in cfg.seeds:
-                t = replace(cfg.template, model=replace(cfg.template.model, pe=pe), seed=seed,
-                            loss=replace(cfg.template.loss, spec=loss), run_dir="")
+                t = replace(
+                    cfg.template,
+                    model=replace(cfg.template.model, pe=pe),
+                    seed=seed,
+                    loss=replace(cfg.template.loss, spec=loss),
+                    run_dir="",
+                )
                 name = f"{pe}__{loss.replace('+', '-')}__s{seed}__{_config_hash(t)}"
                 out.append(Variant(pe, loss, seed, replace(t, run_dir=str(Path(cfg.out) / "runs" / name))))
     return out
@@ -100,14 +117,30 @@ def _run_variant(v: Variant, cfg: AblationConfig, on_step) -> dict:
     model, _, _ = load_run_model(v.run_dir, device)
     feats = embed_dataset(model, v.train.data, ("query", "gallery"), device, flip=cfg.flip)
     metrics = evaluate(feats["query"], feats["gallery"], EvalConfig(engine="torch", device=str(device))).metrics
-    row = {"pe": v.pe, "loss": v.loss, "seed": v.seed, "run": str(v.run_dir), "mAP": metrics.mAP,
-           "Rank-1": metrics.cmc[0], "Rank-5": metrics.cmc[4], "Rank-10": metrics.cmc[9], "mINP": metrics.mINP}
+    row = {
+        "pe": v.pe,
+        "loss": v.loss,
+        "seed": v.seed,
+        "run": str(v.run_dir),
+        "mAP": metrics.mAP,
+        "Rank-1": metrics.cmc[0],
+        "Rank-5": metrics.cmc[4],
+        "Rank-10": metrics.cmc[9],
+        "mINP": metrics.mINP,
+    }
     if cfg.perturb > 0:
         row["mAP shifted"] = _shifted_map(model, v, cfg, feats["gallery"], device)
     params = parameter_report(model)
     last = result.metrics[-1]
-    row.update({"PE params": params["pe"], "PE share": params["pe_share"], "total params": params["total"],
-                "train img/s": float(np.mean([m["images_per_s"] for m in result.metrics])), "final loss": last["loss"]})
+    row.update(
+        {
+            "PE params": params["pe"],
+            "PE share": params["pe_share"],
+            "total params": params["total"],
+            "train img/s": float(np.mean([m["images_per_s"] for m in result.metrics])),
+            "final loss": last["loss"],
+        }
+    )
     write_json_atomic(cached, row)
     files.done.write_text(_config_hash(v.train) + "\n")
     return row
@@ -149,7 +182,8 @@ def summarize_runs(rows: list[dict]) -> list[dict]:
 
 
 def run_ablation(
-    cfg: AblationConfig, on_variant: Callable[[int, int, Variant], None] | None = None,
+    cfg: AblationConfig,
+    on_variant: Callable[[int, int, Variant], None] | None = None,
     on_step: Callable[[int, int], None] | None = None,
 ) -> list[dict]:
     """Run (or reuse) every variant; write results.csv, results.md and the pictures; return the summary rows."""

@@ -64,11 +64,11 @@ def plot_relation_vectors(model, data: str, path: Path, top_n: int, title: str =
     rel = relation_vectors(model, out.feat, out.tokens, top_n).numpy()
     plt = _plt()
     fig, axes = plt.subplots(1, 4, figsize=(14, 3), gridspec_kw={"width_ratios": [1, 1, 1, 5]})
-    for ax, i, name in zip(axes[:3], idx, ("anchor", "positive", "negative")):
+    for ax, i, name in zip(axes[:3], idx, ("anchor", "positive", "negative"), strict=False):
         ax.imshow(tr.images[i])
         ax.set_title(f"{name} (pid {tr.pids[i]})", fontsize=8)
         ax.axis("off")
-    for r, name in zip(rel, ("anchor", "positive", "negative")):
+    for r, name in zip(rel, ("anchor", "positive", "negative"), strict=False):
         axes[3].plot(r, marker=".", label=name)
     axes[3].set(title=f"positional relation of the top-{top_n} patch pairs", xlabel="pair (rank order)")
     axes[3].legend(fontsize=8)
@@ -77,11 +77,11 @@ def plot_relation_vectors(model, data: str, path: Path, top_n: int, title: str =
 
 
 def _ranked(model, variant, path: Path) -> None:
-    from reidcli.engine.extract import embed_dataset
-    from reidcli.report.ranked import list_status
-    from reidcli.report.plots import plot_ranked_lists
-    from reidcli.retrieval.evaluate import ranked_lists
     from reidcli.data.store import read_dataset
+    from reidcli.engine.extract import embed_dataset
+    from reidcli.report.plots import plot_ranked_lists
+    from reidcli.report.ranked import list_status
+    from reidcli.retrieval.evaluate import ranked_lists
 
     feats = embed_dataset(model, variant.train.data, ("query", "gallery"), torch.device("cpu"))
     q, g = feats["query"], feats["gallery"]
@@ -90,5 +90,11 @@ def _ranked(model, variant, path: Path) -> None:
 
     lists = ranked_lists(FeatureSplit(q.feats[rows], q.pids[rows], q.camids[rows]), g, 8, "cpu")
     _, parts = read_dataset(variant.train.data, ("query", "gallery"))
-    plot_ranked_lists(parts["query"].images[rows], parts["gallery"].images, lists, list_status(lists, q, g, rows), path,
-                      title=variant.label)
+    plot_ranked_lists(
+        parts["query"].images[rows],
+        parts["gallery"].images,
+        lists,
+        list_status(lists, q, g, rows),
+        path,
+        title=variant.label,
+    )

@@ -40,7 +40,7 @@ def plot_training_curves(metrics: list[dict], path: str | Path, title: str = "")
     axes[0].legend(fontsize=8)
     axes[1].plot(epochs, [m["lr"] for m in metrics])
     axes[1].set(title="learning rate", xlabel="epoch")
-    for ax, k in zip(axes[2:], extra):
+    for ax, k in zip(axes[2:], extra, strict=False):
         ax.plot(epochs, [m.get(k, np.nan) for m in metrics], marker="o" if k == "eval_mAP" else None)
         ax.set(title=k, xlabel="epoch")
     fig.suptitle(title)

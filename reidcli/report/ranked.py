@@ -31,4 +31,6 @@ def write_ranked_lists(path: Path, query: FeatureSplit, gallery: FeatureSplit, d
     sub = FeatureSplit(query.feats[rows], query.pids[rows], query.camids[rows])
     lists = ranked_lists(sub, gallery, top_k)
     status = list_status(lists, query, gallery, rows)
-    plot_ranked_lists(q_img.images[rows], g_img.images, lists, status, path, title=f"top-{top_k} of {len(rows)} queries")
+    plot_ranked_lists(
+        q_img.images[rows], g_img.images, lists, status, path, title=f"top-{top_k} of {len(rows)} queries"
+    )

@@ -54,8 +54,11 @@ class EvalOutput:
 
 
 def _tensors(s: FeatureSplit, dev: torch.device):
-    return (torch.from_numpy(np.ascontiguousarray(s.feats, dtype=np.float32)).to(dev),
-            torch.from_numpy(s.pids).to(dev), torch.from_numpy(s.camids).to(dev))
+    return (
+        torch.from_numpy(np.ascontiguousarray(s.feats, dtype=np.float32)).to(dev),
+        torch.from_numpy(s.pids).to(dev),
+        torch.from_numpy(s.camids).to(dev),
+    )
 
 
 def _chunk_rows(num_gallery: int, memory_mb: int) -> int:
@@ -74,8 +77,10 @@ def _count_all(q, qp, qc, g, gp, gc, chunk: int, rows: torch.Tensor | None = Non
 
 def _check(query: FeatureSplit, gallery: FeatureSplit) -> None:
     if query.feats.shape[1] != gallery.feats.shape[1]:
-        raise FormatError(f"query features are {query.feats.shape[1]}-d but gallery features "
-                          f"{gallery.feats.shape[1]}-d; extract both with the same model")
+        raise FormatError(
+            f"query features are {query.feats.shape[1]}-d but gallery features "
+            f"{gallery.feats.shape[1]}-d; extract both with the same model"
+        )
 
 
 def evaluate(query: FeatureSplit, gallery: FeatureSplit, cfg: EvalConfig, index=None) -> EvalOutput:
@@ -93,8 +98,10 @@ def evaluate(query: FeatureSplit, gallery: FeatureSplit, cfg: EvalConfig, index=
         from reidcli.retrieval.rerank import k_reciprocal_rerank
 
         dist = k_reciprocal_rerank(q, g, cfg.k1, cfg.k2, cfg.lambda_value)
-        parts = [positive_ranks(-dist[i : i + chunk], qp[i : i + chunk], qc[i : i + chunk], gp, gc)
-                 for i in range(0, len(qp), chunk)]
+        parts = [
+            positive_ranks(-dist[i : i + chunk], qp[i : i + chunk], qc[i : i + chunk], gp, gc)
+            for i in range(0, len(qp), chunk)
+        ]
         engine = "torch+rerank"
     elif cfg.engine == "torch":
         parts = _count_all(q, qp, qc, g, gp, gc, chunk)
@@ -105,8 +112,10 @@ def evaluate(query: FeatureSplit, gallery: FeatureSplit, cfg: EvalConfig, index=
     result = summarize(parts, cfg.max_rank, approximate)
     _sync(dev)
     if result.num_valid_queries == 0:
-        raise FormatError("no query has a matching gallery item from another camera; check that query and gallery "
-                          "come from the same dataset and that pids/camids are right")
+        raise FormatError(
+            "no query has a matching gallery item from another camera; check that query and gallery "
+            "come from the same dataset and that pids/camids are right"
+        )
     return EvalOutput(result, time.perf_counter() - t0, engine, str(dev))
 
 

@@ -46,7 +46,9 @@ def write_features(path: str | Path, splits: dict[str, FeatureSplit], provenance
             g.create_dataset("paths", data=np.asarray(paths, dtype=object), dtype=_STR)
 
 
-def read_features(path: str | Path, splits: tuple[str, ...] = ("query", "gallery")) -> tuple[dict, dict[str, FeatureSplit]]:
+def read_features(
+    path: str | Path, splits: tuple[str, ...] = ("query", "gallery")
+) -> tuple[dict, dict[str, FeatureSplit]]:
     """Attributes and splits, checked: format/version, groups, lengths, dimensions, finite values."""
     path = Path(path)
     if not path.is_file():

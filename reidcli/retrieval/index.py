@@ -49,8 +49,10 @@ class IndexConfig:
                 raise ConfigError(f"--m {self.m} must divide the feature dimension {d}")
             nlist = self.resolved_nlist(n)
             if n < max(nlist, 2**self.nbits):
-                raise ConfigError(f"IVF-PQ needs at least {max(nlist, 2**self.nbits)} gallery vectors to train, "
-                                  f"got {n}; use --kind flat")
+                raise ConfigError(
+                    f"IVF-PQ needs at least {max(nlist, 2**self.nbits)} gallery vectors to train, "
+                    f"got {n}; use --kind flat"
+                )
         return self
 
     def resolved_nlist(self, n: int) -> int:
@@ -121,13 +123,22 @@ def load_index(path: str | Path, feats: np.ndarray | None = None, pids: np.ndarr
         raise FormatError(f"{path} is not a readable FAISS index ({e}); rebuild it with 'reid index'") from e
     if feats is not None:
         if index.ntotal != len(feats) or index.d != feats.shape[1]:
-            raise FormatError(f"index {path} holds {index.ntotal}×{index.d} vectors but the gallery is "
-                              f"{len(feats)}×{feats.shape[1]}; rebuild it with 'reid index' on these features")
+            raise FormatError(
+                f"index {path} holds {index.ntotal}×{index.d} vectors but the gallery is "
+                f"{len(feats)}×{feats.shape[1]}; rebuild it with 'reid index' on these features"
+            )
         if pids is not None and meta.get("digest") != features_digest(feats, pids):
             raise FormatError(f"index {path} was built from other features than these; rebuild it with 'reid index'")
     return index, meta
 
 
 def index_meta(cfg: IndexConfig, features_path: str, split: str, feats: np.ndarray, pids: np.ndarray) -> dict:
-    return {"config": asdict(cfg), "features": str(features_path), "split": split, "ntotal": int(len(feats)),
-            "dim": int(feats.shape[1]), "digest": features_digest(feats, pids), "exact": cfg.kind == "flat"}
+    return {
+        "config": asdict(cfg),
+        "features": str(features_path),
+        "split": split,
+        "ntotal": int(len(feats)),
+        "dim": int(feats.shape[1]),
+        "digest": features_digest(feats, pids),
+        "exact": cfg.kind == "flat",
+    }

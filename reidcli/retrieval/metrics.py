@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 __all__ = ["QueryRanks", "MetricResult", "positive_ranks", "ranks_from_lists", "summarize", "chance_average_precision"]
@@ -40,8 +39,13 @@ class MetricResult:
 
     def to_dict(self) -> dict:
         return {
-            "mAP": self.mAP, "mINP": self.mINP, "cmc": self.cmc, "num_valid_queries": self.num_valid_queries,
-            "num_queries": self.num_queries, "chance_mAP": self.chance_mAP, "approximate": self.approximate,
+            "mAP": self.mAP,
+            "mINP": self.mINP,
+            "cmc": self.cmc,
+            "num_valid_queries": self.num_valid_queries,
+            "num_queries": self.num_queries,
+            "chance_mAP": self.chance_mAP,
+            "approximate": self.approximate,
         }
 
 
@@ -178,5 +182,12 @@ def summarize(parts: list[QueryRanks], max_rank: int = 50, approximate: bool = F
     if n_valid == 0:
         nan = float("nan")
         return MetricResult(nan, nan, [nan] * max_rank, 0, num_queries, nan, approximate)
-    return MetricResult(ap_sum / n_valid, inp_sum / n_valid, (cmc / n_valid).tolist(), n_valid, num_queries,
-                        chance_sum / n_valid, approximate)
+    return MetricResult(
+        ap_sum / n_valid,
+        inp_sum / n_valid,
+        (cmc / n_valid).tolist(),
+        n_valid,
+        num_queries,
+        chance_sum / n_valid,
+        approximate,
+    )

@@ -91,8 +91,10 @@ def _query_expansion(v: torch.Tensor, knn: torch.Tensor, k2: int) -> torch.Tenso
     n = knn.shape[0]
     rows = torch.arange(n, device=knn.device)[:, None].expand(n, k2)
     avg = torch.sparse_coo_tensor(
-        torch.stack([rows.reshape(-1), knn[:, :k2].reshape(-1)]), torch.full((n * k2,), 1.0 / k2, device=knn.device),
-        (n, n), check_invariants=False,
+        torch.stack([rows.reshape(-1), knn[:, :k2].reshape(-1)]),
+        torch.full((n * k2,), 1.0 / k2, device=knn.device),
+        (n, n),
+        check_invariants=False,
     ).coalesce()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "sparse CSR support is in beta" from inside torch.sparse.mm

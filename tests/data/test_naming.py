@@ -20,7 +20,9 @@ def test_market_names(name, expected):
     assert parse_market_name(name) == expected
 
 
-@pytest.mark.parametrize("name", ["Thumbs.db", "c1s1_0002.jpg", "0002_s1_c1.jpg", "0002_c0s1_000451_03.jpg", "x_c1.jpg"])
+@pytest.mark.parametrize(
+    "name", ["Thumbs.db", "c1s1_0002.jpg", "0002_s1_c1.jpg", "0002_c0s1_000451_03.jpg", "x_c1.jpg"]
+)
 def test_bad_market_names_name_the_file_and_the_fix(name):
     with pytest.raises(DataError, match="Market-1501 naming") as e:
         parse_market_name(name)

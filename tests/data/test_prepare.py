@@ -131,8 +131,14 @@ def test_missing_and_empty_roots(tmp_path):
 def test_msmt17_list_layout(tmp_path):
     root = tmp_path / "MSMT17_V1"
     lines = {"train": [], "val": [], "query": [], "gallery": []}
-    for split, folder, pid, cam in [("train", "train", 0, 1), ("train", "train", 0, 2), ("val", "train", 1, 3),
-                                    ("query", "test", 5, 1), ("gallery", "test", 5, 2), ("gallery", "test", 6, 4)]:
+    for split, folder, pid, cam in [
+        ("train", "train", 0, 1),
+        ("train", "train", 0, 2),
+        ("val", "train", 1, 3),
+        ("query", "test", 5, 1),
+        ("gallery", "test", 5, 2),
+        ("gallery", "test", 6, 4),
+    ]:
         rel = f"{pid:04d}/{pid:04d}_{len(lines[split]):03d}_{cam:02d}_0303morning_0015_0.jpg"
         (root / folder / rel).parent.mkdir(parents=True, exist_ok=True)
         buf = io.BytesIO()
@@ -154,8 +160,11 @@ def test_cuhk03np_detected_subset(market, tmp_path):
     market.rename(root / "detected")
     prepare_dataset(PrepareConfig(dataset="cuhk03np", root=root, out=tmp_path / "c.h5", image_size=(32, 16)))
     with pytest.raises(DataError, match="labeled"):
-        prepare_dataset(PrepareConfig(dataset="cuhk03np", root=root, out=tmp_path / "d.h5", image_size=(32, 16),
-                                      cuhk03_subset="labeled"))
+        prepare_dataset(
+            PrepareConfig(
+                dataset="cuhk03np", root=root, out=tmp_path / "d.h5", image_size=(32, 16), cuhk03_subset="labeled"
+            )
+        )
 
 
 def test_reader_rejects_other_files(tmp_path, market):
@@ -184,8 +193,25 @@ def test_cli_prepare_errors_are_one_line_exit_1(tmp_path):
 
 
 def test_cli_synthetic(tmp_path):
-    r = run_cli("prepare", "synthetic", "--root", str(tmp_path / "syn"), "--out", str(tmp_path / "s.h5"), "--ids", "3",
-                "--image-size", "32x16", "--distractors", "1", "--junk", "1", "--images-per-camera", "1", "--json")
+    r = run_cli(
+        "prepare",
+        "synthetic",
+        "--root",
+        str(tmp_path / "syn"),
+        "--out",
+        str(tmp_path / "s.h5"),
+        "--ids",
+        "3",
+        "--image-size",
+        "32x16",
+        "--distractors",
+        "1",
+        "--junk",
+        "1",
+        "--images-per-camera",
+        "1",
+        "--json",
+    )
     assert r.returncode == 0, r.stderr
     assert '"split": "train"' in r.stdout
     r = run_cli("prepare", "synthetic", "--root", str(tmp_path / "syn"), "--out", str(tmp_path / "t.h5"))

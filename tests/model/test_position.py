@@ -31,9 +31,18 @@ def test_sincos_is_the_seed_formula():
     row, col = 2, 3
     token = row * 4 + col
     omega = 1 / 10000 ** (torch.arange(2) / 2)
-    expect = torch.tensor([torch.sin(row * omega[0]), torch.cos(row * omega[0]), torch.sin(row * omega[1]),
-                           torch.cos(row * omega[1]), torch.sin(col * omega[0]), torch.cos(col * omega[0]),
-                           torch.sin(col * omega[1]), torch.cos(col * omega[1])])
+    expect = torch.tensor(
+        [
+            torch.sin(row * omega[0]),
+            torch.cos(row * omega[0]),
+            torch.sin(row * omega[1]),
+            torch.cos(row * omega[1]),
+            torch.sin(col * omega[0]),
+            torch.cos(col * omega[0]),
+            torch.sin(col * omega[1]),
+            torch.cos(col * omega[1]),
+        ]
+    )
     torch.testing.assert_close(pe[token], expect.float())
 
 

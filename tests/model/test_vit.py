@@ -44,8 +44,9 @@ def test_rpe_lookup_sends_each_bias_gradient_to_its_table_row():
 
 
 def test_matches_timm_vit_with_its_weights():
-    ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=(64, 32), num_classes=0,
-                            global_pool="token").eval()
+    ref = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=(64, 32), num_classes=0, global_pool="token"
+    ).eval()
     model = ViTReID(ModelConfig(pe="ape", image_size=(64, 32), dim=192, depth=12, heads=3, drop_path=0.0)).eval()
     result = load_init_weights(model, ref.state_dict())
     assert all(k.startswith("bottleneck.") for k in result["missing"])
@@ -127,8 +128,10 @@ def test_positional_relation_batched():
     expect = (p[5] * p[2]).sum() + mean_table[index[6, 3]]
     torch.testing.assert_close(rel[1, 0], expect)
     ape_only = ViTReID(ModelConfig(pe="ape", **SMALL))
-    torch.testing.assert_close(ape_only.positional_relation(a, b)[0, 0],
-                               (ape_only.pos.patch_embeddings()[0] * ape_only.pos.patch_embeddings()[1]).sum())
+    torch.testing.assert_close(
+        ape_only.positional_relation(a, b)[0, 0],
+        (ape_only.pos.patch_embeddings()[0] * ape_only.pos.patch_embeddings()[1]).sum(),
+    )
 
 
 def test_flip_averaged_features_are_normalised_and_flip_invariant():

@@ -89,5 +89,11 @@ def market_like(rng, num_ids=30, num_query=40, num_gallery=300, dim=16, cams=6, 
     q = centers[np.minimum(q_pids, num_ids)] + noise * rng.normal(size=(num_query, dim))
     g /= np.linalg.norm(g, axis=1, keepdims=True)
     q /= np.linalg.norm(q, axis=1, keepdims=True)
-    return (q.astype(np.float32), q_pids.astype(np.int64), q_camids.astype(np.int64),
-            g.astype(np.float32), g_pids.astype(np.int64), g_camids.astype(np.int64))
+    return (
+        q.astype(np.float32),
+        q_pids.astype(np.int64),
+        q_camids.astype(np.int64),
+        g.astype(np.float32),
+        g_pids.astype(np.int64),
+        g_camids.astype(np.int64),
+    )

@@ -1,0 +1,175 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import run_cli
+
+COMMANDS = ("prepare", "train", "extract", "index", "evaluate", "ablate")
+
+
+def test_help_lists_commands_without_importing_torch():
+    code = (
+        "import sys; from reidcli.cli.app import app; from typer.testing import CliRunner; "
+        "r = CliRunner().invoke(app, ['--help']); print(r.output); "
+        f"[CliRunner().invoke(app, [c, '--help']) for c in {COMMANDS!r}]; "
+        "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "NO-TORCH" in out
+    for c in COMMANDS:
+        assert c in out
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_each_command_help_has_an_example(command):
+    r = run_cli(command, "--help")
+    assert r.returncode == 0 and "Examples" in r.stdout and f"reid {command}" in r.stdout
+
+
+def test_version():
+    r = run_cli("--version")
+    assert r.returncode == 0 and r.stdout.startswith("reidcli ")
+
+
+def test_error_boundary_and_debug(tmp_path):
+    r = run_cli("evaluate", str(tmp_path / "none.h5"))
+    assert (
+        r.returncode == 1
+        and r.stderr.strip() == f"Error: features file {tmp_path / 'none.h5'} not found; create it with 'reid extract'"
+    )
+    r = run_cli("--debug", "evaluate", str(tmp_path / "none.h5"))
+    assert r.returncode == 1 and "Traceback" in r.stderr
+
+
+@pytest.mark.slow
+def test_end_to_end_pipeline_learns(tmp_path):
+    """prepare → train → extract → index → evaluate through the real CLI; the model must beat chance by far."""
+    h5 = tmp_path / "syn.h5"
+    steps = [
+        (
+            "prepare",
+            "synthetic",
+            "--root",
+            str(tmp_path / "raw"),
+            "--out",
+            str(h5),
+            "--ids",
+            "100",
+            "--image-size",
+            "128x64",
+            "--seed",
+            "2",
+        ),
+        (
+            "train",
+            "--data",
+            str(h5),
+            "--out",
+            str(tmp_path / "run"),
+            "--pe",
+            "ape",
+            "--preset",
+            "vit_tiny",
+            "--dim",
+            "128",
+            "--depth",
+            "4",
+            "--heads",
+            "4",
+            "--epochs",
+            "25",
+            "--batch",
+            "32",
+            "--optimizer",
+            "adamw",
+            "--lr",
+            "1e-3",
+            "--weight-decay",
+            "0.05",
+            "--warmup-epochs",
+            "2",
+            "--drop-path",
+            "0",
+            "--device",
+            "cpu",
+            "--neck-feat",
+            "after",
+        ),
+        ("extract", "--run", str(tmp_path / "run"), "--data", str(h5), "--out", str(tmp_path / "f.h5")),
+        ("index", str(tmp_path / "f.h5"), "--out", str(tmp_path / "g.faiss")),
+    ]
+    for step in steps:
+        r = run_cli(*step)
+        assert r.returncode == 0, (step[0], r.stderr[-2000:])
+    r = run_cli(
+        "evaluate",
+        str(tmp_path / "f.h5"),
+        "--index",
+        str(tmp_path / "g.faiss"),
+        "--json",
+        "--out",
+        str(tmp_path / "eval"),
+        "--visualize",
+        "3",
+        "--data",
+        str(h5),
+    )
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert {"mAP", "mINP", "cmc", "num_valid_queries", "seconds"} <= res.keys()
+    assert 0 <= res["mINP"] <= res["mAP"] <= 1 and res["cmc"][0] <= res["cmc"][4] <= 1
+    assert res["mAP"] > 5 * res["chance_mAP"], res
+    assert (tmp_path / "eval" / "ranked_lists.png").stat().st_size > 5000
+    assert json.loads((tmp_path / "eval" / "results.json").read_text())["mAP"] == res["mAP"]
+    torch_res = json.loads(run_cli("evaluate", str(tmp_path / "f.h5"), "--engine", "torch", "--json").stdout)
+    assert abs(torch_res["mAP"] - res["mAP"]) < 1e-6
+
+
+def test_print_model_seed_figures(tiny_data):
+    r = run_cli(
+        "train",
+        "--data",
+        str(tiny_data),
+        "--out",
+        "unused",
+        "--pe",
+        "both",
+        "--image-size",
+        "256x192",
+        "--print-model",
+        "--json",
+    )
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["ape"] == 148_224 and report["grid"] == [16, 12]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--pe", "rope"), "unknown --pe 'rope'"),
+        (("--loss", "ce+focal"), "unknown loss 'focal'"),
+        (("--epochs", "0"), "--epochs must be at least 1"),
+        (("--batch", "30", "--k", "4"), "multiple of --k"),
+        (("--image-size", "wide"), "HEIGHTxWIDTH"),
+    ],
+)
+def test_train_option_errors(tiny_data, tmp_path, args, message):
+    r = run_cli(
+        "train",
+        "--data",
+        str(tiny_data),
+        "--out",
+        str(tmp_path / "r"),
+        "--dim",
+        "32",
+        "--depth",
+        "1",
+        "--heads",
+        "4",
+        *args,
+    )
+    assert r.returncode == 1 and message in r.stderr and r.stderr.count("\n") == 1
+    assert not (tmp_path / "r").exists()

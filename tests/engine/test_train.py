@@ -1,0 +1,134 @@
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from reidcli.engine.checkpoint import RunFiles, load_checkpoint
+from reidcli.engine.train import TrainConfig, lr_at, train
+from reidcli.errors import ConfigError, TrainingError
+from reidcli.losses.combined import LossConfig
+from reidcli.model.vit import ModelConfig
+
+
+def _cfg(data, run, **kw) -> TrainConfig:
+    model = ModelConfig(pe="both", image_size=(64, 32), dim=32, depth=2, heads=4, drop_path=0.1)
+    base = TrainConfig(
+        data=str(data),
+        run_dir=str(run),
+        model=model,
+        loss=LossConfig(spec="ce+triplet+rp-triplet", top_n=4),
+        epochs=2,
+        batch=16,
+        k=4,
+        optimizer="adamw",
+        lr=1e-3,
+        warmup_epochs=1,
+        device="cpu",
+    )
+    return replace(base, **kw)
+
+
+class Stop(Exception):
+    pass
+
+
+def test_resume_continues_the_same_trajectory(tiny_data, tmp_path):
+    straight = train(_cfg(tiny_data, tmp_path / "a"))
+
+    def interrupt(row):
+        if row["epoch"] == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(_cfg(tiny_data, tmp_path / "b"), on_epoch=interrupt)
+    assert load_checkpoint(RunFiles(tmp_path / "b").checkpoint)["epoch"] == 1
+    with pytest.raises(ConfigError, match="--resume"):
+        train(_cfg(tiny_data, tmp_path / "b"))
+    resumed = train(_cfg(tiny_data, tmp_path / "b"), resume=True)
+    wa = load_file(str(RunFiles(tmp_path / "a").weights))
+    wb = load_file(str(RunFiles(tmp_path / "b").weights))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=0)
+    for key in ("loss", "loss_ce", "loss_triplet", "loss_rp-triplet"):
+        assert [m[key] for m in straight.metrics] == [m[key] for m in resumed.metrics]
+
+
+def test_run_folder_contents(tiny_data, tmp_path):
+    result = train(_cfg(tiny_data, tmp_path / "r", epochs=1))
+    files = RunFiles(result.run_dir)
+    config = json.loads(files.config.read_text())
+    assert config["model"]["pe"] == "both" and config["model"]["num_classes"] == 12
+    rows = [json.loads(line) for line in files.metrics.read_text().splitlines()]
+    assert (
+        rows[0]["epoch"] == 1
+        and {
+            "loss_ce",
+            "loss_triplet",
+            "loss_rp-triplet",
+            "lr",
+            "images_per_s",
+            "grad_norm_max",
+            "ape_norm",
+            "rpe_norm",
+        }
+        <= rows[0].keys()
+    )
+    assert files.weights.is_file() and files.curves.is_file() and files.curves.stat().st_size > 1000
+    assert not list(files.root.glob(".*tmp"))
+
+
+def test_nan_stops_with_the_component_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path, monkeypatch):
+    import reidcli.engine.train as engine
+    from reidcli.data.store import read_dataset
+
+    real = engine.augment_batch
+    calls = {"n": 0}
+    per_epoch = len(read_dataset(tiny_data, ("train",), images=False)[1]["train"]) // 16
+
+    def poisoned(images, cfg, gen):
+        calls["n"] += 1
+        x = real(images, cfg, gen)
+        return x * float("nan") if calls["n"] > per_epoch else x  # poison the first batch of epoch 2
+
+    monkeypatch.setattr(engine, "augment_batch", poisoned)
+    run = tmp_path / "nan"
+    with pytest.raises(TrainingError, match="loss component 'ce' became non-finite in epoch 2.*last good checkpoint"):
+        train(_cfg(tiny_data, run, epochs=3, check_every=1))
+    ckpt = load_checkpoint(RunFiles(run).checkpoint)
+    assert ckpt["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_lr_schedule_warmup_then_cosine():
+    cfg = TrainConfig(data="", run_dir="", epochs=10, warmup_epochs=2, lr=1.0)
+    assert lr_at(0, 10, cfg) == pytest.approx(0.01)
+    assert lr_at(20, 10, cfg) == pytest.approx(1.0)
+    assert lr_at(100, 10, cfg) == pytest.approx(0.002)
+    assert lr_at(60, 10, cfg) == pytest.approx(0.002 + 0.5 * 0.998)
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"epochs": -1}, "--epochs"),
+        ({"batch": 18, "k": 4}, "multiple of --k"),
+        ({"optimizer": "lamb"}, "optimizer"),
+    ],
+)
+def test_bad_training_options(tiny_data, tmp_path, kw, message):
+    with pytest.raises(ConfigError, match=message):
+        train(_cfg(tiny_data, tmp_path / "x", **kw))
+
+
+def test_rp_triplet_needs_positions(tiny_data, tmp_path):
+    cfg = _cfg(tiny_data, tmp_path / "x")
+    with pytest.raises(ConfigError, match="position"):
+        train(replace(cfg, model=replace(cfg.model, pe="none")))
+
+
+def test_k_larger_than_ids_batch(tiny_data, tmp_path):
+    with pytest.raises(ConfigError, match="identities"):
+        train(_cfg(tiny_data, tmp_path / "x", batch=64, k=4))  # 16 ids asked, 12 exist

@@ -1,0 +1,87 @@
+import math
+
+import pytest
+import torch
+
+from reidcli.errors import ConfigError
+from reidcli.losses.combined import LossConfig, compute_losses, parse_loss_spec
+from reidcli.losses.positional import patch_embedding, relation_vectors, rp_triplet, top_patches
+from reidcli.losses.triplet import batch_hard_triplet, hardest_pairs, pairwise_distance
+from reidcli.model.vit import ModelConfig, ViTReID
+
+
+def test_batch_hard_picks_farthest_positive_and_nearest_negative():
+    # 1-D features: id 0 at {0, 1, 5}, id 1 at {2, 10}
+    x = torch.tensor([[0.0], [1.0], [5.0], [2.0], [10.0]])
+    y = torch.tensor([0, 0, 0, 1, 1])
+    d_ap, d_an = hardest_pairs(pairwise_distance(x), y)
+    torch.testing.assert_close(d_ap, torch.tensor([5.0, 4.0, 5.0, 8.0, 8.0]), atol=1e-3, rtol=0)
+    torch.testing.assert_close(d_an, torch.tensor([2.0, 1.0, 3.0, 1.0, 5.0]), atol=1e-3, rtol=0)
+    gap = d_ap - d_an
+    torch.testing.assert_close(batch_hard_triplet(x, y), torch.nn.functional.softplus(gap).mean(), atol=1e-3, rtol=0)
+    torch.testing.assert_close(batch_hard_triplet(x, y, margin=0.3), torch.relu(gap + 0.3).mean(), atol=1e-3, rtol=0)
+
+
+def test_triplet_without_positives_is_zero_not_nan():
+    x = torch.randn(4, 8, requires_grad=True)
+    loss = batch_hard_triplet(x, torch.arange(4))
+    assert loss.item() == 0.0
+    loss.backward()
+
+
+def test_loss_spec_parsing():
+    assert parse_loss_spec("rp-triplet") == ("ce", "triplet", "rp-triplet")
+    assert parse_loss_spec("triplet+ce") == ("ce", "triplet")
+    assert parse_loss_spec("ce+patch-triplet") == ("ce", "patch-triplet")
+    with pytest.raises(ConfigError, match="unknown loss 'arcface'"):
+        parse_loss_spec("ce+arcface")
+
+
+def test_top_patches_and_patch_embedding():
+    cls = torch.tensor([[1.0, 0.0]])
+    tokens = torch.tensor([[[0.0, 1.0], [1.0, 0.1], [1.0, 1.0], [-1.0, 0.0]]])
+    assert top_patches(cls, tokens, 2).tolist() == [[1, 2]]
+    torch.testing.assert_close(patch_embedding(cls, tokens, 2), torch.tensor([[1.0, 0.55]]))
+
+
+def test_relation_vector_has_one_value_per_pair_in_rank_order():
+    torch.manual_seed(0)
+    model = ViTReID(ModelConfig(pe="both", image_size=(64, 32), dim=16, depth=1, heads=2))
+    out = model(torch.randn(3, 3, 64, 32))
+    rel = relation_vectors(model, out.feat, out.tokens, 5)
+    assert rel.shape == (3, math.comb(5, 2))
+    idx = top_patches(out.feat, out.tokens, 5)
+    torch.testing.assert_close(rel[1, 0], model.positional_relation(idx[1, 0], idx[1, 1]))
+    torch.testing.assert_close(rel[2, -1], model.positional_relation(idx[2, 3], idx[2, 4]))
+
+
+def test_raw_rp_triplet_rewards_inflated_positions_stable_does_not():
+    """The seed's divergence: scaling the relations lowers the raw loss without bound; the stable form is
+    scale-invariant."""
+    torch.manual_seed(0)
+    rel = torch.randn(8, 10)
+    y = torch.arange(8) // 2
+    raw = [rp_triplet(rel * s, y, "raw").item() for s in (1, 10, 100)]
+    stable = [rp_triplet(rel * s, y, "stable").item() for s in (1, 10, 100)]
+    if raw[0] < math.log(2):  # d_ap < d_an on average: scaling drives the raw loss towards 0 (and the norms up)
+        assert raw[2] < raw[1] < raw[0]
+    else:  # or makes it blow up
+        assert raw[2] > raw[1] > raw[0]
+    assert max(stable) - min(stable) < 1e-5
+
+
+def test_compute_losses_components_and_rp_warmup():
+    torch.manual_seed(0)
+    model = ViTReID(ModelConfig(pe="ape", image_size=(64, 32), dim=16, depth=1, heads=2, num_classes=4))
+    out = model(torch.randn(8, 3, 64, 32))
+    y = torch.arange(8) // 2
+    cfg = LossConfig(spec="rp-triplet", top_n=4, rp_warmup_epochs=4)
+    comps = compute_losses(model, out, y, cfg, epoch=0.0)
+    assert set(comps) == {"ce", "triplet", "rp-triplet"}
+    assert comps["rp-triplet"].item() == 0.0  # warm-up starts at zero weight
+    half = compute_losses(model, out, y, cfg, epoch=2.0)["rp-triplet"]
+    full = compute_losses(model, out, y, cfg, epoch=4.0)["rp-triplet"]
+    torch.testing.assert_close(half * 2, full)
+    full.backward()
+    assert model.pos.pos_embed.grad.abs().sum() > 0  # the RP loss trains the position embedding
+    assert model.blocks[0].attn.qkv.weight.grad is None  # and nothing else

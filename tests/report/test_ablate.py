@@ -1,0 +1,146 @@
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from reidcli.engine.train import TrainConfig
+from reidcli.losses.combined import LossConfig
+from reidcli.model.vit import ModelConfig
+from reidcli.report.ablate import AblationConfig, plan, run_ablation
+from tests.conftest import run_cli
+
+TINY = (
+    "--preset",
+    "vit_tiny",
+    "--dim",
+    "32",
+    "--depth",
+    "1",
+    "--heads",
+    "4",
+    "--batch",
+    "16",
+    "--optimizer",
+    "adamw",
+    "--lr",
+    "1e-3",
+    "--warmup-epochs",
+    "0",
+    "--device",
+    "cpu",
+)
+
+
+def _cfg(data, out, **kw) -> AblationConfig:
+    template = TrainConfig(
+        data=str(data),
+        run_dir="",
+        model=ModelConfig(image_size=(64, 32), dim=32, depth=1, heads=4),
+        loss=LossConfig(top_n=4),
+        epochs=1,
+        batch=16,
+        k=4,
+        optimizer="adamw",
+        lr=1e-3,
+        warmup_epochs=0,
+        device="cpu",
+    )
+    return replace(AblationConfig(out=str(out), template=template, pes=("ape", "rpe"), seeds=(0, 1)), **kw)
+
+
+def test_two_variants_two_seeds_then_full_reuse(tiny_data, tmp_path, monkeypatch):
+    cfg = _cfg(tiny_data, tmp_path / "abl")
+    summary = run_ablation(cfg)
+    assert [r["variant"] for r in summary] == ["ape · ce+triplet", "rpe · ce+triplet"]
+    for r in summary:
+        assert r["runs"] == 2
+        for col in (
+            "mAP",
+            "Rank-1",
+            "Rank-5",
+            "Rank-10",
+            "mINP",
+            "mAP shifted",
+            "PE params",
+            "PE share",
+            "train img/s",
+            "final loss",
+            "mAP std",
+        ):
+            assert r[col] == r[col], col  # filled, not NaN
+    assert summary[0]["PE params"] == (4 * 2 + 1) * 32 and summary[1]["PE params"] == 1 * 4 * (7 * 3 + 3)
+    csv = pd.read_csv(tmp_path / "abl" / "results.csv")
+    assert len(csv) == 2 and "mAP" in csv
+    md = (tmp_path / "abl" / "results.md").read_text()
+    assert md.count("\n") == 4 and "| ape · ce+triplet |" in md
+    pictures = {p.name for p in (tmp_path / "abl" / "pictures").iterdir()}
+    assert {
+        "curves_ape__ce-triplet.png",
+        "ape_similarity_ape__ce-triplet.png",
+        "rpe_bias_rpe__ce-triplet.png",
+        "relation_vectors_rpe__ce-triplet.png",
+        "ranked_ape__ce-triplet.png",
+    } <= pictures
+
+    import reidcli.engine.train as engine
+
+    monkeypatch.setattr(engine, "train", lambda *a, **k: pytest.fail("a finished run was retrained"))
+    assert run_ablation(cfg) == summary
+
+
+def test_changed_options_do_not_reuse_runs(tiny_data, tmp_path):
+    a = plan(_cfg(tiny_data, tmp_path))
+    b = plan(_cfg(tiny_data, tmp_path, template=replace(_cfg(tiny_data, tmp_path).template, lr=2e-3)))
+    assert {v.run_dir for v in a}.isdisjoint({v.run_dir for v in b})
+
+
+def test_cli_dry_run_and_table(tiny_data, tmp_path):
+    out = tmp_path / "abl"
+    args = ("ablate", "--data", str(tiny_data), "--out", str(out), "--pe", "none,ape", "--epochs", "1", *TINY)
+    r = run_cli(*args, "--dry-run")
+    assert r.returncode == 0 and r.stdout.count("train") >= 2
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr
+    assert "none · ce+triplet" in r.stdout and "ape · ce+triplet" in r.stdout and "PE share" in r.stdout
+    r = run_cli(*args, "--dry-run", "--json")
+    assert r.stdout.count('"reuse"') == 2
+
+
+def test_killed_ablation_finishes_only_the_missing_runs(tiny_data, tmp_path):
+    out = tmp_path / "abl"
+    args = [
+        sys.executable,
+        "-m",
+        "reidcli",
+        "ablate",
+        "--data",
+        str(tiny_data),
+        "--out",
+        str(out),
+        "--pe",
+        "ape,rpe",
+        "--epochs",
+        "3",
+        *TINY,
+    ]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not list(out.glob("runs/*/DONE")) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) != 0
+    done = list(out.glob("runs/*/DONE"))
+    assert len(done) == 1
+    first_run = done[0].parent
+    stamp = (first_run / "model.safetensors").stat().st_mtime_ns
+    assert not list(out.rglob(".*.tmp"))  # nothing half-written
+    r = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert len(list(out.glob("runs/*/DONE"))) == 2
+    assert (first_run / "model.safetensors").stat().st_mtime_ns == stamp  # reused, not retrained
+    assert Path(out / "results.md").is_file()

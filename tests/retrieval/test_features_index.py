@@ -1,0 +1,110 @@
+import h5py
+import numpy as np
+import pytest
+
+from reidcli.errors import ConfigError, FormatError
+from reidcli.retrieval.evaluate import EvalConfig, evaluate
+from reidcli.retrieval.features import FeatureSplit, read_features, write_features
+from reidcli.retrieval.index import IndexConfig, build_index, index_meta, load_index, save_index, search
+from tests.retrieval.reference import market_like
+
+
+@pytest.fixture()
+def feats(tmp_path):
+    rng = np.random.default_rng(0)
+    q, qp, qc, g, gp, gc = market_like(rng, num_query=30, num_gallery=600, dim=32)
+    path = tmp_path / "f.h5"
+    write_features(
+        path,
+        {
+            "query": FeatureSplit(q.astype(np.float16), qp, qc, [f"q{i}" for i in range(len(qp))]),
+            "gallery": FeatureSplit(g, gp, gc),
+        },
+        {"dataset": "test", "model_config": {"pe": "ape"}},
+    )
+    return path
+
+
+def test_round_trip(feats):
+    attrs, s = read_features(feats)
+    assert attrs["format"] == "reidcli.features" and attrs["dataset"] == "test"
+    assert '"pe": "ape"' in attrs["model_config"]
+    assert s["query"].feats.dtype == np.float16 and s["query"].paths[1] == "q1"
+    assert s["gallery"].feats.shape == (600, 32)
+
+
+def _edit(path, fn):
+    with h5py.File(path, "a") as h5:
+        fn(h5)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda h: h.attrs.__setitem__("format", "other"), "not a reidcli features file"),
+        (lambda h: h.attrs.__setitem__("version", 7), "version 7"),
+        (lambda h: h.__delitem__("gallery"), "no 'gallery' group"),
+        (lambda h: h["gallery"].__delitem__("camids"), "lacks camids"),
+        (
+            lambda h: (
+                h["gallery"].__delitem__("pids"),
+                h["gallery"].create_dataset("pids", data=np.zeros(5, np.int64)),
+            ),
+            "600 features but 5 pids",
+        ),
+        (lambda h: h["gallery/feats"].__setitem__((3, 0), np.nan), "NaN or Inf"),
+        (
+            lambda h: (
+                h["query"].__delitem__("feats"),
+                h["query"].create_dataset("feats", data=np.zeros((30, 8), np.float32)),
+            ),
+            "dimensions differ",
+        ),
+    ],
+)
+def test_bad_features_files(feats, edit, message):
+    _edit(feats, edit)
+    with pytest.raises(FormatError, match=message):
+        read_features(feats)
+
+
+def test_truncated_file(feats, tmp_path):
+    data = feats.read_bytes()
+    (tmp_path / "t.h5").write_bytes(data[: len(data) // 3])
+    with pytest.raises(FormatError, match="not a readable HDF5"):
+        read_features(tmp_path / "t.h5")
+
+
+def test_flat_index_equals_brute_force_and_reloads(feats, tmp_path):
+    _, s = read_features(feats)
+    g, q = s["gallery"], s["query"]
+    index = build_index(g.feats, IndexConfig(kind="flat"))
+    scores, rows = search(index, q.feats, 10)
+    brute = q.feats.astype(np.float32) @ g.feats.T
+    np.testing.assert_array_equal(rows, np.argsort(-brute, axis=1, kind="stable")[:, :10])
+    np.testing.assert_allclose(scores, np.sort(brute, axis=1)[:, ::-1][:, :10], atol=1e-5)
+    path = tmp_path / "g.faiss"
+    save_index(index, path, index_meta(IndexConfig(), str(feats), "gallery", g.feats, g.pids))
+    again, meta = load_index(path, g.feats, g.pids)
+    assert meta["exact"] and again.ntotal == 600
+    with pytest.raises(FormatError, match="other features"):
+        load_index(path, g.feats[::-1].copy(), g.pids)
+    with pytest.raises(FormatError, match="600×32"):
+        load_index(path, g.feats[:10], g.pids[:10])
+
+
+def test_ivfpq_is_reported_approximate(feats):
+    _, s = read_features(feats)
+    index = build_index(s["gallery"].feats, IndexConfig(kind="ivfpq", nlist=4, m=8, nbits=4, nprobe=4))
+    out = evaluate(s["query"], s["gallery"], EvalConfig(engine="faiss"), index)
+    assert out.metrics.approximate and out.engine == "faiss-approx"
+    exact = evaluate(s["query"], s["gallery"], EvalConfig(engine="torch")).metrics.mAP
+    assert abs(out.metrics.mAP - exact) < 0.2
+
+
+def test_bad_index_options(feats):
+    _, s = read_features(feats)
+    with pytest.raises(ConfigError, match="must divide"):
+        build_index(s["gallery"].feats, IndexConfig(kind="ivfpq", m=5))
+    with pytest.raises(ConfigError, match="unknown index kind"):
+        build_index(s["gallery"].feats, IndexConfig(kind="hnsw"))

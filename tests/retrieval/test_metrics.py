@@ -1,0 +1,125 @@
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from reidcli.errors import FormatError
+from reidcli.retrieval.evaluate import EvalConfig, evaluate
+from reidcli.retrieval.features import FeatureSplit
+from reidcli.retrieval.metrics import positive_ranks, summarize
+from tests.retrieval.reference import eval_market1501, market_like
+
+
+def _eval_scores(scores, qp, qc, gp, gc, max_rank=50):
+    t = [torch.as_tensor(a) for a in (scores, qp, qc, gp, gc)]
+    return summarize([positive_ranks(*t)], max_rank)
+
+
+def test_hand_computed_case():
+    # one query (pid 1, cam 0); gallery in score order: junk(1,c0), neg, pos(1,c1), neg, pos(1,c2)
+    scores = np.array([[0.9, 0.8, 0.7, 0.6, 0.5]], dtype=np.float32)
+    gp, gc = np.array([1, 2, 1, 3, 1]), np.array([0, 0, 1, 1, 2])
+    m = _eval_scores(scores, np.array([1]), np.array([0]), gp, gc, max_rank=4)
+    # valid order: neg, pos, neg, pos → positives at ranks 1 and 3 (0-based)
+    assert m.mAP == pytest.approx((1 / 2 + 2 / 4) / 2)
+    assert m.mINP == pytest.approx(2 / 4)
+    assert m.cmc == [0.0, 1.0, 1.0, 1.0]
+    assert m.num_valid_queries == 1
+
+
+def test_ties_are_broken_by_gallery_order():
+    scores = np.array([[0.5, 0.5, 0.5, 0.5]], dtype=np.float32)
+    gp, gc = np.array([2, 1, 3, 1]), np.array([1, 1, 1, 2])
+    m = _eval_scores(scores, np.array([1]), np.array([0]), gp, gc, max_rank=4)
+    assert m.mAP == pytest.approx((1 / 2 + 2 / 4) / 2)  # stable order: neg, pos, neg, pos
+    ref = eval_market1501(-scores, np.array([1]), gp, np.array([0]), gc, max_rank=4)
+    assert m.mAP == pytest.approx(ref[1])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_equals_reference_on_market_like_features(seed):
+    rng = np.random.default_rng(seed)
+    q, qp, qc, g, gp, gc = market_like(rng, noise=0.8 + 0.3 * seed)
+    scores = q @ g.T
+    cmc, mAP, mINP, n = eval_market1501(-scores.astype(np.float64), qp, gp, qc, gc)
+    m = _eval_scores(scores, qp, qc, gp, gc)
+    assert m.num_valid_queries == n < len(qp)
+    assert abs(m.mAP - mAP) < 1e-6 and abs(m.mINP - mINP) < 1e-6
+    np.testing.assert_allclose(m.cmc, cmc, atol=1e-6)
+
+
+def test_duplicate_features_ties_match_reference():
+    rng = np.random.default_rng(7)
+    q, qp, qc, g, gp, gc = market_like(rng, num_gallery=120)
+    g[60:90] = g[0:30]  # exact duplicates: equal scores for many (query, item) pairs
+    q = np.round(q, 1)
+    g = np.round(g, 1)
+    scores = (q.astype(np.float64) @ g.T.astype(np.float64)).astype(np.float32)
+    _, mAP, mINP, _ = eval_market1501(-scores, qp, gp, qc, gc)
+    m = _eval_scores(scores, qp, qc, gp, gc)
+    assert abs(m.mAP - mAP) < 1e-6 and abs(m.mINP - mINP) < 1e-6
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000))
+def test_invariant_to_gallery_permutation_and_perfect_when_positives_lead(seed):
+    rng = np.random.default_rng(seed)
+    q, qp, qc, g, gp, gc = market_like(rng, num_query=10, num_gallery=80)
+    scores = q @ g.T
+    perm = rng.permutation(len(gp))
+    a = _eval_scores(scores, qp, qc, gp, gc)
+    b = _eval_scores(scores[:, perm], qp, qc, gp[perm], gc[perm])
+    assert abs(a.mAP - b.mAP) < 1e-9 and a.cmc == b.cmc
+    perfect = np.where(gp[None, :] == qp[:, None], 1.0 + scores, scores - 2.0).astype(np.float32)
+    m = _eval_scores(perfect, qp, qc, gp, gc)
+    assert m.num_valid_queries == 0 or (m.mAP == pytest.approx(1.0) and m.mINP == pytest.approx(1.0))
+
+
+def _splits(seed=0, **kw):
+    rng = np.random.default_rng(seed)
+    q, qp, qc, g, gp, gc = market_like(rng, **kw)
+    return FeatureSplit(q, qp, qc), FeatureSplit(g, gp, gc)
+
+
+@pytest.mark.parametrize("depth", [1, 5, 400])
+def test_faiss_lists_plus_counting_equal_torch(depth):
+    query, gallery = _splits(3, num_query=60, num_gallery=400)
+    a = evaluate(query, gallery, EvalConfig(engine="torch", device="cpu"))
+    b = evaluate(query, gallery, EvalConfig(engine="faiss", depth=depth, device="cpu"))
+    assert abs(a.metrics.mAP - b.metrics.mAP) < 1e-6 and abs(a.metrics.mINP - b.metrics.mINP) < 1e-6
+    np.testing.assert_allclose(a.metrics.cmc, b.metrics.cmc, atol=1e-6)
+    assert b.engine == "faiss" and not b.metrics.approximate
+
+
+def test_chunking_does_not_change_results():
+    query, gallery = _splits(4, num_query=50, num_gallery=300)
+    a = evaluate(query, gallery, EvalConfig(engine="torch"))
+    b = evaluate(query, gallery, EvalConfig(engine="torch", memory_mb=0))  # one query per chunk
+    assert a.metrics.cmc == b.metrics.cmc
+    assert a.metrics.mAP == pytest.approx(b.metrics.mAP, abs=1e-12)
+    assert a.metrics.mINP == pytest.approx(b.metrics.mINP, abs=1e-12)
+
+
+def test_chance_map_matches_random_rankings():
+    query, gallery = _splits(5, num_query=40, num_gallery=200)
+    chance = evaluate(query, gallery, EvalConfig(engine="torch")).metrics.chance_mAP
+    rng = np.random.default_rng(0)
+    maps = []
+    for _ in range(60):
+        s = rng.random((len(query), len(gallery))).astype(np.float32)
+        maps.append(_eval_scores(s, query.pids, query.camids, gallery.pids, gallery.camids).mAP)
+    assert abs(np.mean(maps) - chance) < 0.01
+
+
+def test_no_valid_query_is_an_error():
+    query, gallery = _splits(6)
+    gallery = FeatureSplit(gallery.feats, gallery.pids + 1000, gallery.camids)
+    with pytest.raises(FormatError, match="no query has a matching gallery item"):
+        evaluate(query, gallery, EvalConfig(engine="torch"))
+
+
+def test_mismatched_dimensions():
+    query, gallery = _splits(6)
+    with pytest.raises(FormatError, match="16-d"):
+        evaluate(FeatureSplit(query.feats[:, :8], query.pids, query.camids), gallery, EvalConfig())
