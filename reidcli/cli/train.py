@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -132,6 +133,8 @@ def train(
         eval_every=eval_every,
     ).validate()
     result = run_training(cfg, resume)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
+        return
     last = result.metrics[-1] if result.metrics else {}
     if json_out:
         print_json({"run": str(result.run_dir), "epochs": result.epochs_done, "last": last, "params": result.params})

@@ -23,6 +23,7 @@ from reidcli.engine.checkpoint import (
     write_json_atomic,
     write_metrics,
 )
+from reidcli.engine.distributed import DistInfo, all_reduce_sum, barrier, setup_distributed
 from reidcli.errors import ConfigError, TrainingError
 from reidcli.losses.combined import LossConfig, compute_losses
 from reidcli.model.vit import ModelConfig, ViTReID, parameter_report
@@ -134,6 +135,7 @@ class _State:
     model: ViTReID
     opt: torch.optim.Optimizer
     gen: torch.Generator
+    dist: DistInfo = field(default_factory=DistInfo)
     epoch: int = 0
     metrics: list[dict] = field(default_factory=list)
 
@@ -200,7 +202,7 @@ def train(
     files = RunFiles(cfg.run_dir)
     if files.checkpoint.exists() and not resume:
         raise ConfigError(f"{files.root} already holds a run; pass --resume to continue it or choose another --out")
-    device = resolve_device(cfg.device)
+    info, device = setup_distributed(resolve_device(cfg.device))
     attrs, splits = read_dataset(cfg.data, ("train",))
     train_split = splits["train"]
     image_size = tuple(attrs["image_size"])
@@ -210,38 +212,50 @@ def train(
             f"{cfg.model.image_size[0]}x{cfg.model.image_size[1]}; pass --image-size to match"
         )
     pids, labels = np.unique(train_split.pids, return_inverse=True)
-    sampler = PKSampler(labels, cfg.batch // cfg.k, cfg.k)
+    sampler = PKSampler(labels, cfg.batch // cfg.k, cfg.k, info.rank, info.world)
     state = _build(cfg, len(pids), device)
+    state.dist = info
     if resume and files.checkpoint.exists():
         _restore(state, files)
-    files.root.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(
-        files.config,
-        {
-            **cfg.to_dict(),
-            "model": {**cfg.model.to_dict(), "num_classes": len(pids)},
-            "dataset": attrs.get("name"),
-            "num_train_ids": int(len(pids)),
-        },
-    )
+    if info.main:
+        files.root.mkdir(parents=True, exist_ok=True)
+        model_dict = {**cfg.model.to_dict(), "num_classes": len(pids)}
+        write_json_atomic(
+            files.config,
+            {
+                **cfg.to_dict(),
+                "model": model_dict,
+                "dataset": attrs.get("name"),
+                "num_train_ids": int(len(pids)),
+                "world_size": info.world,
+            },
+        )
     images = torch.from_numpy(train_split.images).to(device)  # uint8 (N, H, W, 3), resident for the whole run
     targets = torch.from_numpy(labels).to(device)
     step_fn = _make_step(state, cfg, device)
     while state.epoch < cfg.epochs:
         row = _run_epoch(state, cfg, sampler, images, targets, step_fn, on_step)
-        if cfg.eval_every and (state.epoch + 1) % cfg.eval_every == 0:
+        if cfg.eval_every and (state.epoch + 1) % cfg.eval_every == 0 and info.main:
             row.update(_quick_eval(state.model, cfg, device))
         state.epoch += 1
         state.metrics.append(row)
-        _save(state, files)
-        if on_epoch:
+        if info.main:
+            _save(state, files)
+        barrier(info)
+        if on_epoch and info.main:
             on_epoch(row)
-    _finish(state, cfg, files)
+    if info.main:
+        _finish(state, cfg, files)
+    barrier(info)
     return TrainResult(files.root, state.epoch, state.metrics, parameter_report(state.model))
 
 
 def _make_step(state: _State, cfg: TrainConfig, device: torch.device):
-    model = torch.compile(state.model) if cfg.compile else state.model
+    model = state.model
+    if state.dist.enabled:
+        ids = [device.index] if device.type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    model = torch.compile(model) if cfg.compile else model
     autocast = device.type == "cuda" and cfg.bf16
     params = [p for p in state.model.parameters() if p.requires_grad]
 
@@ -277,24 +291,29 @@ def _run_epoch(state: _State, cfg, sampler, images, targets, step_fn, on_step) -
             sums[k] = sums.get(k, 0.0) + v.detach().float()
         grad_max = torch.maximum(grad_max, grad_norm.detach().float())
         if (i + 1) % cfg.check_every == 0 or i == n - 1:
-            _check_finite(sums, grad_max, cfg, state.epoch)
+            _check_finite(sums, grad_max, cfg, state)
         if on_step:
             on_step(i + 1, n)
     seconds = time.perf_counter() - t0
+    world = state.dist.world
     row = {
         "epoch": state.epoch + 1,
         "lr": lr,
         "seconds": seconds,
-        "images_per_s": n * len(batches[0]) / seconds,
+        "images_per_s": world * n * len(batches[0]) / seconds,
         "grad_norm_max": float(grad_max),
     }
-    row.update({f"loss_{k}": float(v) / n for k, v in sums.items()})
-    row["loss"] = sum(float(v) for v in sums.values()) / n
+    # losses averaged over all processes' batches
+    row.update({f"loss_{k}": float(all_reduce_sum(v, state.dist)) / (n * world) for k, v in sums.items()})
+    row["loss"] = sum(v for k, v in row.items() if k.startswith("loss_"))
     row.update(_position_norms(state.model))
     return row
 
 
-def _check_finite(sums: dict[str, torch.Tensor], grad_max: torch.Tensor, cfg: TrainConfig, epoch: int) -> None:
+def _check_finite(sums: dict[str, torch.Tensor], grad_max: torch.Tensor, cfg: TrainConfig, state: _State) -> None:
+    """Every rank sees the same verdict: the sums are reduced across processes first."""
+    epoch = state.epoch
+    sums = {k: all_reduce_sum(v, state.dist) for k, v in sums.items()}
     for name, v in sums.items():
         if not bool(torch.isfinite(v)):
             raise TrainingError(
