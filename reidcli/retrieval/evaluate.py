@@ -10,7 +10,14 @@ import torch
 
 from reidcli.errors import ConfigError, FormatError
 from reidcli.retrieval.features import FeatureSplit
-from reidcli.retrieval.metrics import MetricResult, QueryRanks, positive_ranks, ranks_from_lists, summarize
+from reidcli.retrieval.metrics import (
+    GalleryGroups,
+    MetricResult,
+    QueryRanks,
+    positive_ranks,
+    ranks_from_lists,
+    summarize,
+)
 
 __all__ = ["EvalConfig", "EvalOutput", "evaluate", "ranked_lists", "resolve_device"]
 
@@ -68,10 +75,11 @@ def _chunk_rows(num_gallery: int, memory_mb: int) -> int:
 
 def _count_all(q, qp, qc, g, gp, gc, chunk: int, rows: torch.Tensor | None = None) -> list[QueryRanks]:
     idx = rows if rows is not None else torch.arange(q.shape[0], device=q.device)
+    groups = GalleryGroups(gp, gc)
     parts = []
     for i in range(0, len(idx), chunk):
         sel = idx[i : i + chunk]
-        parts.append(positive_ranks(q[sel] @ g.T, qp[sel], qc[sel], gp, gc))
+        parts.append(positive_ranks(q[sel] @ g.T, qp[sel], qc[sel], gp, gc, groups))
     return parts
 
 

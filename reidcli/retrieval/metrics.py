@@ -15,7 +15,15 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["QueryRanks", "MetricResult", "positive_ranks", "ranks_from_lists", "summarize", "chance_average_precision"]
+__all__ = [
+    "QueryRanks",
+    "MetricResult",
+    "GalleryGroups",
+    "positive_ranks",
+    "ranks_from_lists",
+    "summarize",
+    "chance_average_precision",
+]
 
 
 @dataclass(frozen=True)
@@ -49,63 +57,142 @@ class MetricResult:
         }
 
 
+class GalleryGroups:
+    """Gallery rows grouped by pid, so that a query's same-pid items are found without a (Q, G) comparison."""
+
+    def __init__(self, g_pids: torch.Tensor, g_camids: torch.Tensor):
+        self.g_pids, self.g_camids = g_pids, g_camids
+        self.order = torch.sort(g_pids, stable=True).indices  # gallery rows, ascending pid, then row
+        self.pids, self.counts = torch.unique_consecutive(g_pids[self.order], return_counts=True)
+        self.starts = self.counts.cumsum(0) - self.counts
+
+    def same_pid(self, q_pids: torch.Tensor) -> torch.Tensor:
+        """(Q, S) gallery rows of each query's pid, ascending, padded with −1."""
+        pos = torch.searchsorted(self.pids, q_pids).clamp_max(max(len(self.pids) - 1, 0))
+        found = self.pids[pos] == q_pids if len(self.pids) else torch.zeros_like(q_pids, dtype=torch.bool)
+        counts = torch.where(found, self.counts[pos], 0)
+        width = int(counts.max()) if len(q_pids) else 0
+        slot = torch.arange(width, device=q_pids.device)[None, :]
+        idx = self.order[(self.starts[pos][:, None] + slot).clamp_max(max(len(self.order) - 1, 0))]
+        return torch.where(slot < counts[:, None], idx, -1)
+
+
 def positive_ranks(
-    scores: torch.Tensor, q_pids: torch.Tensor, q_camids: torch.Tensor, g_pids: torch.Tensor, g_camids: torch.Tensor
+    scores: torch.Tensor,
+    q_pids: torch.Tensor,
+    q_camids: torch.Tensor,
+    g_pids: torch.Tensor,
+    g_camids: torch.Tensor,
+    groups: GalleryGroups | None = None,
 ) -> QueryRanks:
-    """Exact stable ranks of every positive for a chunk of queries; ``scores`` (Q, G), higher is more similar."""
+    """Exact stable ranks of every positive for a chunk of queries; ``scores`` (Q, G), higher is more similar.
+
+    Only items scoring at least a query's weakest positive can beat one of its positives, so those are gathered
+    first when they are few (a good model), and everything is counted in place when they are many.
+    """
+    groups = groups or GalleryGroups(g_pids, g_camids)
     q, g = scores.shape
     dev = scores.device
-    same_pid = q_pids[:, None] == g_pids[None, :]
-    pos = same_pid & (q_camids[:, None] != g_camids[None, :])
-    others = ~same_pid  # valid items that are not positives (junk = same pid, same camera, is neither)
-    num_pos = pos.sum(1)
-    num_valid = num_pos + others.sum(1)
+    same = groups.same_pid(q_pids)  # (Q, S) same-pid gallery rows: positives and junk
+    has = same >= 0
+    s_same = scores.gather(1, same.clamp_min(0)).masked_fill(~has, float("-inf"))
+    is_pos = has & (g_camids[same.clamp_min(0)] != q_camids[:, None])
+    num_pos = is_pos.sum(1)
+    num_valid = g - (has & ~is_pos).sum(1)  # (small (Q, S) tensors: plain sums)
     p_max = int(num_pos.max()) if q else 0
     if p_max == 0:
         return QueryRanks(torch.full((q, 0), -1, dtype=torch.long, device=dev), num_pos, num_valid)
-    pos_scores, pos_index = _positives_in_order(scores, pos, p_max)  # (Q, P) best first, pads last
+    # positives best first, ties by gallery row (``same`` is ascending, so a stable sort keeps that order)
+    order = s_same.masked_fill(~is_pos, float("-inf")).sort(dim=1, descending=True, stable=True).indices[:, :p_max]
+    pos_scores, pos_index = s_same.gather(1, order), same.gather(1, order)
     is_pad = torch.arange(p_max, device=dev)[None, :] >= num_pos[:, None]
-    asc = pos_scores.masked_fill(is_pad, float("inf")).sort(dim=1).values  # ascending, pads (+inf) last
-    scores = scores.contiguous()
-    # Bucket each other item by how many positives score strictly below it; it beats exactly those positives.
-    below = torch.searchsorted(asc, scores, right=False).masked_fill_(~others, 0)
-    hist = torch.zeros(q, p_max + 1, dtype=torch.long, device=dev)
-    hist.scatter_add_(1, below, torch.ones_like(below))
-    beats_asc = hist.flip(1).cumsum(1).flip(1)[:, 1:]  # beats_asc[j]: others scoring > asc[j]
+    asc = pos_scores.masked_fill(is_pad, float("inf")).sort(dim=1).values.contiguous()  # ascending, pads last
+    # Only items scoring at least the weakest positive can beat a positive. Rows with few such items (a good
+    # model) gather them first; rows with many are counted in place.
+    keep = scores >= asc[:, :1]  # at least the weakest positive
+    per_row = keep.sum(1, dtype=torch.int32).long()  # (an int32 sum of bools is ~15× faster on CPU)
+    light = per_row * 4 <= g
+    beats = torch.empty_like(pos_index)
+    for rows, compact in ((light.nonzero()[:, 0], True), ((~light).nonzero()[:, 0], False)):
+        if len(rows):
+            whole = len(rows) == q
+            sub = scores if whole else scores[rows]
+            if compact:
+                values, columns = _compact(sub, keep if whole else keep[rows], per_row[rows])
+            else:
+                values, columns = sub.contiguous(), None
+            beats[rows] = _count_beats(values, columns, asc[rows], num_pos[rows], pos_scores[rows], pos_index[rows])
+    # the same-pid items (positives and junk) were counted among the values: take them out again
+    beats -= _count_beats(s_same.contiguous(), same, asc, num_pos, pos_scores, pos_index)
     desc = torch.arange(p_max, device=dev)[None, :]
-    beats = beats_asc.gather(1, (num_pos[:, None] - 1 - desc).clamp_min(0))  # in best-first order
-    beats += _tied_before(scores, asc, others, pos_scores, pos_index)
-    ranks = (beats + desc).masked_fill(is_pad, -1)  # + better positives, which sit before it in order
+    ranks = (beats + desc).masked_fill(is_pad, -1)  # + the better positives, which precede it in order
     return QueryRanks(ranks, num_pos, num_valid)
 
 
-def _positives_in_order(scores: torch.Tensor, pos: torch.Tensor, p_max: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positives' scores and gallery indices sorted by score (desc), ties by index (asc); pads at -inf last."""
-    masked = scores.masked_fill(~pos, float("-inf"))
-    top_scores, top_index = masked.topk(p_max, dim=1)
-    by_index = top_index.argsort(dim=1)
-    top_scores, top_index = top_scores.gather(1, by_index), top_index.gather(1, by_index)
-    order = top_scores.sort(dim=1, descending=True, stable=True).indices
-    return top_scores.gather(1, order), top_index.gather(1, order)
+def _compact(scores: torch.Tensor, keep: torch.Tensor, per_row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's kept items packed left: values (Q, M) padded with −inf, and their gallery rows (Q, M)
+    padded with −1."""
+    rows, cols = keep.nonzero(as_tuple=True)
+    m = max(int(per_row.max()), 1)
+    slot = torch.arange(len(rows), device=scores.device) - (per_row.cumsum(0) - per_row)[rows]
+    values = torch.full((scores.shape[0], m), float("-inf"), device=scores.device)
+    columns = torch.full(values.shape, -1, dtype=torch.long, device=scores.device)
+    values[rows, slot] = scores[rows, cols]
+    columns[rows, slot] = cols
+    return values, columns
+
+
+def _count_beats(
+    values: torch.Tensor,
+    columns: torch.Tensor | None,
+    asc: torch.Tensor,
+    num_pos: torch.Tensor,
+    pos_scores: torch.Tensor,
+    pos_index: torch.Tensor,
+) -> torch.Tensor:
+    """(Q, P) for each positive, best first: how many values rank before it (higher score, or equal score and a
+    smaller gallery row). ``columns`` are the values' gallery rows (None: the value's column is its row)."""
+    below = torch.searchsorted(asc, values, right=False)  # (Q, M): positives scoring strictly below each value
+    return _beats(below, num_pos, asc.shape[1]) + _tied_before(values, columns, below, asc, pos_scores, pos_index)
+
+
+def _beats(below: torch.Tensor, num_pos: torch.Tensor, p: int) -> torch.Tensor:
+    """(Q, P) for each positive, best first: how many values score strictly above it.
+
+    ``below`` (Q, M) buckets each value by how many positives score strictly below it: it beats exactly those.
+    """
+    q = below.shape[0]
+    keys = (below + torch.arange(q, device=below.device)[:, None] * (p + 1)).reshape(-1)
+    hist = torch.bincount(keys, minlength=q * (p + 1)).view(q, p + 1)
+    beats_asc = hist.flip(1).cumsum(1).flip(1)[:, 1:]  # beats_asc[j]: values > the j-th smallest positive
+    best_first = (num_pos[:, None] - 1 - torch.arange(p, device=below.device)[None, :]).clamp_min(0)
+    return beats_asc.gather(1, best_first)
 
 
 def _tied_before(
-    scores: torch.Tensor, asc: torch.Tensor, others: torch.Tensor, pos_scores: torch.Tensor, pos_index: torch.Tensor
+    values: torch.Tensor,
+    columns: torch.Tensor | None,
+    below: torch.Tensor,
+    asc: torch.Tensor,
+    pos_scores: torch.Tensor,
+    pos_index: torch.Tensor,
 ) -> torch.Tensor:
-    """(Q, P) count of other items with exactly a positive's score and a smaller gallery index (stable ties).
+    """(Q, P) how many of ``values`` equal a positive's score with a smaller gallery row (stable tie-break).
 
-    Exact ties are rare (duplicate images), so the common case costs one extra searchsorted.
+    Exact ties are rare (duplicate images): one gather finds them, and only they are compared in detail.
     """
     fix = torch.zeros_like(pos_index)
-    tied = (torch.searchsorted(asc, scores, right=True) > torch.searchsorted(asc, scores, right=False)) & others
+    p = asc.shape[1]
+    tied = asc.gather(1, below.clamp_max(p - 1)) == values
     if not bool(tied.any()):
         return fix
-    qi, gi = tied.nonzero(as_tuple=True)
-    step = max(1, (1 << 22) // pos_index.shape[1])
+    qi, ki = tied.nonzero(as_tuple=True)
+    col = ki if columns is None else columns[qi, ki]
+    step = max(1, (1 << 22) // p)
     for i in range(0, len(qi), step):
-        q, k = qi[i : i + step], gi[i : i + step]
-        hit = (pos_scores[q] == scores[q, k][:, None]) & (pos_index[q] > k[:, None])  # (T, P)
-        fix.index_add_(0, q, hit.long())
+        rows, c, v = qi[i : i + step], col[i : i + step], values[qi[i : i + step], ki[i : i + step]]
+        hit = (pos_scores[rows] == v[:, None]) & (pos_index[rows] > c[:, None])  # (T, P)
+        fix.index_add_(0, rows, hit.long())
     return fix
 
 
