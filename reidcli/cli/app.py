@@ -47,23 +47,32 @@ def _root(
 
 
 def _register() -> None:
-    from reidcli.cli import ablate, evaluate, extract, index, prepare, train
+    from reidcli.cli import ablate, doctor, evaluate, extract, index, prepare, train
 
-    for module in (prepare, train, extract, index, evaluate, ablate):
+    for module in (prepare, train, extract, index, evaluate, ablate, doctor):
         module.register(app)
 
 
 _register()
 
 
-def _terminate(signum, frame) -> None:
+def _interrupted(signum, frame) -> None:
+    """SIGINT and SIGTERM unwind the stack (temporary files are removed on the way) after one line of notice."""
+    print(
+        f"Error: interrupted ({signal.Signals(signum).name}); finished outputs are intact, rerun (train: --resume) "
+        "to continue",
+        file=sys.stderr,
+        flush=True,
+    )
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C stops at once
     raise KeyboardInterrupt
 
 
 def main() -> None:
     """Console entry point: ``Error: …`` on stderr and exit 1 for user errors, traceback only with --debug."""
     debug = "--debug" in sys.argv[1:]
-    signal.signal(signal.SIGTERM, _terminate)  # SIGTERM unwinds like Ctrl-C: temporary files are removed
+    signal.signal(signal.SIGTERM, _interrupted)
+    signal.signal(signal.SIGINT, _interrupted)
     try:
         app()
     except ReidError as e:
@@ -72,7 +81,6 @@ def main() -> None:
         print(f"Error: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
-        print("Error: interrupted; finished outputs are intact, rerun to continue", file=sys.stderr)
         sys.exit(130)
     except Exception as e:  # noqa: BLE001 — the boundary: a bug still gets one line, the traceback with --debug
         if debug:

@@ -49,8 +49,9 @@ def fmt(v: object, digits: int = 4) -> str:
 def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]], highlight: dict | None = None):
     """A Rich table; ``highlight`` maps a column index to the row index whose cell is the best (bold green)."""
     table = Table(title=title, title_justify="left")
-    for c in columns:
-        table.add_column(c, justify="left" if c in (columns[0],) else "right")
+    for i, c in enumerate(columns):
+        numeric = i > 0 and all(isinstance(r[i], (int, float)) for r in rows)
+        table.add_column(c, justify="right" if numeric else "left")
     for r, row in enumerate(rows):
         cells = []
         for c, v in enumerate(row):

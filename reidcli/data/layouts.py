@@ -16,7 +16,7 @@ from reidcli.errors import DataError
 __all__ = ["Record", "DATASETS", "parse_layout", "SPLITS"]
 
 SPLITS = ("train", "query", "gallery")
-DATASETS = ("market1501", "dukemtmcreid", "msmt17", "cuhk03np", "synthetic")
+DATASETS = ("market1501", "dukemtmcreid", "msmt17", "cuhk03np", "synthetic", "custom")
 _MARKET_FOLDERS = {"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"}
 
 
@@ -113,7 +113,7 @@ def parse_layout(dataset: str, source: Source, cuhk03_subset: str = "detected") 
     files = source.files()
     if not files:
         raise DataError(f"dataset root {source.label} is empty; pass the extracted dataset folder with --root")
-    if dataset in ("market1501", "dukemtmcreid", "synthetic"):
+    if dataset in ("market1501", "dukemtmcreid", "synthetic", "custom"):  # custom: your data in Market's layout
         splits = _market_style(source, files)
     elif dataset == "cuhk03np":
         splits = _market_style(source, files, subset=cuhk03_subset)

@@ -23,6 +23,8 @@ class PKSampler:
         ids, inverse, counts = np.unique(self.labels, return_inverse=True, return_counts=True)
         if p > len(ids):
             raise ConfigError(f"batch asks for {p} identities but the training split has {len(ids)}; lower --batch")
+        if k > counts.max():
+            raise ConfigError(f"--k {k} images per identity but no identity has more than {counts.max()}; lower --k")
         if p % world:
             raise ConfigError(f"{p} identities per batch do not split over {world} processes; adjust --batch")
         order = np.argsort(inverse, kind="stable")

@@ -259,16 +259,17 @@ def _make_step(state: _State, cfg: TrainConfig, device: torch.device):
     autocast = device.type == "cuda" and cfg.bf16
     params = [p for p in state.model.parameters() if p.requires_grad]
 
-    def step(x: torch.Tensor, y: torch.Tensor, epoch: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def step(x: torch.Tensor, y: torch.Tensor, epoch: float) -> tuple[dict, torch.Tensor, dict]:
+        stats: dict[str, torch.Tensor] = {}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             out = model(x)
-            comps = compute_losses(state.model, out, y, cfg.loss, epoch)
+            comps = compute_losses(state.model, out, y, cfg.loss, epoch, stats)
         loss = sum(comps.values())
         state.opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
         state.opt.step()
-        return comps, grad_norm
+        return comps, grad_norm, stats
 
     return step
 
@@ -278,6 +279,7 @@ def _run_epoch(state: _State, cfg, sampler, images, targets, step_fn, on_step) -
     batches = sampler.epoch(state.gen)
     n = len(batches)
     sums: dict[str, torch.Tensor] = {}
+    stat_sums: dict[str, torch.Tensor] = {}
     grad_max = torch.zeros((), device=images.device)
     t0 = time.perf_counter()
     for i, idx in enumerate(batches):
@@ -286,7 +288,9 @@ def _run_epoch(state: _State, cfg, sampler, images, targets, step_fn, on_step) -
             group["lr"] = lr
         idx = idx.to(images.device)
         x = augment_batch(images[idx], cfg.augment, state.gen)
-        comps, grad_norm = step_fn(x, targets[idx], state.epoch + i / n)
+        comps, grad_norm, stats = step_fn(x, targets[idx], state.epoch + i / n)
+        for k, v in stats.items():
+            stat_sums[k] = stat_sums.get(k, 0.0) + v
         for k, v in comps.items():
             sums[k] = sums.get(k, 0.0) + v.detach().float()
         grad_max = torch.maximum(grad_max, grad_norm.detach().float())
@@ -306,6 +310,7 @@ def _run_epoch(state: _State, cfg, sampler, images, targets, step_fn, on_step) -
     # losses averaged over all processes' batches
     row.update({f"loss_{k}": float(all_reduce_sum(v, state.dist)) / (n * world) for k, v in sums.items()})
     row["loss"] = sum(v for k, v in row.items() if k.startswith("loss_"))
+    row.update({k: float(all_reduce_sum(v, state.dist)) / (n * world) for k, v in stat_sums.items()})
     row.update(_position_norms(state.model))
     return row
 

@@ -58,8 +58,13 @@ class LossConfig:
         return self
 
 
-def compute_losses(model, out, labels: torch.Tensor, cfg: LossConfig, epoch: float = 0.0) -> dict[str, torch.Tensor]:
-    """Weighted components by name; their sum is the training loss. ``epoch`` drives the RP weight warm-up."""
+def compute_losses(
+    model, out, labels: torch.Tensor, cfg: LossConfig, epoch: float = 0.0, stats: dict | None = None
+) -> dict[str, torch.Tensor]:
+    """Weighted components by name; their sum is the training loss. ``epoch`` drives the RP weight warm-up.
+
+    ``stats``, when given, receives detached diagnostics (the mean norm of the RP relation vectors).
+    """
     names = cfg.names
     losses: dict[str, torch.Tensor] = {}
     if "ce" in names:
@@ -74,5 +79,7 @@ def compute_losses(model, out, labels: torch.Tensor, cfg: LossConfig, epoch: flo
     if "rp-triplet" in names:
         ramp = 1.0 if cfg.rp_form == "raw" or cfg.rp_warmup_epochs <= 0 else min(1.0, epoch / cfg.rp_warmup_epochs)
         rel = relation_vectors(model, out.feat, out.tokens, cfg.top_n)
+        if stats is not None:
+            stats["rp_relation_norm"] = rel.detach().float().norm(dim=1).mean()
         losses["rp-triplet"] = cfg.rp_weight * ramp * rp_triplet(rel, labels, cfg.rp_form)
     return losses

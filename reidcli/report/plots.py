@@ -22,6 +22,7 @@ def _plt():
 
 def _save(fig, path: str | Path) -> None:
     plt = _plt()
+    fig.tight_layout()
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)

@@ -152,7 +152,7 @@ def _count_beats(
 ) -> torch.Tensor:
     """(Q, P) for each positive, best first: how many values rank before it (higher score, or equal score and a
     smaller gallery row). ``columns`` are the values' gallery rows (None: the value's column is its row)."""
-    below = torch.searchsorted(asc, values, right=False)  # (Q, M): positives scoring strictly below each value
+    below = torch.searchsorted(asc, values, right=False, out_int32=True)  # (Q, M): positives strictly below
     return _beats(below, num_pos, asc.shape[1]) + _tied_before(values, columns, below, asc, pos_scores, pos_index)
 
 
@@ -162,7 +162,8 @@ def _beats(below: torch.Tensor, num_pos: torch.Tensor, p: int) -> torch.Tensor:
     ``below`` (Q, M) buckets each value by how many positives score strictly below it: it beats exactly those.
     """
     q = below.shape[0]
-    keys = (below + torch.arange(q, device=below.device)[:, None] * (p + 1)).reshape(-1)
+    offsets = torch.arange(q, device=below.device, dtype=torch.int32)[:, None] * (p + 1)
+    keys = (below + offsets).reshape(-1)
     hist = torch.bincount(keys, minlength=q * (p + 1)).view(q, p + 1)
     beats_asc = hist.flip(1).cumsum(1).flip(1)[:, 1:]  # beats_asc[j]: values > the j-th smallest positive
     best_first = (num_pos[:, None] - 1 - torch.arange(p, device=below.device)[None, :]).clamp_min(0)
@@ -183,7 +184,7 @@ def _tied_before(
     """
     fix = torch.zeros_like(pos_index)
     p = asc.shape[1]
-    tied = asc.gather(1, below.clamp_max(p - 1)) == values
+    tied = asc.gather(1, below.clamp_max(p - 1).long()) == values
     if not bool(tied.any()):
         return fix
     qi, ki = tied.nonzero(as_tuple=True)

@@ -6,7 +6,7 @@ import pytest
 
 from tests.conftest import run_cli
 
-COMMANDS = ("prepare", "train", "extract", "index", "evaluate", "ablate")
+COMMANDS = ("prepare", "train", "extract", "index", "evaluate", "ablate", "doctor")
 
 
 def test_help_lists_commands_without_importing_torch():
@@ -173,3 +173,14 @@ def test_train_option_errors(tiny_data, tmp_path, args, message):
     )
     assert r.returncode == 1 and message in r.stderr and r.stderr.count("\n") == 1
     assert not (tmp_path / "r").exists()
+
+
+def test_doctor_checks_data_and_run(tiny_data, tmp_path):
+    r = run_cli("doctor", "--data", str(tiny_data), "--json")
+    assert r.returncode == 0, r.stderr
+    checks = {c["check"]: c for c in json.loads(r.stdout)}
+    assert checks["torch"]["status"] == "ok" and "GPU support" in checks["faiss"]["detail"]
+    assert "12 ids" in checks["dataset"]["detail"]
+    r = run_cli("doctor", "--run", str(tmp_path / "nope"), "--json")
+    assert r.returncode == 1
+    assert {c["check"]: c["status"] for c in json.loads(r.stdout)}["run"] == "FAIL"

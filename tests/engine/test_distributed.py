@@ -9,10 +9,45 @@ from reidcli.engine.checkpoint import RunFiles, load_checkpoint
 def test_two_process_gloo_run_trains_and_writes_one_checkpoint(tiny_data, tmp_path):
     run = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
-           "-m", "reidcli", "train", "--data", str(tiny_data), "--out", str(run), "--pe", "both",
-           "--loss", "ce+triplet+rp-triplet", "--dim", "32", "--depth", "1", "--heads", "4", "--epochs", "2",
-           "--batch", "16", "--k", "4", "--optimizer", "adamw", "--lr", "1e-3", "--device", "cpu", "--json"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29531",
+        "-m",
+        "reidcli",
+        "train",
+        "--data",
+        str(tiny_data),
+        "--out",
+        str(run),
+        "--pe",
+        "both",
+        "--loss",
+        "ce+triplet+rp-triplet",
+        "--dim",
+        "32",
+        "--depth",
+        "1",
+        "--heads",
+        "4",
+        "--epochs",
+        "2",
+        "--batch",
+        "16",
+        "--k",
+        "4",
+        "--optimizer",
+        "adamw",
+        "--lr",
+        "1e-3",
+        "--device",
+        "cpu",
+        "--json",
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     files = RunFiles(run)

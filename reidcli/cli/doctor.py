@@ -1,0 +1,105 @@
+"""``reid doctor``: versions, devices, FAISS GPU support, and whether a dataset and run folder fit together."""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from reidcli.cli.console import print_json, print_table
+from reidcli.cli.options import JsonOpt
+
+
+def doctor(
+    data: Annotated[Path | None, typer.Option(help="A dataset HDF5 to check.")] = None,
+    run: Annotated[Path | None, typer.Option(help="A run folder to check (against --data when given).")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Report the environment, and check that a dataset file and a run folder are readable and consistent.
+
+    Examples:
+
+      reid doctor
+
+      reid doctor --data data/market1501.h5 --run runs/both
+    """
+    from reidcli.errors import ReidError
+
+    checks: list[tuple[str, str, str]] = _environment()
+    for label, fn, arg in (("dataset", _check_data, data), ("run", _check_run, run)):
+        if arg is not None:
+            try:
+                checks += fn(arg, data)
+            except ReidError as e:
+                checks.append((label, "FAIL", str(e)))
+    if json_out:
+        print_json([{"check": c, "status": s, "detail": d} for c, s, d in checks])
+    else:
+        print_table("reid doctor", ["check", "status", "detail"], checks)
+    if any(s == "FAIL" for _, s, _ in checks):
+        raise typer.Exit(1)
+
+
+def _environment() -> list[tuple[str, str, str]]:
+    import h5py
+    import timm
+    import torch
+
+    from reidcli import __version__
+
+    rows = [
+        ("reidcli", "ok", __version__),
+        ("python", "ok", platform.python_version()),
+        ("torch", "ok", torch.__version__),
+        ("timm", "ok", timm.__version__),
+        ("h5py", "ok", h5py.__version__),
+    ]
+    if torch.cuda.is_available():
+        names = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+        rows.append(("CUDA", "ok", f"{torch.cuda.device_count()} GPU(s): {names}"))
+    else:
+        rows.append(("CUDA", "none", "no GPU visible: training and evaluation run on the CPU"))
+    try:
+        import faiss
+
+        gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+        rows.append(("faiss", "ok", f"{faiss.__version__}, GPU support: {'yes' if gpus else 'no'}"))
+    except ImportError:
+        rows.append(("faiss", "FAIL", "not installed: run 'make install'"))
+    return rows
+
+
+def _check_data(path: Path, _data) -> list[tuple[str, str, str]]:
+    from reidcli.data.store import dataset_summary, read_dataset
+
+    attrs, splits = read_dataset(path, images=False)
+    counts = "; ".join(f"{r['split']} {r['images']} images / {r['ids']} ids" for r in dataset_summary(splits))
+    size = "x".join(str(v) for v in attrs["image_size"])
+    return [("dataset", "ok", f"{path}: {attrs.get('name')} at {size}; {counts}")]
+
+
+def _check_run(run: Path, data: Path | None) -> list[tuple[str, str, str]]:
+    from reidcli.data.store import read_dataset
+    from reidcli.engine.checkpoint import RunFiles, load_run_model
+
+    model, config, source = load_run_model(run, "cpu")
+    files = RunFiles(run)
+    state = "finished" if files.weights.is_file() else "in progress (checkpoint only)"
+    rows = [("run", "ok", f"{run}: {config['model']['pe']} ViT, {state}, weights from {source.name}")]
+    if data is not None:
+        attrs, splits = read_dataset(data, ("train",), images=False)
+        size = tuple(attrs["image_size"])
+        ids = len(set(splits["train"].pids.tolist()))
+        ok = size == tuple(model.cfg.image_size) and ids == model.cfg.num_classes
+        detail = (
+            f"dataset {size[0]}x{size[1]} with {ids} train ids; model {model.cfg.image_size[0]}x"
+            f"{model.cfg.image_size[1]} with {model.cfg.num_classes} classes"
+        )
+        rows.append(("run ↔ dataset", "ok" if ok else "FAIL", detail))
+    return rows
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(doctor)

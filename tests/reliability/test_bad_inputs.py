@@ -1,0 +1,122 @@
+"""The rest of the bad-input catalogue (docs/reliability.md); other rows live beside the code they test."""
+
+import json
+import shutil
+import zipfile
+
+import h5py
+import numpy as np
+import pytest
+
+from reidcli.data.prepare import PrepareConfig, prepare_dataset
+from reidcli.data.store import read_dataset
+from reidcli.data.synthetic import SyntheticConfig, generate_synthetic
+from reidcli.errors import DataError, FormatError
+from tests.conftest import run_cli
+
+SMALL = SyntheticConfig(num_train_ids=3, num_test_ids=3, num_distractors=1, num_junk=1, images_per_camera=1, seed=9)
+TINY = ("--dim", "32", "--depth", "1", "--heads", "4", "--batch", "16", "--epochs", "1", "--device", "cpu")
+
+
+def _prepare(root, out):
+    return prepare_dataset(PrepareConfig(dataset="market1501", root=root, out=out, image_size=(32, 16)))
+
+
+def test_two_datasets_under_one_root_is_ambiguous(tmp_path):
+    generate_synthetic(tmp_path / "a", SMALL)
+    generate_synthetic(tmp_path / "b", SMALL)
+    with pytest.raises(DataError, match="several 'bounding_box_train' folders.*point --root at one"):
+        _prepare(tmp_path, tmp_path / "x.h5")
+
+
+def test_zip_of_a_zip(tmp_path):
+    generate_synthetic(tmp_path / "m", SMALL)
+    inner = tmp_path / "inner.zip"
+    with zipfile.ZipFile(inner, "w") as z:
+        for p in (tmp_path / "m").rglob("*.jpg"):
+            z.write(p, p.relative_to(tmp_path).as_posix())
+    outer = tmp_path / "outer.zip"
+    with zipfile.ZipFile(outer, "w") as z:
+        z.write(inner, "inner.zip")
+    with pytest.raises(DataError, match="only holds other zip archives.*unzip it once"):
+        _prepare(outer, tmp_path / "x.h5")
+
+
+def test_not_a_zip_file(tmp_path):
+    (tmp_path / "data.tar").write_bytes(b"not an archive")
+    with pytest.raises(DataError, match="not a zip archive"):
+        _prepare(tmp_path / "data.tar", tmp_path / "x.h5")
+
+
+def test_dataset_file_with_mismatched_lengths(tmp_path):
+    generate_synthetic(tmp_path / "m", SMALL)
+    out = _prepare(tmp_path / "m", tmp_path / "d.h5").out
+    with h5py.File(out, "a") as h5:
+        del h5["query/pids"]
+        h5["query"].create_dataset("pids", data=np.zeros(1, np.int64))
+    with pytest.raises(FormatError, match="split 'query' has mismatched lengths"):
+        read_dataset(out)
+
+
+@pytest.fixture(scope="module")
+def ape_run(tiny_data, tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "ape"
+    r = run_cli("train", "--data", str(tiny_data), "--out", str(run), "--pe", "ape", *TINY)
+    assert r.returncode == 0, r.stderr
+    return run
+
+
+def test_resume_with_another_pe_is_refused(tiny_data, ape_run, tmp_path):
+    run = tmp_path / "copy"
+    shutil.copytree(ape_run, run)
+    r = run_cli(
+        "train",
+        "--data",
+        str(tiny_data),
+        "--out",
+        str(run),
+        "--pe",
+        "rpe",
+        *TINY[:-4],
+        "--epochs",
+        "2",
+        "--device",
+        "cpu",
+        "--resume",
+    )
+    assert r.returncode == 1 and "trained with other model options" in r.stderr
+
+
+def test_run_folder_whose_weights_do_not_fit_its_config(tiny_data, ape_run, tmp_path):
+    run = tmp_path / "copy"
+    shutil.copytree(ape_run, run)
+    config = json.loads((run / "config.json").read_text())
+    config["model"]["pe"] = "both"
+    (run / "config.json").write_text(json.dumps(config))
+    r = run_cli("extract", "--run", str(run), "--data", str(tiny_data), "--out", str(tmp_path / "f.h5"))
+    assert r.returncode == 1 and "do not fit the model in config.json" in r.stderr
+    assert not (tmp_path / "f.h5").exists()
+
+
+def test_extract_on_a_dataset_of_another_size(ape_run, tmp_path):
+    generate_synthetic(tmp_path / "m", SMALL)
+    other = prepare_dataset(
+        PrepareConfig(dataset="market1501", root=tmp_path / "m", out=tmp_path / "o.h5", image_size=(48, 24))
+    ).out
+    r = run_cli("extract", "--run", str(ape_run), "--data", str(other), "--out", str(tmp_path / "f.h5"))
+    assert r.returncode == 1 and "prepare the data at that size" in r.stderr
+
+
+def test_not_a_run_folder(tiny_data, tmp_path):
+    r = run_cli("extract", "--run", str(tmp_path), "--data", str(tiny_data), "--out", str(tmp_path / "f.h5"))
+    assert r.returncode == 1 and "is not a run folder" in r.stderr
+
+
+def test_evaluate_index_of_other_features(tiny_data, ape_run, tmp_path):
+    feats = tmp_path / "f.h5"
+    assert run_cli("extract", "--run", str(ape_run), "--data", str(tiny_data), "--out", str(feats)).returncode == 0
+    assert run_cli("index", str(feats), "--out", str(tmp_path / "i.faiss")).returncode == 0
+    with h5py.File(feats, "a") as h5:
+        h5["gallery/feats"][0] = -h5["gallery/feats"][0]
+    r = run_cli("evaluate", str(feats), "--index", str(tmp_path / "i.faiss"))
+    assert r.returncode == 1 and "built from other features" in r.stderr
