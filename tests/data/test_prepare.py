@@ -154,6 +154,19 @@ def test_msmt17_list_layout(tmp_path):
     assert list(s["gallery"].pids) == [5, 6] and list(s["gallery"].camids) == [1, 3]
 
 
+def test_msmt17_bad_list_line(tmp_path):
+    root = tmp_path / "MSMT17_V1"
+    (root / "train" / "0000").mkdir(parents=True)
+    (root / "test" / "0001").mkdir(parents=True)
+    (root / "test" / "0001" / "0001_000_01_0303morning_0015_0.jpg").write_bytes(b"x")
+    (root / "train" / "0000" / "0000_000_01_0303morning_0015_0.jpg").write_bytes(b"x")
+    (root / "list_train.txt").write_text("0000/0000_000_01_0303morning_0015_0.jpg\n")  # the pid is missing
+    (root / "list_query.txt").write_text("")
+    (root / "list_gallery.txt").write_text("")
+    with pytest.raises(DataError, match="list_train.txt line 1 is not 'PATH PID'"):
+        prepare_dataset(PrepareConfig(dataset="msmt17", root=root, out=tmp_path / "m.h5", image_size=(32, 16)))
+
+
 def test_cuhk03np_detected_subset(market, tmp_path):
     root = tmp_path / "cuhk03-np"
     root.mkdir()

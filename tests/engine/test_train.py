@@ -132,3 +132,9 @@ def test_rp_triplet_needs_positions(tiny_data, tmp_path):
 def test_k_larger_than_ids_batch(tiny_data, tmp_path):
     with pytest.raises(ConfigError, match="identities"):
         train(_cfg(tiny_data, tmp_path / "x", batch=64, k=4))  # 16 ids asked, 12 exist
+
+
+def test_exploding_gradient_stops_the_run(tiny_data, tmp_path):
+    with pytest.raises(TrainingError, match="gradient norm exploded .* in epoch 1"):
+        train(_cfg(tiny_data, tmp_path / "g", max_grad_norm=1e-6))
+    assert not RunFiles(tmp_path / "g").checkpoint.exists()

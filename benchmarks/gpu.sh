@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# One call on a GPU machine (H100/H200), under 8 minutes: the peer baseline, then every reidcli target, side by side.
+# Runs from the source tree (PYTHONPATH=.), needs only torch, timm, h5py, numpy (no FAISS: the GPU retrieval path is
+# torch). Prints one table last; JSON goes to $OUT (gpu_bench.json, anchor_gpu.json) for benchmarks/results/.
+#   device run:  bash benchmarks/gpu.sh        (carry .bench_peer holding a copy of shared/bench/peer_baseline.py)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export OUT=${OUT:-benchmarks/results/gpu} PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader || echo "no nvidia-smi"
+PEER=.bench_peer/peer_baseline.py
+[ -f "$PEER" ] || PEER=../shared/bench/peer_baseline.py
+echo "== peer baseline ($PEER)"
+timeout 200 python3 "$PEER" 2>&1 | tail -n 20 || echo "peer baseline failed or timed out"
+echo "== reidcli"
+timeout 360 python3 -m benchmarks.gpu_bench --peer "$OUT/anchor_gpu.json" --out "$OUT" ${GPU_BENCH_ARGS:-}

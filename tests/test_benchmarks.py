@@ -1,0 +1,51 @@
+"""The benchmark scripts run end to end at toy sizes, so they work when a GPU session runs them for real."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "2"},
+    )
+
+
+def test_gpu_bench_smoke(tmp_path):
+    r = _run("benchmarks.gpu_bench", "--smoke", "--no-compile", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads((tmp_path / "gpu_bench.json").read_text())
+    for section in ("train", "epoch", "extract", "eval"):
+        assert "error" not in result[section], result[section]
+    assert result["eval"]["market gpu-cpu max metric diff"] < 1e-6
+    assert result["epoch"]["epoch2_s"] > 0 and "eval market ms" in r.stdout
+
+
+def test_model_speed_smoke(tmp_path):
+    out = tmp_path / "speed.json"
+    r = _run(
+        "benchmarks.model_speed",
+        "--preset",
+        "vit_tiny",
+        "--image-size",
+        "64x32",
+        "--batch",
+        "4",
+        "--steps",
+        "2",
+        "--pe",
+        "ape,rpe",
+        "--out",
+        str(out),
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["pe"] for row in rows] == ["ape", "rpe"] and all(row["train_img_s"] > 0 for row in rows)
