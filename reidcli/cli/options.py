@@ -15,6 +15,26 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JS
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 DataOpt = Annotated[Path, typer.Option("--data", help="Dataset HDF5 from 'reid prepare'.")]
 
+# Model and schedule options shared by `train` and `ablate`.
+PresetOpt = Annotated[str | None, typer.Option(help="vit_tiny, vit_small or vit_base.")]
+DimOpt = Annotated[int | None, typer.Option(help="Width (overrides the preset).")]
+DepthOpt = Annotated[int | None, typer.Option(help="Blocks (overrides the preset).")]
+HeadsOpt = Annotated[int | None, typer.Option(help="Attention heads (overrides the preset).")]
+PatchOpt = Annotated[int, typer.Option(help="Patch size in pixels.")]
+StrideOpt = Annotated[int | None, typer.Option(help="Patch stride (< patch size: overlapping patches).")]
+ImageSizeOpt = Annotated[str | None, typer.Option(help="HEIGHTxWIDTH [default: the dataset's].")]
+EpochsOpt = Annotated[int, typer.Option(help="Training epochs.")]
+BatchOpt = Annotated[int, typer.Option(help="Images per batch (P identities × K).")]
+KOpt = Annotated[int, typer.Option("--k", help="Images per identity in a batch.")]
+OptimizerOpt = Annotated[str, typer.Option(help="sgd or adamw.")]
+LrOpt = Annotated[float, typer.Option(help="Peak learning rate.")]
+WeightDecayOpt = Annotated[float, typer.Option(help="Weight decay (not on biases, norms, position tables).")]
+WarmupOpt = Annotated[float, typer.Option(help="Linear warm-up epochs.")]
+DropPathOpt = Annotated[float, typer.Option(help="Stochastic depth rate.")]
+TopNOpt = Annotated[int, typer.Option(help="Patches used by patch-triplet / rp-triplet.")]
+RpFormOpt = Annotated[str, typer.Option(help="rp-triplet form: stable (default) or raw (the seed's).")]
+NeckFeatOpt = Annotated[str, typer.Option(help="Test feature: before or after the BNNeck.")]
+
 
 def parse_size(text: str) -> tuple[int, int]:
     """``'256x128'`` → ``(256, 128)`` (height × width)."""
