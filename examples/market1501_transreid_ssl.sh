@@ -14,7 +14,7 @@ $REID prepare market1501 --root "$MARKET" --out data/market1501.h5 --image-size 
 
 # the three positional encodings, same recipe (add --seeds 0,1,2 for mean ± std)
 $REID ablate --data data/market1501.h5 --out "$OUT/ablation" --pe ape,rpe,both \
-  --preset vit_base --patch-size 16 --epochs 120 --batch 64 --k 4 --optimizer sgd --lr 0.008 \
+  --preset vit_base --patch-size 16 --init "$INIT" --epochs 120 --batch 64 --k 4 --optimizer sgd --lr 0.008 \
   --weight-decay 1e-4 --warmup-epochs 5 --drop-path 0.1
 
 # or a single run with the seed's relative-position triplet loss, then retrieval with re-ranking

@@ -60,6 +60,7 @@ def ablate(
     top_n: TopNOpt = 8,
     rp_form: RpFormOpt = "stable",
     neck_feat: NeckFeatOpt = "before",
+    init: Annotated[Path | None, typer.Option(help="timm-format ViT weights every run starts from.")] = None,
     perturb: Annotated[float, typer.Option(help="Query misalignment for the robustness column (0: off).")] = 0.1,
     device: DeviceOpt = "auto",
     dry_run: Annotated[bool, typer.Option(help="Print the plan (and which runs are reused) and exit.")] = False,
@@ -105,6 +106,7 @@ def ablate(
         weight_decay=weight_decay,
         warmup_epochs=warmup_epochs,
         device=device,
+        init=str(init) if init else None,
     )
     cfg = AblationConfig(
         out=str(out), template=template, pes=pes, losses=tuple(parse_list(loss)), seeds=seed_list, perturb=perturb

@@ -71,6 +71,8 @@ class TrainConfig:
             raise ConfigError(f"unknown --optimizer {self.optimizer!r}; use sgd or adamw")
         if self.lr <= 0:
             raise ConfigError("--lr must be positive")
+        if self.init and not Path(self.init).is_file():
+            raise ConfigError(f"--init {self.init} not found; pass an existing .pth or .safetensors weights file")
         if "rp-triplet" in self.loss.names and self.model.pe == "none":
             raise ConfigError("rp-triplet needs position parameters; use --pe ape, rpe, both or sincos")
         return self

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from reidcli.errors import ConfigError, FormatError
-from reidcli.fileio import atomic_path, write_json_atomic
+from reidcli.fileio import atomic_path, sha256_file, write_json_atomic
 
 __all__ = ["IndexConfig", "faiss_gpu_count", "build_index", "save_index", "load_index", "search", "features_digest"]
 
@@ -106,7 +106,10 @@ def save_index(index, path: str | Path, meta: dict) -> None:
     path = Path(path)
     with atomic_path(path, suffix=".faiss") as tmp:
         faiss.write_index(index, str(tmp))
-    write_json_atomic(Path(str(path) + ".json"), {"format": "reidcli.index", "version": 1, **meta})
+        file_hash = sha256_file(tmp)  # ties the two files together: a crash between the renames is detected
+    write_json_atomic(
+        Path(str(path) + ".json"), {"format": "reidcli.index", "version": 1, **meta, "index_sha256": file_hash}
+    )
 
 
 def load_index(path: str | Path, feats: np.ndarray | None = None, pids: np.ndarray | None = None):
@@ -117,8 +120,13 @@ def load_index(path: str | Path, feats: np.ndarray | None = None, pids: np.ndarr
     if not path.is_file() or not meta_path.is_file():
         raise FormatError(f"index {path} (with {meta_path.name}) not found; build it with 'reid index'")
     try:
-        index = faiss.read_index(str(path))
         meta = json.loads(meta_path.read_text())
+        if meta.get("index_sha256") != sha256_file(path):
+            raise FormatError(
+                f"{path} and {meta_path.name} do not belong together (interrupted write?); "
+                "rebuild the index with 'reid index'"
+            )
+        index = faiss.read_index(str(path))
     except (RuntimeError, ValueError) as e:
         raise FormatError(f"{path} is not a readable FAISS index ({e}); rebuild it with 'reid index'") from e
     if feats is not None:

@@ -116,6 +116,7 @@ def test_lr_schedule_warmup_then_cosine():
         ({"epochs": -1}, "--epochs"),
         ({"batch": 18, "k": 4}, "multiple of --k"),
         ({"optimizer": "lamb"}, "optimizer"),
+        ({"init": "/nonexistent/vit.pth"}, "--init /nonexistent/vit.pth not found"),
     ],
 )
 def test_bad_training_options(tiny_data, tmp_path, kw, message):

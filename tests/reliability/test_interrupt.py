@@ -103,3 +103,26 @@ def test_killed_extract_never_leaves_a_half_file(tiny_data, tmp_path):
         if out.exists():  # finished before the signal: then it is complete
             with h5py.File(out) as h5:
                 assert h5.attrs["format"] == "reidcli.features" and h5["gallery/feats"].shape[0] > 0
+
+
+def test_killed_index_never_leaves_a_half_file(tmp_path):
+    import numpy as np
+
+    from reidcli.retrieval.features import FeatureSplit, write_features
+
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(60_000, 64)).astype(np.float32)
+    feats /= np.linalg.norm(feats, axis=1, keepdims=True)
+    split = FeatureSplit(feats, rng.integers(0, 500, len(feats)), rng.integers(0, 6, len(feats)))
+    write_features(tmp_path / "f.h5", {"query": split, "gallery": split})
+    out = tmp_path / "g.faiss"
+    for delay in (0.5, 1.5, 3.0):
+        proc = _start("index", str(tmp_path / "f.h5"), "--out", str(out), "--kind", "ivfpq", "--m", "8")
+        time.sleep(delay)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+        _no_temp_files(tmp_path)
+        if out.exists():  # finished before the signal: then it is complete and loads
+            from reidcli.retrieval.index import load_index
+
+            assert load_index(out, feats, split.pids)[0].ntotal == len(feats)

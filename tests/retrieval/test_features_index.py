@@ -91,6 +91,12 @@ def test_flat_index_equals_brute_force_and_reloads(feats, tmp_path):
         load_index(path, g.feats[::-1].copy(), g.pids)
     with pytest.raises(FormatError, match="600×32"):
         load_index(path, g.feats[:10], g.pids[:10])
+    other = build_index(g.feats[::-1].copy(), IndexConfig(kind="flat"))
+    import faiss
+
+    faiss.write_index(other, str(path))  # an index file replaced without its .json (an interrupted rebuild)
+    with pytest.raises(FormatError, match="do not belong together"):
+        load_index(path, g.feats, g.pids)
 
 
 def test_ivfpq_is_reported_approximate(feats):
