@@ -169,6 +169,8 @@ def _restore(state: _State, files: RunFiles) -> None:
     state.opt.load_state_dict(ckpt["optimizer"])
     state.gen.set_state(ckpt["generator"])
     torch.set_rng_state(ckpt["torch_rng"])
+    if "cuda_rng" in ckpt and torch.cuda.is_available():
+        torch.cuda.set_rng_state(ckpt["cuda_rng"])
     state.epoch = int(ckpt["epoch"])
     state.metrics = [r for r in _read_jsonl(files.metrics) if r["epoch"] <= state.epoch]
 
@@ -187,6 +189,7 @@ def _save(state: _State, files: RunFiles) -> None:
             "optimizer": state.opt.state_dict(),
             "generator": state.gen.get_state(),
             "torch_rng": torch.get_rng_state(),
+            **({"cuda_rng": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {}),
             "epoch": state.epoch,
         },
     )
@@ -205,14 +208,7 @@ def train(
     if files.checkpoint.exists() and not resume:
         raise ConfigError(f"{files.root} already holds a run; pass --resume to continue it or choose another --out")
     info, device = setup_distributed(resolve_device(cfg.device))
-    attrs, splits = read_dataset(cfg.data, ("train",))
-    train_split = splits["train"]
-    image_size = tuple(attrs["image_size"])
-    if tuple(cfg.model.image_size) != image_size:
-        raise ConfigError(
-            f"the dataset images are {image_size[0]}x{image_size[1]} but the model expects "
-            f"{cfg.model.image_size[0]}x{cfg.model.image_size[1]}; pass --image-size to match"
-        )
+    attrs, train_split = _train_split(cfg)
     pids, labels = np.unique(train_split.pids, return_inverse=True)
     sampler = PKSampler(labels, cfg.batch // cfg.k, cfg.k, info.rank, info.world)
     state = _build(cfg, len(pids), device)
@@ -221,17 +217,9 @@ def train(
         _restore(state, files)
     if info.main:
         files.root.mkdir(parents=True, exist_ok=True)
+        extra = {"dataset": attrs.get("name"), "num_train_ids": int(len(pids)), "world_size": info.world}
         model_dict = {**cfg.model.to_dict(), "num_classes": len(pids)}
-        write_json_atomic(
-            files.config,
-            {
-                **cfg.to_dict(),
-                "model": model_dict,
-                "dataset": attrs.get("name"),
-                "num_train_ids": int(len(pids)),
-                "world_size": info.world,
-            },
-        )
+        write_json_atomic(files.config, {**cfg.to_dict(), "model": model_dict, **extra})
     images = torch.from_numpy(train_split.images).to(device)  # uint8 (N, H, W, 3), resident for the whole run
     targets = torch.from_numpy(labels).to(device)
     step_fn = _make_step(state, cfg, device)
@@ -250,6 +238,17 @@ def train(
         _finish(state, cfg, files)
     barrier(info)
     return TrainResult(files.root, state.epoch, state.metrics, parameter_report(state.model))
+
+
+def _train_split(cfg: TrainConfig):
+    attrs, splits = read_dataset(cfg.data, ("train",))
+    size = tuple(attrs["image_size"])
+    if tuple(cfg.model.image_size) != size:
+        h, w = cfg.model.image_size
+        raise ConfigError(
+            f"the dataset images are {size[0]}x{size[1]} but the model expects {h}x{w}; pass --image-size to match"
+        )
+    return attrs, splits["train"]
 
 
 def _make_step(state: _State, cfg: TrainConfig, device: torch.device):
