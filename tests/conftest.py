@@ -11,6 +11,10 @@ import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
+# A one-block ViT that trains in a fraction of a second on the tiny dataset: CLI arguments for train / ablate.
+TINY_MODEL = tuple(["--dim", "32", "--depth", "1", "--heads", "4"])
+TINY_TRAIN = (*TINY_MODEL, *["--batch", "16", "--optimizer", "adamw", "--lr", "1e-3", "--device", "cpu"])
+
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:

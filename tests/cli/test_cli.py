@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import TINY_MODEL, run_cli
 
 COMMANDS = ("prepare", "train", "extract", "index", "evaluate", "ablate", "doctor")
 
@@ -163,12 +163,7 @@ def test_train_option_errors(tiny_data, tmp_path, args, message):
         str(tiny_data),
         "--out",
         str(tmp_path / "r"),
-        "--dim",
-        "32",
-        "--depth",
-        "1",
-        "--heads",
-        "4",
+        *TINY_MODEL,
         *args,
     )
     assert r.returncode == 1 and message in r.stderr and r.stderr.count("\n") == 1

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 from reidcli.engine.checkpoint import RunFiles, load_checkpoint
+from tests.conftest import TINY_MODEL
 
 
 def test_two_process_gloo_run_trains_and_writes_one_checkpoint(tiny_data, tmp_path):
@@ -28,12 +29,7 @@ def test_two_process_gloo_run_trains_and_writes_one_checkpoint(tiny_data, tmp_pa
         "both",
         "--loss",
         "ce+triplet+rp-triplet",
-        "--dim",
-        "32",
-        "--depth",
-        "1",
-        "--heads",
-        "4",
+        *TINY_MODEL,
         "--epochs",
         "2",
         "--batch",

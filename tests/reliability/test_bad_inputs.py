@@ -12,10 +12,10 @@ from reidcli.data.prepare import PrepareConfig, prepare_dataset
 from reidcli.data.store import read_dataset
 from reidcli.data.synthetic import SyntheticConfig, generate_synthetic
 from reidcli.errors import DataError, FormatError
-from tests.conftest import run_cli
+from tests.conftest import TINY_MODEL, run_cli
 
 SMALL = SyntheticConfig(num_train_ids=3, num_test_ids=3, num_distractors=1, num_junk=1, images_per_camera=1, seed=9)
-TINY = ("--dim", "32", "--depth", "1", "--heads", "4", "--batch", "16", "--epochs", "1", "--device", "cpu")
+TINY = (*TINY_MODEL, "--batch", "16", "--epochs", "1", "--device", "cpu")
 
 
 def _prepare(root, out):

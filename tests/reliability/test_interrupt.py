@@ -10,23 +10,9 @@ import h5py
 import pytest
 
 from reidcli.engine.checkpoint import RunFiles, load_checkpoint
+from tests.conftest import TINY_TRAIN
 
-TINY = (
-    "--dim",
-    "32",
-    "--depth",
-    "1",
-    "--heads",
-    "4",
-    "--batch",
-    "16",
-    "--optimizer",
-    "adamw",
-    "--lr",
-    "1e-3",
-    "--device",
-    "cpu",
-)
+TINY = TINY_TRAIN
 
 
 def _start(*args: str) -> subprocess.Popen:

@@ -12,28 +12,9 @@ from reidcli.engine.train import TrainConfig
 from reidcli.losses.combined import LossConfig
 from reidcli.model.vit import ModelConfig
 from reidcli.report.ablate import AblationConfig, plan, run_ablation
-from tests.conftest import run_cli
+from tests.conftest import TINY_TRAIN, run_cli
 
-TINY = (
-    "--preset",
-    "vit_tiny",
-    "--dim",
-    "32",
-    "--depth",
-    "1",
-    "--heads",
-    "4",
-    "--batch",
-    "16",
-    "--optimizer",
-    "adamw",
-    "--lr",
-    "1e-3",
-    "--warmup-epochs",
-    "0",
-    "--device",
-    "cpu",
-)
+TINY = ("--preset", "vit_tiny", *TINY_TRAIN, "--warmup-epochs", "0")
 
 
 def _cfg(data, out, **kw) -> AblationConfig:
