@@ -20,9 +20,10 @@ def _plt():
     return plt
 
 
-def _save(fig, path: str | Path) -> None:
+def _save(fig, path: str | Path, tight: bool = True) -> None:
     plt = _plt()
-    fig.tight_layout()
+    if tight:
+        fig.tight_layout()
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -82,14 +83,16 @@ def plot_ape_similarity(pos_embed: np.ndarray, grid: tuple[int, int], path: str 
     h, w = grid
     p = pos_embed / np.linalg.norm(pos_embed, axis=1, keepdims=True).clip(1e-12)
     sim = p @ p.T  # (N, N)
-    fig, axes = plt.subplots(h, w, figsize=(0.55 * w + 1, 0.55 * h * 1.0 + 0.6), squeeze=False)
+    fig, axes = plt.subplots(h, w, figsize=(0.8 * w + 1.2, 0.8 * h + 0.8), squeeze=False)
     for i in range(h * w):
         ax = axes[i // w, i % w]
-        ax.imshow(sim[i].reshape(h, w), vmin=-1, vmax=1, cmap="viridis")
+        shown = ax.imshow(sim[i].reshape(h, w), vmin=-1, vmax=1, cmap="viridis")
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle(title or "APE cosine similarity", fontsize=9)
-    _save(fig, path)
+    fig.subplots_adjust(right=0.8, wspace=0.1, hspace=0.1)
+    fig.colorbar(shown, cax=fig.add_axes([0.85, 0.3, 0.03, 0.4]), label="cosine similarity")
+    fig.suptitle(title or "APE cosine similarity (one map per patch: its similarity to every patch)", fontsize=9)
+    _save(fig, path, tight=False)
 
 
 def plot_rpe_bias(tables: np.ndarray, grid: tuple[int, int], path: str | Path, title: str = "") -> None:
