@@ -24,7 +24,7 @@ import torch
 
 from reidcli.retrieval.evaluate import EvalConfig, evaluate
 from reidcli.retrieval.features import FeatureSplit
-from reidcli.retrieval.metrics import positive_ranks, summarize
+from reidcli.retrieval.metrics import GalleryGroups, positive_ranks, summarize
 
 
 def market_like(nq: int, ng: int, ids: int, d: int = 768, cams: int = 6, seed: int = 0, noise: float = 1.2):
@@ -57,10 +57,12 @@ def timed(fn, reps: int = 3) -> tuple[float, object]:
 
 
 def ours_from_distmat(dist: torch.Tensor, q: FeatureSplit, g: FeatureSplit, chunk: int = 512):
+    """Metrics from a distance matrix, chunk by chunk (scores are the negated distances)."""
     qp, qc = torch.from_numpy(q.pids), torch.from_numpy(q.camids)
     gp, gc = torch.from_numpy(g.pids), torch.from_numpy(g.camids)
+    groups = GalleryGroups(gp, gc)
     parts = [
-        positive_ranks(-dist[i : i + chunk], qp[i : i + chunk], qc[i : i + chunk], gp, gc)
+        positive_ranks(-dist[i : i + chunk], qp[i : i + chunk], qc[i : i + chunk], gp, gc, groups)
         for i in range(0, len(qp), chunk)
     ]
     return summarize(parts)

@@ -112,6 +112,8 @@ def positive_ranks(
     keep = scores >= asc[:, :1]  # at least the weakest positive
     per_row = keep.sum(1, dtype=torch.int32).long()  # (an int32 sum of bools is ~15× faster on CPU)
     light = per_row * 4 <= g
+    if int(light.sum()) * 2 < q:  # mostly heavy rows: count the whole chunk in place, no gathers or copies
+        light = torch.zeros_like(light)
     beats = torch.empty_like(pos_index)
     for rows, compact in ((light.nonzero()[:, 0], True), ((~light).nonzero()[:, 0], False)):
         if len(rows):
