@@ -67,7 +67,7 @@ def evaluate(
     if out is not None:
         _write_results(out, report)
         if visualize:
-            _pictures(out, splits, data or attrs.get("dataset_file"), visualize, top_k)
+            _pictures(out, splits, data or attrs.get("dataset_file"), visualize, top_k, cfg if rerank else None)
     if json_out:
         print_json(report)
         return
@@ -100,13 +100,13 @@ def _write_results(out: Path, report: dict) -> None:
         pd.DataFrame([flat]).to_csv(tmp, index=False)
 
 
-def _pictures(out: Path, splits, data, n: int, top_k: int) -> None:
+def _pictures(out: Path, splits, data, n: int, top_k: int, rerank) -> None:
     from reidcli.errors import ConfigError
     from reidcli.report.ranked import write_ranked_lists
 
     if not data:
         raise ConfigError("pictures need the dataset images: pass --data FILE")
-    write_ranked_lists(out / "ranked_lists.png", splits["query"], splits["gallery"], Path(data), n, top_k)
+    write_ranked_lists(out / "ranked_lists.png", splits["query"], splits["gallery"], Path(data), n, top_k, rerank)
 
 
 def register(app: typer.Typer) -> None:

@@ -22,15 +22,33 @@ def list_status(lists: np.ndarray, query: FeatureSplit, gallery: FeatureSplit, r
     return np.where(junk, -1, same.astype(int))
 
 
-def write_ranked_lists(path: Path, query: FeatureSplit, gallery: FeatureSplit, data: Path, n: int, top_k: int) -> None:
+def write_ranked_lists(
+    path: Path, query: FeatureSplit, gallery: FeatureSplit, data: Path, n: int, top_k: int, rerank=None
+) -> None:
+    """Ranked lists of ``n`` evenly spaced queries; ``rerank`` (an EvalConfig) draws the re-ranked lists."""
     _, parts = read_dataset(data, ("query", "gallery"))
     q_img, g_img = parts["query"], parts["gallery"]
     if len(q_img) != len(query) or len(g_img) != len(gallery) or q_img.paths[:5] != query.paths[:5]:
         raise FormatError(f"{data} does not hold the images these features were extracted from; pass the right --data")
     rows = np.linspace(0, len(query) - 1, min(n, len(query))).astype(int)
-    sub = FeatureSplit(query.feats[rows], query.pids[rows], query.camids[rows])
-    lists = ranked_lists(sub, gallery, top_k)
+    if rerank is not None:  # re-ranking needs every query: the neighbourhoods are joint
+        lists = _reranked_lists(query, gallery, rows, top_k, rerank)
+    else:
+        lists = ranked_lists(FeatureSplit(query.feats[rows], query.pids[rows], query.camids[rows]), gallery, top_k)
     status = list_status(lists, query, gallery, rows)
-    plot_ranked_lists(
-        q_img.images[rows], g_img.images, lists, status, path, title=f"top-{top_k} of {len(rows)} queries"
-    )
+    title = f"top-{top_k} of {len(rows)} queries" + (" after k-reciprocal re-ranking" if rerank is not None else "")
+    plot_ranked_lists(q_img.images[rows], g_img.images, lists, status, path, title=title)
+
+
+def _reranked_lists(query: FeatureSplit, gallery: FeatureSplit, rows: np.ndarray, top_k: int, cfg) -> np.ndarray:
+    import torch
+
+    from reidcli.retrieval.evaluate import resolve_device
+    from reidcli.retrieval.rerank import k_reciprocal_rerank
+
+    dev = resolve_device(cfg.device)
+    q = torch.from_numpy(np.asarray(query.feats, dtype=np.float32)).to(dev)
+    g = torch.from_numpy(np.asarray(gallery.feats, dtype=np.float32)).to(dev)
+    dist = k_reciprocal_rerank(q, g, cfg.k1, cfg.k2, cfg.lambda_value)
+    k = min(top_k, len(gallery))
+    return dist[torch.from_numpy(rows).to(dev)].topk(k, dim=1, largest=False).indices.cpu().numpy()

@@ -44,3 +44,20 @@ def test_rerank_in_evaluate_matches_reference_metrics():
     out = evaluate(FeatureSplit(q, qp, qc), FeatureSplit(g, gp, gc), EvalConfig(rerank=True))
     assert out.engine == "torch+rerank"
     assert abs(out.metrics.mAP - mAP) < 1e-6 and abs(out.metrics.mINP - mINP) < 1e-6
+
+
+def test_ranked_list_picture_after_reranking(tiny_data, tmp_path):
+    from reidcli.data.store import read_dataset
+    from reidcli.report.ranked import write_ranked_lists
+
+    _, parts = read_dataset(tiny_data, ("query", "gallery"), images=False)
+    rng = np.random.default_rng(0)
+
+    def feats(split):
+        x = rng.normal(size=(len(split), 16)).astype(np.float32)
+        return FeatureSplit(x / np.linalg.norm(x, axis=1, keepdims=True), split.pids, split.camids, split.paths)
+
+    q, g = feats(parts["query"]), feats(parts["gallery"])
+    for name, rerank in (("plain.png", None), ("rerank.png", EvalConfig(rerank=True, k1=5, k2=2))):
+        write_ranked_lists(tmp_path / name, q, g, tiny_data, 3, 4, rerank)
+        assert (tmp_path / name).stat().st_size > 2000
