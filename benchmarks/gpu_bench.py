@@ -30,20 +30,28 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def train_steps(smoke: bool, compile_: bool) -> dict:
-    cfg = (
-        ModelConfig(image_size=(64, 32), dim=64, depth=2, heads=4)
-        if smoke
-        else ModelConfig.from_preset("vit_base", image_size=(256, 128))
-    )
+def _bench_model(smoke: bool) -> ModelConfig:
+    if smoke:
+        return ModelConfig(image_size=(64, 32), dim=64, depth=2, heads=4)
+    return ModelConfig.from_preset("vit_base", image_size=(256, 128))
+
+
+def train_steps(smoke: bool) -> dict:
+    """Eager training steps for every --pe at batch 64 and 256 (bf16 on CUDA)."""
     out = {}
     for batch in (8,) if smoke else (64, 256):
         for pe in ("none", "ape", "sincos", "rpe", "both"):
-            out[f"train {pe} b{batch}"] = measure(pe, cfg, batch, DEV, False, 3 if smoke else 10)
-    if compile_:
-        for pe in ("ape", "rpe", "both"):
-            out[f"train {pe} b64 compiled"] = measure(pe, cfg, 8 if smoke else 64, DEV, True, 3 if smoke else 10)
+            out[f"train {pe} b{batch}"] = measure(pe, _bench_model(smoke), batch, DEV, False, 3 if smoke else 10)
     return out
+
+
+def compiled_steps(smoke: bool) -> dict:
+    """torch.compile'd steps (slow to build: run last, so a timeout loses only these)."""
+    cfg = _bench_model(smoke)
+    return {
+        f"train {pe} b64 compiled": measure(pe, cfg, 8 if smoke else 64, DEV, True, 3 if smoke else 10)
+        for pe in ("ape", "rpe", "both")
+    }
 
 
 def _market_like_dataset(path: Path, n_train: int, n_ids: int, size: tuple[int, int]) -> None:
@@ -198,36 +206,35 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--no-compile", action="store_true")
-    ap.add_argument("--sections", default="train,epoch,extract,eval")
+    ap.add_argument("--sections", default="eval,extract,train,epoch,compile")
     args = ap.parse_args()
     sections = args.sections.split(",")
     name = torch.cuda.get_device_name() if DEV.type == "cuda" else "cpu"
     result: dict = {"device": name, "torch": torch.__version__, "smoke": args.smoke}
     flat: dict = {}
+    peer = json.loads(Path(args.peer).read_text()) if args.peer and Path(args.peer).is_file() else {}
+    result["peer"] = peer
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        steps = [
-            ("train", lambda: train_steps(args.smoke, not args.no_compile)),
-            ("epoch", lambda: market_epoch(args.smoke, Path(tmp))),
-            ("extract", lambda: extraction(args.smoke)),
-            ("eval", lambda: evaluation(args.smoke)),
-        ]
-        for section, fn in steps:
-            if section not in sections:
-                continue
+        steps = {
+            "eval": lambda: evaluation(args.smoke),
+            "extract": lambda: extraction(args.smoke),
+            "train": lambda: train_steps(args.smoke),
+            "epoch": lambda: market_epoch(args.smoke, Path(tmp)),
+            "compile": lambda: {} if args.no_compile else compiled_steps(args.smoke),
+        }
+        for section in sections:  # quick, central sections first; JSON rewritten after each one
             t = time.perf_counter()
             try:
-                result[section] = fn()
+                result[section] = steps[section]()
             except Exception as e:  # noqa: BLE001 — one failing section must not lose the others' numbers
                 result[section] = {"error": f"{type(e).__name__}: {e}"}
             print(f"[{section}] {time.perf_counter() - t:.1f}s", flush=True)
             for k, v in result[section].items():
                 flat[k] = v["train_img_s"] if isinstance(v, dict) and "train_img_s" in v else v
-    if "epoch" in result and "epoch2_s" in result["epoch"]:
-        flat["market epoch s"] = result["epoch"]["epoch2_s"]
-    peer = json.loads(Path(args.peer).read_text()) if args.peer and Path(args.peer).is_file() else {}
-    result["peer"] = peer
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "gpu_bench.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+            if section == "epoch" and "epoch2_s" in result["epoch"]:
+                flat["market epoch s"] = result["epoch"]["epoch2_s"]
+            (Path(args.out) / "gpu_bench.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     print(f"\n{'what':44s} {'ours':>12s} {'peer':>12s} {'ratio':>7s} {'target':>8s}   ({name})")
     for key, value, p, ratio, target in table(flat, peer):
         print(
