@@ -14,7 +14,7 @@ from reidcli.cli.options import DeviceOpt, JsonOpt
 def evaluate(
     features: Annotated[Path, typer.Argument(help="Features HDF5 with query and gallery groups.")],
     index: Annotated[
-        Path | None, typer.Option(help="FAISS index from 'reid index' [default: flat, on the fly].")
+        Path | None, typer.Option(help="FAISS index from 'reid index' (default: flat, on the fly).")
     ] = None,
     engine: Annotated[str, typer.Option(help="faiss (ranked lists + exact counting) or torch (all exact).")] = "faiss",
     depth: Annotated[int, typer.Option(help="faiss: ranked-list length.")] = 100,
@@ -27,7 +27,7 @@ def evaluate(
     out: Annotated[Path | None, typer.Option(help="Folder for results.json, results.csv and pictures.")] = None,
     visualize: Annotated[int, typer.Option(help="Write ranked lists of this many queries (needs --out).")] = 0,
     top_k: Annotated[int, typer.Option(help="Gallery images per ranked list picture.")] = 10,
-    data: Annotated[Path | None, typer.Option(help="Dataset HDF5 for pictures [default: from the features].")] = None,
+    data: Annotated[Path | None, typer.Option(help="Dataset HDF5 for pictures (default: from the features).")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Evaluate retrieval under the Market-1501 protocol (same pid + camera removed, queries without a match

@@ -22,7 +22,7 @@ DepthOpt = Annotated[int | None, typer.Option(help="Blocks (overrides the preset
 HeadsOpt = Annotated[int | None, typer.Option(help="Attention heads (overrides the preset).")]
 PatchOpt = Annotated[int, typer.Option(help="Patch size in pixels.")]
 StrideOpt = Annotated[int | None, typer.Option(help="Patch stride (< patch size: overlapping patches).")]
-ImageSizeOpt = Annotated[str | None, typer.Option(help="HEIGHTxWIDTH [default: the dataset's].")]
+ImageSizeOpt = Annotated[str | None, typer.Option(help="HEIGHTxWIDTH (default: the dataset's).")]
 EpochsOpt = Annotated[int, typer.Option(help="Training epochs.")]
 BatchOpt = Annotated[int, typer.Option(help="Images per batch (P identities × K).")]
 KOpt = Annotated[int, typer.Option("--k", help="Images per identity in a batch.")]

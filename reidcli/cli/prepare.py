@@ -16,7 +16,7 @@ from reidcli.errors import DataError
 def prepare(
     dataset: Annotated[str, typer.Argument(help="market1501, dukemtmcreid, msmt17, cuhk03np or synthetic.")],
     root: Annotated[Path, typer.Option(help="Extracted dataset folder or its zip; for synthetic, where to write it.")],
-    out: Annotated[Path | None, typer.Option(help="Output HDF5 [default: data/<dataset>.h5].")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output HDF5 (default: data/<dataset>.h5).")] = None,
     image_size: Annotated[str, typer.Option(help="Stored image size HEIGHTxWIDTH.")] = "256x128",
     skip_bad: Annotated[bool, typer.Option(help="Leave out unreadable images (counted) instead of stopping.")] = False,
     cuhk03_subset: Annotated[str, typer.Option(help="cuhk03np: detected or labeled.")] = "detected",

@@ -94,7 +94,7 @@ def train(
     warmup_epochs: WarmupOpt = 5.0,
     drop_path: DropPathOpt = 0.1,
     label_smoothing: Annotated[float, typer.Option(help="CE label smoothing.")] = 0.0,
-    margin: Annotated[float | None, typer.Option(help="Triplet margin [default: soft margin].")] = None,
+    margin: Annotated[float | None, typer.Option(help="Triplet margin (default: soft margin).")] = None,
     top_n: TopNOpt = 8,
     rp_form: RpFormOpt = "stable",
     rp_weight: Annotated[float, typer.Option(help="rp-triplet weight.")] = 1.0,
