@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -48,14 +49,14 @@ def fmt(v: object, digits: int = 4) -> str:
 
 def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]], highlight: dict | None = None):
     """A Rich table; ``highlight`` maps a column index to the row index whose cell is the best (bold green)."""
-    table = Table(title=title, title_justify="left")
+    table = Table(title=escape(title), title_justify="left")
     for i, c in enumerate(columns):
         numeric = i > 0 and all(isinstance(r[i], (int, float)) for r in rows)
         table.add_column(c, justify="right" if numeric else "left")
     for r, row in enumerate(rows):
         cells = []
         for c, v in enumerate(row):
-            text = fmt(v)
+            text = escape(fmt(v))  # paths and messages are data, not Rich markup
             if highlight and highlight.get(c) == r:
                 text = f"[bold green]{text}[/]"
             cells.append(text)
