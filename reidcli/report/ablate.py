@@ -105,6 +105,7 @@ def _run_variant(v: Variant, cfg: AblationConfig, on_step) -> dict:
     from reidcli.engine.train import train
     from reidcli.model.vit import parameter_report
     from reidcli.retrieval.evaluate import EvalConfig, evaluate, resolve_device
+    from reidcli.retrieval.features import write_features
 
     files = RunFiles(v.run_dir)
     cached = v.run_dir / "results.json"
@@ -116,6 +117,7 @@ def _run_variant(v: Variant, cfg: AblationConfig, on_step) -> dict:
     device = resolve_device(v.train.device)
     model, _, _ = load_run_model(v.run_dir, device)
     feats = embed_dataset(model, v.train.data, ("query", "gallery"), device, flip=cfg.flip)
+    write_features(v.run_dir / "features.h5", feats, {"dataset_file": str(v.train.data), "flip": int(cfg.flip)})
     metrics = evaluate(feats["query"], feats["gallery"], EvalConfig(engine="torch", device=str(device))).metrics
     row = {
         "pe": v.pe,

@@ -77,24 +77,17 @@ def plot_relation_vectors(model, data: str, path: Path, top_n: int, title: str =
 
 
 def _ranked(model, variant, path: Path) -> None:
-    from reidcli.data.store import read_dataset
-    from reidcli.engine.extract import embed_dataset
-    from reidcli.report.plots import plot_ranked_lists
-    from reidcli.report.ranked import list_status
-    from reidcli.retrieval.evaluate import ranked_lists
+    """Ranked lists of a few queries, from the features the ablation saved in the run folder."""
+    from reidcli.report.ranked import write_ranked_lists
+    from reidcli.retrieval.features import read_features
 
-    feats = embed_dataset(model, variant.train.data, ("query", "gallery"), torch.device("cpu"))
-    q, g = feats["query"], feats["gallery"]
-    rows = np.linspace(0, len(q) - 1, min(6, len(q))).astype(int)
-    from reidcli.retrieval.features import FeatureSplit
+    features = variant.run_dir / "features.h5"
+    if features.is_file():
+        _, feats = read_features(features)
+    else:  # a run finished before features were kept: embed on the best device there is
+        from reidcli.engine.extract import embed_dataset
+        from reidcli.retrieval.evaluate import resolve_device
 
-    lists = ranked_lists(FeatureSplit(q.feats[rows], q.pids[rows], q.camids[rows]), g, 8, "cpu")
-    _, parts = read_dataset(variant.train.data, ("query", "gallery"))
-    plot_ranked_lists(
-        parts["query"].images[rows],
-        parts["gallery"].images,
-        lists,
-        list_status(lists, q, g, rows),
-        path,
-        title=variant.label,
-    )
+        device = resolve_device(variant.train.device)
+        feats = embed_dataset(model.to(device), variant.train.data, ("query", "gallery"), device)
+    write_ranked_lists(path, feats["query"], feats["gallery"], Path(variant.train.data), 6, 8)
