@@ -11,6 +11,6 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader || 
 PEER=.bench_peer/peer_baseline.py
 [ -f "$PEER" ] || PEER=../shared/bench/peer_baseline.py
 echo "== peer baseline ($PEER)"
-timeout 180 python3 "$PEER" 2>&1 | tail -n 20 || echo "peer baseline failed or timed out"
+timeout ${PEER_TIMEOUT:-150} python3 "$PEER" 2>&1 | tail -n 20 || echo "peer baseline failed or timed out"
 echo "== reidcli"
-timeout 330 python3 -m benchmarks.gpu_bench --peer "$OUT/anchor_gpu.json" --out "$OUT" ${GPU_BENCH_ARGS:-}
+timeout ${OURS_TIMEOUT:-300} python3 -m benchmarks.gpu_bench --peer "$OUT/anchor_gpu.json" --out "$OUT" ${GPU_BENCH_ARGS:-}

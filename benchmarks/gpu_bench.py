@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.model_speed import measure
 from reidcli.model.vit import ModelConfig
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -36,22 +35,190 @@ def _bench_model(smoke: bool) -> ModelConfig:
     return ModelConfig.from_preset("vit_base", image_size=(256, 128))
 
 
-def train_steps(smoke: bool) -> dict:
-    """Eager training steps for every --pe at batch 64 and 256 (bf16 on CUDA)."""
-    out = {}
-    for batch in (8,) if smoke else (64, 256):
-        for pe in ("none", "ape", "sincos", "rpe", "both"):
-            out[f"train {pe} b{batch}"] = measure(pe, _bench_model(smoke), batch, DEV, False, 3 if smoke else 10)
+def _timed_steps(fn, warm: int, blocks: int = 3, per_block: int = 10) -> float:
+    """Seconds per call: median over blocks of ``per_block`` calls with one sync each (as a training loop runs)."""
+    for _ in range(warm):
+        fn()
+    _sync()
+    times = []
+    for _ in range(blocks):
+        t = time.perf_counter()
+        for _ in range(per_block):
+            fn()
+        _sync()
+        times.append((time.perf_counter() - t) / per_block)
+    return sorted(times)[len(times) // 2]
+
+
+def engine_step(
+    pe: str, model: ModelConfig, batch: int, smoke: bool, compile_mode: str | None = None, graph: bool = False
+) -> dict:
+    """img/s of reidcli's own training step as the trainer runs it (engine.train._StepRunner): gather from the
+    resident uint8 images, batched augmentation, forward, ce+triplet, backward, gradient norm, fused SGD."""
+    from dataclasses import replace
+
+    from reidcli.data.augment import AUGMENT_DRAWS
+    from reidcli.engine.train import TrainConfig, _build, _StepRunner
+
+    cfg = TrainConfig(
+        data="",
+        run_dir="",
+        model=replace(model, pe=pe),
+        batch=batch,
+        device=str(DEV),
+        compile=compile_mode is not None,
+        compile_mode=compile_mode or "default",
+        cuda_graph=graph,
+    )
+    torch.manual_seed(0)
+    state = _build(cfg, 751, DEV)
+    n_img = 4 * batch
+    images = torch.randint(0, 256, (n_img, *model.image_size, 3), dtype=torch.uint8, device=DEV)
+    runner = _StepRunner(state, cfg, DEV, images, torch.arange(n_img, device=DEV) // cfg.k % 751)
+    idx = [torch.arange(i * batch, (i + 1) * batch, device=DEV) for i in range(4)]
+    r = torch.rand(4, batch, AUGMENT_DRAWS, device=DEV)
+    calls = [0]
+
+    def run():
+        i = calls[0] % 4
+        calls[0] += 1
+        runner(idx[i], r[i], 0.008, 1.0)
+
+    t0 = time.perf_counter()
+    run()
+    _sync()
+    first_s = time.perf_counter() - t0
+    sec = _timed_steps(run, warm=1 if smoke else (5 if compile_mode else 3), per_block=2 if smoke else 10)
+    out = {
+        "pe": pe,
+        "batch": batch,
+        "compile": compile_mode,
+        "graph": graph,
+        "graph_captured": runner.graph is not None,
+        "train_img_s": batch / sec,
+        "first_step_s": first_s,
+        "loss_finite": bool(torch.isfinite(runner.sums.losses["ce"]).item()),
+    }
+    if DEV.type == "cuda" and pe != "none" and compile_mode is None and not graph:
+        from benchmarks.model_speed import fused_only
+
+        try:
+            with fused_only(DEV, with_bias=pe in ("rpe", "both")):
+                run()  # raises "No available kernel" if the fused path cannot take these inputs
+            _sync()
+            out["fused_sdpa"] = True
+        except RuntimeError as e:
+            out["fused_sdpa"] = f"NO: {str(e)[:200]}"
     return out
 
 
-def compiled_steps(smoke: bool) -> dict:
-    """torch.compile'd steps (slow to build: run last, so a timeout loses only these)."""
-    cfg = _bench_model(smoke)
+def profile_step(pe: str, smoke: bool, out_dir: Path, graph: bool) -> None:
+    """Kernel-time table of a few steps, for deciding what to optimise (profile_train_<pe>[_graph].txt)."""
+    from dataclasses import replace
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from reidcli.data.augment import AUGMENT_DRAWS
+    from reidcli.engine.train import TrainConfig, _build, _StepRunner
+
+    model = _bench_model(smoke)
+    cfg = TrainConfig(
+        data="", run_dir="", model=replace(model, pe=pe), batch=8 if smoke else 64, device=str(DEV), cuda_graph=graph
+    )
+    state = _build(cfg, 751, DEV)
+    images = torch.randint(0, 256, (cfg.batch, *model.image_size, 3), dtype=torch.uint8, device=DEV)
+    runner = _StepRunner(state, cfg, DEV, images, torch.arange(cfg.batch, device=DEV) // cfg.k)
+    idx = torch.arange(cfg.batch, device=DEV)
+    r = torch.rand(cfg.batch, AUGMENT_DRAWS, device=DEV)
+    for _ in range(3):
+        runner(idx, r, 0.008, 1.0)
+    _sync()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(3):
+            runner(idx, r, 0.008, 1.0)
+        _sync()
+    key = "cuda_time_total" if DEV.type == "cuda" else "cpu_time_total"
+    name = f"profile_train_{pe}{'_graph' if graph else ''}.txt"
+    (out_dir / name).write_text(prof.key_averages().table(sort_by=key, row_limit=45) + "\n")
+
+
+def graph_equivalence(smoke: bool, steps: int = 6) -> dict:
+    """The whole-step CUDA graph trains like eager steps: same init, batches and (changing) learning rates, no
+    DropPath; reports how far the two end points differ relative to how far training moved the weights."""
+    from dataclasses import replace
+
+    from reidcli.data.augment import AUGMENT_DRAWS
+    from reidcli.engine.train import TrainConfig, _build, _StepRunner
+
+    model = replace(_bench_model(smoke), pe="both", drop_path=0.0)
+    b = 8 if smoke else 64
+    gen = torch.Generator(device=DEV).manual_seed(1)
+    images = torch.randint(0, 256, (4 * b, *model.image_size, 3), dtype=torch.uint8, device=DEV, generator=gen)
+    r = torch.rand(4, b, AUGMENT_DRAWS, device=DEV, generator=gen)
+    ends, losses = {}, {}
+    for graph in (False, True):
+        cfg = TrainConfig(data="", run_dir="", model=model, batch=b, device=str(DEV), cuda_graph=graph)
+        torch.manual_seed(0)
+        state = _build(cfg, 751, DEV)
+        start = torch.cat([p.detach().float().flatten() for p in state.model.parameters()])
+        runner = _StepRunner(state, cfg, DEV, images, torch.arange(4 * b, device=DEV) // cfg.k)
+        for i in range(steps):
+            runner(torch.arange(i % 4 * b, (i % 4 + 1) * b, device=DEV), r[i % 4], 0.01 * (i + 1) / steps, i / steps)
+        _sync()
+        ends[graph] = torch.cat([p.detach().float().flatten() for p in state.model.parameters()])
+        losses[graph] = {k: float(v) / steps for k, v in runner.sums.losses.items()}
+        captured = runner.graph is not None
+    moved = float((ends[False] - start).norm())
     return {
-        f"train {pe} b64 compiled": measure(pe, cfg, 8 if smoke else 64, DEV, True, 3 if smoke else 10)
-        for pe in ("ape", "rpe", "both")
+        "graph_captured": captured,
+        "weights moved (eager)": moved,
+        "graph-eager distance / moved": float((ends[True] - ends[False]).norm()) / max(moved, 1e-30),
+        "losses eager": losses[False],
+        "losses graph": losses[True],
     }
+
+
+def train_steps(smoke: bool, out_dir: Path) -> dict:
+    """The trainer's step for every --pe at batch 64 (and 256), eager and as one CUDA graph, then a profile."""
+    out = {}
+    cfg = _bench_model(smoke)
+    b = 8 if smoke else 64
+    for pe in ("none", "ape", "sincos", "rpe", "both"):
+        out[f"train {pe} b{b}"] = engine_step(pe, cfg, b, smoke)
+    for pe in ("ape", "both"):
+        out[f"train {pe} b{4 * b}"] = engine_step(pe, cfg, 4 * b, smoke)
+    for pe in ("none", "ape", "rpe", "both"):
+        try:
+            out[f"train {pe} b64 graph"] = engine_step(pe, cfg, b, smoke, graph=True)
+        except Exception as e:  # noqa: BLE001
+            out[f"train {pe} b64 graph"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    try:
+        out["graph equivalence"] = graph_equivalence(smoke)
+    except Exception as e:  # noqa: BLE001
+        out["graph equivalence"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    for graph in (False, True):
+        try:
+            profile_step("both", smoke, out_dir, graph)
+        except Exception as e:  # noqa: BLE001 — the profile is an aid, never a reason to lose the numbers
+            out[f"profile error graph={graph}"] = repr(e)[:300]
+    return out
+
+
+def compiled_steps(smoke: bool, modes: tuple[str, ...]) -> dict:
+    """torch.compile'd steps, inside the whole-step CUDA graph ("graph") or with torch's own CUDA graphs
+    ("reduce-overhead"): slow to build, so run late and a timeout loses only these."""
+    cfg = _bench_model(smoke)
+    out = {}
+    for mode in modes:
+        for pe in ("ape", "both"):
+            graph = mode == "graph"
+            key = f"train {pe} b64 compiled" + ("+graph" if graph else f" {mode}")
+            try:
+                out[key] = engine_step(pe, cfg, 8 if smoke else 64, smoke, "default" if graph else mode, graph)
+            except Exception as e:  # noqa: BLE001
+                out[key] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    return out
 
 
 def _market_like_dataset(path: Path, n_train: int, n_ids: int, size: tuple[int, int]) -> None:
@@ -84,14 +251,15 @@ def _market_like_dataset(path: Path, n_train: int, n_ids: int, size: tuple[int, 
                     block = []
 
 
-def market_epoch(smoke: bool, tmp: Path) -> dict:
-    """One epoch of ViT-B/16 `both` training from a dataset HDF5 of 12,936 images: data path included."""
+def market_epoch(smoke: bool, tmp: Path, compile_mode: str | None = None, graph: bool = False) -> dict:
+    """Epochs of ViT-B/16 `both` training from a dataset HDF5 of 12,936 images: data path included."""
     from reidcli.engine.train import TrainConfig, train
 
     n, ids, size = (256, 32, (64, 32)) if smoke else (12936, 751, (256, 128))
     data = tmp / "market_size.h5"
     t = time.perf_counter()
-    _market_like_dataset(data, n, ids, size)
+    if not data.exists():
+        _market_like_dataset(data, n, ids, size)
     build_s = time.perf_counter() - t
     model = (
         ModelConfig(pe="both", image_size=size, dim=64, depth=2, heads=4)
@@ -100,9 +268,12 @@ def market_epoch(smoke: bool, tmp: Path) -> dict:
     )
     cfg = TrainConfig(
         data=str(data),
-        run_dir=str(tmp / "epoch_run"),
+        run_dir=str(tmp / f"epoch_run_{compile_mode}_{graph}"),
         model=model,
         epochs=2,
+        compile=compile_mode is not None,
+        compile_mode=compile_mode or "default",
+        cuda_graph=graph,
         batch=64,
         k=4,
         device=str(DEV),
@@ -113,16 +284,21 @@ def market_epoch(smoke: bool, tmp: Path) -> dict:
     wall = time.perf_counter() - t
     rows = result.metrics
     return {
+        "compile": compile_mode,
+        "graph": graph,
         "images": n,
         "dataset_build_s": build_s,
         "epoch1_s": rows[0]["seconds"],
         "epoch2_s": rows[1]["seconds"],
         "epoch2_img_s": rows[1]["images_per_s"],
         "two_epochs_wall_s_incl_load_and_save": wall,
+        "losses": [{k: v for k, v in r.items() if k.startswith("loss") or k in ("lr", "grad_norm_max")} for r in rows],
     }
 
 
-def extraction(smoke: bool) -> dict:
+def extraction(smoke: bool, compile_: bool = True) -> dict:
+    """Extraction img/s of 19,281 images (Market query + gallery) from host uint8 arrays to host features, per
+    precision, eager and compiled; and each precision's feature fidelity against fp32 (1 − cosine)."""
     from reidcli.engine.extract import embed_images
     from reidcli.model.vit import ViTReID
 
@@ -134,68 +310,117 @@ def extraction(smoke: bool) -> dict:
     out = {}
     n = 512 if smoke else 19281
     images = np.random.default_rng(0).integers(0, 256, (n, *cfg.image_size, 3), dtype=np.uint8)
+    variants = [("bf16", False, False), ("fp16", False, False), ("fp16", True, False)]
+    if compile_:
+        variants += [("fp16", False, True)]
     for pe in ("ape", "both"):
+        torch.manual_seed(0)
         model = ViTReID(ModelConfig(**{**cfg.to_dict(), "pe": pe})).to(DEV)
-        embed_images(model, images[:1024], DEV, batch=512, flip=False)  # warm-up
-        for flip in (False, True):
-            _sync()
-            t = time.perf_counter()
-            embed_images(model, images, DEV, batch=512, flip=flip)
-            _sync()
-            out[f"extract {pe}{' flip' if flip else ''}"] = n / (time.perf_counter() - t)
+        if pe == "both":  # non-zero relative tables, so the bias path is exercised with real values
+            with torch.no_grad():
+                for r in model.rel_pos:
+                    r.relative_position_bias_table.normal_(0, 0.5)
+        ref = embed_images(model, images[:1024], DEV, batch=512, flip=False, precision="fp32")
+        for precision, flip, comp in variants:
+            key = f"extract {pe} {precision}{' flip' if flip else ''}{' compiled' if comp else ''}"
+            try:
+                feats = embed_images(model, images[:1024], DEV, 512, False, precision=precision, compile_=comp)
+                out[f"{key} 1-cos vs fp32 max"] = float((1 - (feats * ref).sum(1)).max())
+                _sync()
+                t = time.perf_counter()
+                embed_images(model, images, DEV, batch=512, flip=flip, precision=precision, compile_=comp)
+                _sync()
+                out[key] = n / (time.perf_counter() - t)
+            except Exception as e:  # noqa: BLE001
+                out[key] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
     return out
+
+
+def _gemm_seconds(q: np.ndarray, g: np.ndarray, memory_mb: int) -> float:
+    """The similarity products alone, chunked as the evaluation chunks them: the floor under its time."""
+    qt, gt = torch.from_numpy(q).to(DEV), torch.from_numpy(g).to(DEV)
+    chunk = max(1, (memory_mb << 20) // (40 * len(gt)))
+    return _timed_steps(lambda: [qt[i : i + chunk] @ gt.T for i in range(0, len(qt), chunk)], 1, 3, 1)
 
 
 def evaluation(smoke: bool) -> dict:
     from benchmarks.cpu_eval import TRAINED, market_like
     from reidcli.retrieval.evaluate import EvalConfig, evaluate
+    from reidcli.retrieval.features import FeatureSplit
 
-    sizes = {"market": (3368, 15913, 750), "msmt17": (11659, 82161, 3060), "market500k": (3368, 500_000, 750)}
+    # (queries, gallery with ids, identities, distractors): Market-1501 + 500k is Market's gallery plus 484,087
+    # distractor images of no query's identity (random directions here), so a query keeps ~14 positives.
+    sizes = {
+        "market": (3368, 15913, 750, 0),
+        "msmt17": (11659, 82161, 3060, 0),
+        "market500k": (3368, 15913, 750, 500_000 - 15913),
+    }
     if smoke:
-        sizes = {k: (q // 50, g // 100, i // 20) for k, (q, g, i) in sizes.items()}
+        sizes = {k: (q // 50, g // 100, i // 20, d // 100) for k, (q, g, i, d) in sizes.items()}
     out = {}
     cfg = EvalConfig(engine="torch", device=str(DEV), memory_mb=256 if smoke else 16384)
-    for name, (nq, ng, ids) in sizes.items():
+    for name, (nq, ng, ids, distractors) in sizes.items():
         q, g = market_like(nq, ng, ids, seed=1, noise=TRAINED)
+        if distractors:
+            rng = np.random.default_rng(2)
+            extra = rng.standard_normal((distractors, g.feats.shape[1]), dtype=np.float32)
+            extra /= np.linalg.norm(extra, axis=1, keepdims=True)
+            g = FeatureSplit(
+                np.concatenate([g.feats, extra]),
+                np.concatenate([g.pids, np.zeros(distractors, g.pids.dtype)]),  # pid 0: no query's identity
+                np.concatenate([g.camids, rng.integers(0, 6, distractors).astype(g.camids.dtype)]),
+            )
         evaluate(q, g, cfg)  # warm-up
         runs = [evaluate(q, g, cfg) for _ in range(3)]
         out[f"eval {name} ms"] = 1e3 * min(r.seconds for r in runs)
+        out[f"eval {name} gemm-only ms"] = 1e3 * _gemm_seconds(q.feats, g.feats, cfg.memory_mb)
         out[f"eval {name} mAP"] = runs[0].metrics.mAP
+        # the same numbers from the CPU path (its own GEMM and the counting method): exact at every size
+        cpu = evaluate(q, g, EvalConfig(engine="torch", device="cpu")).metrics
+        gpu = runs[0].metrics
+        out[f"{name} gpu-cpu max metric diff"] = max(
+            abs(gpu.mAP - cpu.mAP),
+            abs(gpu.mINP - cpu.mINP),
+            max(abs(a - b) for a, b in zip(gpu.cmc, cpu.cmc, strict=True)),
+        )
         if name == "market":
-            cpu = evaluate(q, g, EvalConfig(engine="torch", device="cpu")).metrics
-            gpu = runs[0].metrics
-            out["market gpu-cpu max metric diff"] = max(
-                abs(gpu.mAP - cpu.mAP),
-                abs(gpu.mINP - cpu.mINP),
-                max(abs(a - b) for a, b in zip(gpu.cmc, cpu.cmc, strict=True)),
-            )
             rr = EvalConfig(engine="torch", device=str(DEV), rerank=True, memory_mb=cfg.memory_mb)
             evaluate(q, g, rr)
             out["rerank market s"] = min(evaluate(q, g, rr).seconds for _ in range(2))
     return out
 
 
-PEER_KEYS = {  # our key → (peer key in peer_baseline.py's JSON, higher is better, target)
-    "train ape b64": ("train vit_base_patch16_224 256x128 b64 bf16 eager", True, 5000),
-    "train rpe b64": ("train vit_relpos_base_patch16_224 256x128 b64 bf16 eager", True, 4500),
-    "train both b64": ("train vit_relpos_base_patch16_224 256x128 b64 bf16 eager", True, 4500),
-    "train ape b64 compiled": ("train vit_base_patch16_224 256x128 b64 bf16 compiled", True, 5000),
-    "extract ape": ("infer vit_base_patch16_224 256x128 b512 bf16 eager", True, 20000),
-    "extract both": ("infer vit_relpos_base_patch16_224 256x128 b512 bf16 eager", True, 20000),
-    "eval market ms": ("exact sim+full sort 3368x15913 d768 fp32", False, 3),
-    "eval msmt17 ms": ("exact sim+full sort 11659x82161 d768 fp32", False, 50),
-    "eval market500k ms": ("exact sim+full sort 3368x500000 d768 fp32", False, 80),
-}
+def peer_for(key: str) -> tuple[str | None, bool, float | None]:
+    """Our row → (the peer_baseline.py row it is compared with, higher is better, DESIGN.md target)."""
+    rel = " rpe " in f" {key} " or " both " in f" {key} "
+    model = "vit_relpos_base_patch16_224" if rel else "vit_base_patch16_224"
+    if key.startswith("train ") and not key.endswith(("s", "error")):
+        batch = "b256" if " b256" in key else "b64"
+        compiled = "compiled" in key and not rel and batch == "b64"  # the peer compiles only vit_base at b64
+        peer = f"train {model} 256x128 {batch} bf16 {'compiled' if compiled else 'eager'}"
+        return peer, True, (4500 if rel else 5000) if batch == "b64" else None
+    if key.startswith("extract ") and "cos" not in key and "flip" not in key:
+        return f"infer {model} 256x128 b512 bf16 eager", True, 20000
+    if key.startswith("market epoch s"):
+        return None, False, 3
+    sizes = {"market": "3368x15913", "msmt17": "11659x82161", "market500k": "3368x500000"}
+    targets = {"market": 3, "msmt17": 50, "market500k": 80}
+    for name, size in sizes.items():
+        if key == f"eval {name} ms":
+            return f"exact sim+full sort {size} d768 fp32", False, targets[name]
+    if key == "rerank market s":
+        return None, False, 1
+    return None, True, None
 
 
 def table(flat: dict, peer: dict) -> list[tuple]:
     rows = []
     for key, value in flat.items():
-        if not isinstance(value, (int, float)):
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
             continue
-        peer_key, higher, target = PEER_KEYS.get(key, (None, True, None))
+        peer_key, higher, target = peer_for(key)
         p = peer.get(peer_key) if peer_key else None
-        ratio = (value / p if higher else p / value) if p else None
+        ratio = (value / p if higher else p / value) if p and value else None
         rows.append((key, value, p, ratio, target))
     return rows
 
@@ -206,22 +431,26 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--no-compile", action="store_true")
-    ap.add_argument("--sections", default="eval,extract,train,epoch,compile")
+    ap.add_argument("--compile-modes", default="graph")  # also: reduce-overhead (torch's CUDA graphs), default
+    ap.add_argument("--sections", default="eval,train,epoch,extract,compile,epochc")
     args = ap.parse_args()
     sections = args.sections.split(",")
+    modes = tuple(args.compile_modes.split(","))
     name = torch.cuda.get_device_name() if DEV.type == "cuda" else "cpu"
     result: dict = {"device": name, "torch": torch.__version__, "smoke": args.smoke}
     flat: dict = {}
     peer = json.loads(Path(args.peer).read_text()) if args.peer and Path(args.peer).is_file() else {}
     result["peer"] = peer
-    Path(args.out).mkdir(parents=True, exist_ok=True)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         steps = {
             "eval": lambda: evaluation(args.smoke),
-            "extract": lambda: extraction(args.smoke),
-            "train": lambda: train_steps(args.smoke),
-            "epoch": lambda: market_epoch(args.smoke, Path(tmp)),
-            "compile": lambda: {} if args.no_compile else compiled_steps(args.smoke),
+            "extract": lambda: extraction(args.smoke, not args.no_compile),
+            "train": lambda: train_steps(args.smoke, out_dir),
+            "epoch": lambda: {"graph": market_epoch(args.smoke, Path(tmp), graph=True)},
+            "compile": lambda: {} if args.no_compile else compiled_steps(args.smoke, modes),
+            "epochc": lambda: {} if args.no_compile else market_epoch(args.smoke, Path(tmp), "default", True),
         }
         for section in sections:  # quick, central sections first; JSON rewritten after each one
             t = time.perf_counter()
@@ -230,11 +459,15 @@ def main() -> None:
             except Exception as e:  # noqa: BLE001 — one failing section must not lose the others' numbers
                 result[section] = {"error": f"{type(e).__name__}: {e}"}
             print(f"[{section}] {time.perf_counter() - t:.1f}s", flush=True)
-            for k, v in result[section].items():
-                flat[k] = v["train_img_s"] if isinstance(v, dict) and "train_img_s" in v else v
-            if section == "epoch" and "epoch2_s" in result["epoch"]:
-                flat["market epoch s"] = result["epoch"]["epoch2_s"]
-            (Path(args.out) / "gpu_bench.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+            if section == "epoch" and "error" not in result[section]:
+                for variant, r in result[section].items():
+                    flat[f"market epoch s {variant}"] = r["epoch2_s"]
+            elif section == "epochc" and "epoch2_s" in result[section]:
+                flat["market epoch s compiled+graph"] = result[section]["epoch2_s"]
+            else:
+                for k, v in result[section].items():
+                    flat[k] = v["train_img_s"] if isinstance(v, dict) and "train_img_s" in v else v
+            (out_dir / "gpu_bench.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     print(f"\n{'what':44s} {'ours':>12s} {'peer':>12s} {'ratio':>7s} {'target':>8s}   ({name})")
     for key, value, p, ratio, target in table(flat, peer):
         print(

@@ -25,8 +25,11 @@ def test_gpu_bench_smoke(tmp_path):
     result = json.loads((tmp_path / "gpu_bench.json").read_text())
     for section in ("train", "epoch", "extract", "eval"):
         assert "error" not in result[section], result[section]
-    assert result["eval"]["market gpu-cpu max metric diff"] < 1e-6
-    assert result["epoch"]["epoch2_s"] > 0 and "eval market ms" in r.stdout
+    for size in ("market", "msmt17", "market500k"):
+        assert result["eval"][f"{size} gpu-cpu max metric diff"] < 1e-6
+    assert result["epoch"]["graph"]["epoch2_s"] > 0 and "eval market ms" in r.stdout
+    assert result["train"]["graph equivalence"]["graph-eager distance / moved"] < 1e-3
+    assert (tmp_path / "profile_train_both.txt").is_file()
 
 
 def test_model_speed_smoke(tmp_path):

@@ -20,6 +20,10 @@ def extract(
     flip: Annotated[bool, typer.Option(help="Average with the horizontally flipped image.")] = True,
     dtype: Annotated[str, typer.Option(help="Stored dtype: float32, or float16 (half the size).")] = "float32",
     device: DeviceOpt = "auto",
+    precision: Annotated[
+        str, typer.Option(help="GPU forward precision: bf16 (autocast), fp16 or fp32; the CPU runs fp32.")
+    ] = "bf16",
+    compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the forward (large splits).")] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Embed every image of the chosen splits (dataset order), L2-normalised, with provenance attributes.
@@ -41,6 +45,8 @@ def extract(
         flip=flip,
         dtype=dtype,
         device=device,
+        precision=precision,
+        compile=compile_,
     ).validate()
     with err.status(f"embedding {', '.join(cfg.splits)}"):
         counts = extract_features(cfg)

@@ -103,6 +103,12 @@ def train(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     device: DeviceOpt = "auto",
     compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
+    compile_mode: Annotated[
+        str, typer.Option(help="torch.compile mode: default, reduce-overhead, max-autotune-no-cudagraphs.")
+    ] = "default",
+    cuda_graph: Annotated[
+        bool, typer.Option("--cuda-graph/--no-cuda-graph", help="Capture the whole step in one CUDA graph (GPU).")
+    ] = False,
     init: Annotated[Path | None, typer.Option(help="timm-format ViT weights (.pth / .safetensors).")] = None,
     pretrained: Annotated[str | None, typer.Option(help="timm model name to fetch weights from (online).")] = None,
     eval_every: Annotated[int, typer.Option(help="Evaluate on query/gallery every N epochs (0: never).")] = 0,
@@ -151,6 +157,8 @@ def train(
         seed=seed,
         device=device,
         compile=compile_,
+        compile_mode=compile_mode,
+        cuda_graph=cuda_graph,
         init=str(init) if init else None,
         pretrained=pretrained,
         eval_every=eval_every,

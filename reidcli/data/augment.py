@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["AugmentConfig", "augment_batch", "normalize_batch"]
+__all__ = ["AUGMENT_DRAWS", "AugmentConfig", "augment_batch", "normalize_batch"]
+
+AUGMENT_DRAWS = 8  # uniform numbers one image's augmentation takes
 
 
 @dataclass(frozen=True)
@@ -24,14 +27,19 @@ def normalize_batch(images: torch.Tensor, dtype: torch.dtype = torch.float32) ->
     return images.permute(0, 3, 1, 2).to(dtype).div_(127.5).sub_(1.0)
 
 
-def augment_batch(images: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
+def augment_batch(
+    images: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator | None = None, r: torch.Tensor | None = None
+) -> torch.Tensor:
     """uint8 (B, H, W, 3) on any device → augmented, normalised float (B, 3, H, W) on the same device.
 
-    Random numbers come from ``gen`` (on the CPU, so runs are reproducible across devices) in one draw per kind.
+    Random numbers: ``r`` (B, AUGMENT_DRAWS) uniform in [0, 1) already on the images' device (the trainer draws a
+    whole epoch's at once, so a step copies nothing from the host), else one draw from ``gen`` (a CPU generator, so
+    runs are reproducible across devices).
     """
     b, h, w, _ = images.shape
     dev = images.device
-    r = torch.rand(b, 8, generator=gen).to(dev)
+    if r is None:
+        r = torch.rand(b, AUGMENT_DRAWS, generator=gen).to(dev)
     x = normalize_batch(images)
     if cfg.flip > 0:
         x = torch.where((r[:, 0] < cfg.flip)[:, None, None, None], x.flip(3), x)
@@ -46,8 +54,8 @@ def augment_batch(images: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator
     if cfg.erase > 0:
         lo, hi = cfg.erase_area
         area = (lo + (hi - lo) * r[:, 3]) * h * w
-        logr = torch.log(torch.tensor(cfg.erase_ratio, device=dev))
-        aspect = torch.exp(logr + (-2 * logr) * r[:, 4])
+        logr = math.log(cfg.erase_ratio)  # a Python number: no host-to-device copy
+        aspect = torch.exp(logr - 2 * logr * r[:, 4])
         eh = (area * aspect).sqrt().clamp(1, h)
         ew = (area / aspect).sqrt().clamp(1, w)
         y0 = r[:, 5] * (h - eh)

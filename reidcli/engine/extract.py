@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,13 +34,52 @@ class ExtractConfig:
     # whose rankings float16 rounding would change.
     dtype: str = "float32"
     device: str = "auto"
+    precision: str = "bf16"  # CUDA forward: bf16 autocast, fp16, fp32 (the CPU always runs fp32)
+    compile: bool = False
 
     def validate(self) -> ExtractConfig:
         if self.dtype not in ("float16", "float32"):
             raise ConfigError("--dtype must be float16 or float32")
         if self.batch < 1:
             raise ConfigError("--batch must be positive")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"unknown --precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
         return self
+
+
+PRECISIONS = ("bf16", "fp16", "fp32")
+
+
+_FORWARDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model → {(precision, compile): (state, fwd)}
+
+
+def _inference_forward(model, device: torch.device, precision: str, compile_: bool):
+    """(embed function, input dtype, autocast on?) for the chosen precision; fp16 runs a half copy of the model.
+
+    Kept per model while its weights are unchanged, so repeated calls neither copy nor compile again."""
+    if not compile_ and (device.type != "cuda" or precision != "fp16"):
+        return _make_inference_forward(model, device, precision, compile_)  # nothing costly to keep
+    key = (device.type, precision, compile_)
+    state = tuple(p._version for p in model.parameters())
+    cached = _FORWARDS.setdefault(model, {}).get(key)
+    if cached is not None and cached[0] == state:
+        return cached[1]
+    made = _make_inference_forward(model, device, precision, compile_)
+    _FORWARDS[model][key] = (state, made)
+    return made
+
+
+def _make_inference_forward(model, device: torch.device, precision: str, compile_: bool):
+    if device.type != "cuda" or precision == "fp32":
+        m, dtype, autocast = model, torch.float32, False
+    elif precision == "fp16":  # weights cast once; the whole forward in half precision, no per-op casts
+        m, dtype, autocast = copy.deepcopy(model).half(), torch.float16, False
+    else:
+        m, dtype, autocast = model, torch.float32, True
+    fn = m.embed
+    if compile_:
+        fn = torch.compile(fn, dynamic=False)
+    return fn, dtype, autocast
 
 
 @torch.no_grad()
@@ -49,18 +90,35 @@ def embed_images(
     batch: int = 256,
     flip: bool = True,
     on_batch: Callable[[int], None] | None = None,
+    precision: str = "bf16",
+    compile_: bool = False,
 ) -> np.ndarray:
-    """uint8 (N, H, W, 3) → float32 (N, D) L2-normalised features, row i for image i."""
+    """uint8 (N, H, W, 3) → float32 (N, D) L2-normalised features, row i for image i.
+
+    On CUDA each batch is staged in pinned memory and copied without blocking, so the host prepares batch i+1
+    while the GPU embeds batch i; features stay on the GPU until one copy back at the end. ``precision`` (CUDA
+    only): bf16 autocast, fp16 weights and activations, or fp32. ``compile_``: torch.compile the forward (every
+    batch padded to the same size, so it compiles once).
+    """
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     model.eval()
-    autocast = device.type == "cuda"
+    cuda = device.type == "cuda"
+    fn, dtype, autocast = _inference_forward(model, device, precision, compile_)
     out = []
     for i in range(0, len(images), batch):
-        x = normalize_batch(torch.from_numpy(images[i : i + batch]).to(device))
+        chunk = torch.from_numpy(images[i : i + batch])
+        n = len(chunk)
+        if compile_ and n < batch:  # one static shape: pad the last batch
+            chunk = torch.cat([chunk, chunk.new_zeros((batch - n, *chunk.shape[1:]))])
+        x = normalize_batch(chunk.pin_memory().to(device, non_blocking=True) if cuda else chunk, dtype)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            out.append(model.embed(x, flip=flip).float().cpu())
+            out.append(fn(x, flip=flip)[:n].float())
         if on_batch:
             on_batch(min(i + batch, len(images)))
-    return torch.cat(out).numpy()
+    if not out:
+        return np.zeros((0, model.cfg.dim), np.float32)
+    return torch.cat(out).cpu().numpy()
 
 
 def embed_dataset(
@@ -71,6 +129,8 @@ def embed_dataset(
     batch: int = 256,
     flip: bool = True,
     on_batch: Callable[[int], None] | None = None,
+    precision: str = "bf16",
+    compile_: bool = False,
 ) -> dict[str, FeatureSplit]:
     attrs, parts = read_dataset(data, splits)
     size = tuple(attrs["image_size"])
@@ -80,7 +140,9 @@ def embed_dataset(
             f"{model.cfg.image_size[0]}x{model.cfg.image_size[1]}; prepare the data at that size"
         )
     return {
-        s: FeatureSplit(embed_images(model, p.images, device, batch, flip, on_batch), p.pids, p.camids, p.paths)
+        s: FeatureSplit(
+            embed_images(model, p.images, device, batch, flip, on_batch, precision, compile_), p.pids, p.camids, p.paths
+        )
         for s, p in parts.items()
     }
 
@@ -90,7 +152,9 @@ def extract_features(cfg: ExtractConfig, on_batch: Callable[[int], None] | None 
     cfg.validate()
     device = resolve_device(cfg.device)
     model, config, source = load_run_model(cfg.run, device)
-    feats = embed_dataset(model, cfg.data, cfg.splits, device, cfg.batch, cfg.flip, on_batch)
+    feats = embed_dataset(
+        model, cfg.data, cfg.splits, device, cfg.batch, cfg.flip, on_batch, cfg.precision, cfg.compile
+    )
     dtype = np.float16 if cfg.dtype == "float16" else np.float32
     feats = {s: FeatureSplit(f.feats.astype(dtype), f.pids, f.camids, f.paths) for s, f in feats.items()}
     provenance = {

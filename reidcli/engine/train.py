@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -12,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from reidcli.data.augment import AugmentConfig, augment_batch
+from reidcli.data.augment import AUGMENT_DRAWS, AugmentConfig, augment_batch
 from reidcli.data.sampler import PKSampler
 from reidcli.data.store import read_dataset
 from reidcli.engine.checkpoint import (
@@ -29,9 +30,11 @@ from reidcli.losses.combined import LossConfig, compute_losses
 from reidcli.model.vit import ModelConfig, ViTReID, parameter_report
 from reidcli.retrieval.evaluate import resolve_device
 
-__all__ = ["TrainConfig", "TrainResult", "train", "lr_at"]
+__all__ = ["COMPILE_MODES", "TrainConfig", "TrainResult", "train", "lr_at"]
 
 log = logging.getLogger(__name__)
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,8 @@ class TrainConfig:
     device: str = "auto"
     bf16: bool = True  # autocast on CUDA only
     compile: bool = False
+    compile_mode: str = "default"  # default, reduce-overhead (torch's CUDA graphs), max-autotune-no-cudagraphs
+    cuda_graph: bool = False  # capture the whole step (augmentation to optimizer) in one CUDA graph, replayed per step
     init: str | None = None  # timm-format weights file
     pretrained: str | None = None  # timm hub model name
     eval_every: int = 0
@@ -71,6 +76,10 @@ class TrainConfig:
             raise ConfigError(f"unknown --optimizer {self.optimizer!r}; use sgd or adamw")
         if self.lr <= 0:
             raise ConfigError("--lr must be positive")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ConfigError(f"unknown --compile-mode {self.compile_mode!r}; choose one of {', '.join(COMPILE_MODES)}")
+        if self.cuda_graph and self.compile and self.compile_mode == "reduce-overhead":
+            raise ConfigError("--cuda-graph already captures the step; use it with --compile-mode default, or alone")
         if self.init and not Path(self.init).is_file():
             raise ConfigError(f"--init {self.init} not found; pass an existing .pth or .safetensors weights file")
         if "rp-triplet" in self.loss.names and self.model.pe == "none":
@@ -125,9 +134,11 @@ def _param_groups(model: ViTReID, weight_decay: float) -> list[dict]:
 
 def _optimizer(model: ViTReID, cfg: TrainConfig) -> torch.optim.Optimizer:
     groups = _param_groups(model, cfg.weight_decay)
+    # On CUDA one fused kernel updates every tensor; on the CPU the for-each path keeps runs bit-reproducible.
+    fused = {"fused": True} if next(model.parameters()).is_cuda else {}
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
-    return torch.optim.AdamW(groups, lr=cfg.lr)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, **fused)
+    return torch.optim.AdamW(groups, lr=cfg.lr, **fused)
 
 
 @dataclass
@@ -222,9 +233,9 @@ def train(
         write_json_atomic(files.config, {**cfg.to_dict(), "model": model_dict, **extra})
     images = torch.from_numpy(train_split.images).to(device)  # uint8 (N, H, W, 3), resident for the whole run
     targets = torch.from_numpy(labels).to(device)
-    step_fn = _make_step(state, cfg, device)
+    runner = _StepRunner(state, cfg, device, images, targets)
     while state.epoch < cfg.epochs:
-        row = _run_epoch(state, cfg, sampler, images, targets, step_fn, on_step)
+        row = _run_epoch(state, cfg, sampler, runner, on_step)
         if cfg.eval_every and (state.epoch + 1) % cfg.eval_every == 0 and info.main:
             row.update(_quick_eval(state.model, cfg, device))
         state.epoch += 1
@@ -256,47 +267,175 @@ def _make_step(state: _State, cfg: TrainConfig, device: torch.device):
     if state.dist.enabled:
         ids = [device.index] if device.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    model = torch.compile(model) if cfg.compile else model
+    if cfg.compile:
+        model = torch.compile(model, mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
     autocast = device.type == "cuda" and cfg.bf16
     params = [p for p in state.model.parameters() if p.requires_grad]
 
-    def step(x: torch.Tensor, y: torch.Tensor, epoch: float) -> tuple[dict, torch.Tensor, dict]:
+    def step(x: torch.Tensor, y: torch.Tensor, epoch: float | torch.Tensor) -> tuple[dict, torch.Tensor, dict]:
         stats: dict[str, torch.Tensor] = {}
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        # no autocast weight cache: cached casts would be stale tensors inside a captured CUDA graph
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast, cache_enabled=False):
             out = model(x)
             comps = compute_losses(state.model, out, y, cfg.loss, epoch, stats)
         loss = sum(comps.values())
         state.opt.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
+        grad_norm = _total_norm(params)
         state.opt.step()
         return comps, grad_norm, stats
 
     return step
 
 
-def _run_epoch(state: _State, cfg, sampler, images, targets, step_fn, on_step) -> dict:
-    state.model.train()
-    batches = sampler.epoch(state.gen)
-    n = len(batches)
-    sums: dict[str, torch.Tensor] = {}
-    stat_sums: dict[str, torch.Tensor] = {}
-    grad_max = torch.zeros((), device=images.device)
-    t0 = time.perf_counter()
-    for i, idx in enumerate(batches):
-        lr = lr_at(state.epoch * n + i, n, cfg)
-        for group in state.opt.param_groups:
-            group["lr"] = lr
-        idx = idx.to(images.device)
-        x = augment_batch(images[idx], cfg.augment, state.gen)
-        comps, grad_norm, stats = step_fn(x, targets[idx], state.epoch + i / n)
-        for k, v in stats.items():
-            stat_sums[k] = stat_sums.get(k, 0.0) + v
+def _total_norm(params: list[torch.Tensor]) -> torch.Tensor:
+    """L2 norm of all gradients as a device tensor (no host sync, gradients left untouched)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros((), device=params[0].device)
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+
+
+class _Sums:
+    """An epoch's running sums on the device, updated in place (so a captured CUDA graph keeps updating them)."""
+
+    def __init__(self, device: torch.device):
+        self.losses: dict[str, torch.Tensor] = {}
+        self.stats: dict[str, torch.Tensor] = {}
+        self.grad_max = torch.zeros((), device=device)
+
+    @staticmethod
+    def _add(into: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
+        if name not in into:
+            into[name] = torch.zeros((), device=value.device)
+        into[name].add_(value.detach().float())
+
+    def add(self, comps: dict, stats: dict, grad_norm: torch.Tensor) -> None:
         for k, v in comps.items():
-            sums[k] = sums.get(k, 0.0) + v.detach().float()
-        grad_max = torch.maximum(grad_max, grad_norm.detach().float())
+            self._add(self.losses, k, v)
+        for k, v in stats.items():
+            self._add(self.stats, k, v)
+        torch.maximum(self.grad_max, grad_norm.detach().float(), out=self.grad_max)
+
+    def reset(self) -> None:
+        for t in [*self.losses.values(), *self.stats.values(), self.grad_max]:
+            t.zero_()
+
+
+class _StepRunner:
+    """One training step on the resident images: gather, augment, forward, losses, backward, gradient norm,
+    optimizer, and the epoch sums, all on the device.
+
+    With ``cfg.cuda_graph`` (CUDA, one process) the whole step is captured once into a CUDA graph and replayed:
+    the host then issues a handful of launches per step instead of about a thousand kernels. The capture warms up
+    on a side stream, then restores the weights, optimizer state, RNG and sums, so the run's trajectory is the
+    same as without the graph; a failed capture falls back to eager steps with a warning.
+    """
+
+    def __init__(self, state: _State, cfg: TrainConfig, device: torch.device, images, targets):
+        self.state, self.cfg, self.device = state, cfg, device
+        self.images, self.targets = images, targets
+        self.step_fn = _make_step(state, cfg, device)
+        self.sums = _Sums(device)
+        self.use_graph = cfg.cuda_graph and device.type == "cuda" and not state.dist.enabled
+        self.graph = None
+
+    def _body(self, idx: torch.Tensor, r: torch.Tensor, epoch) -> None:
+        x = augment_batch(self.images[idx], self.cfg.augment, r=r)
+        comps, grad_norm, stats = self.step_fn(x, self.targets[idx], epoch)
+        self.sums.add(comps, stats, grad_norm)
+
+    def __call__(self, idx: torch.Tensor, r: torch.Tensor, lr: float, epoch: float) -> None:
+        if self.use_graph and self.graph is None:
+            self._capture(idx, r, epoch)
+        if self.graph is None:
+            for group in self.state.opt.param_groups:
+                group["lr"] = lr
+            self._body(idx, r, epoch)
+            return
+        self.static_idx.copy_(idx)
+        self.static_r.copy_(r)
+        self.static_epoch.fill_(epoch)
+        for t in self.lrs:
+            t.fill_(lr)
+        self.graph.replay()
+
+    def _snapshot(self):
+        st = self.state
+        model = {k: v.detach().clone() for k, v in st.model.state_dict(keep_vars=True).items()}
+        opt = {p: {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()} for p, s in st.opt.state.items()}
+        return model, opt, torch.cuda.get_rng_state(self.device)
+
+    @torch.no_grad()
+    def _restore(self, snap) -> None:
+        model, opt, rng = snap
+        for k, v in self.state.model.state_dict(keep_vars=True).items():
+            v.copy_(model[k])
+        for p, s in self.state.opt.state.items():
+            old = opt.get(p, {})
+            for k, v in s.items():
+                if not torch.is_tensor(v):
+                    continue
+                if k in old:
+                    v.copy_(old[k])
+                else:  # state made by the warm-up starts from zero: SGD's first step, AdamW's step 0
+                    v.zero_()
+        torch.cuda.set_rng_state(rng, self.device)
+        self.sums.reset()
+
+    def _capture(self, idx: torch.Tensor, r: torch.Tensor, epoch: float) -> None:
+        dev, opt = self.device, self.state.opt
+        self.static_idx, self.static_r = idx.clone(), r.clone()
+        self.static_epoch = torch.full((), float(epoch), device=dev)
+        floats = [float(g["lr"]) for g in opt.param_groups]
+        self.lrs = [torch.full((), v, device=dev) for v in floats]
+        for group, t in zip(opt.param_groups, self.lrs, strict=True):
+            group["lr"] = t  # a device scalar the graph reads: set per step with fill_
+            if "capturable" in group:
+                group["capturable"] = True
+        snap = self._snapshot()
+        try:
+            side = torch.cuda.Stream(dev)
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    self._body(self.static_idx, self.static_r, self.static_epoch)
+            torch.cuda.current_stream(dev).wait_stream(side)
+            torch.cuda.synchronize(dev)
+            self._restore(snap)
+            opt.zero_grad(set_to_none=True)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._body(self.static_idx, self.static_r, self.static_epoch)
+            self.graph = graph
+        except RuntimeError as e:
+            log.warning("CUDA graph capture failed (%s); training with eager steps", str(e).splitlines()[0])
+            with contextlib.suppress(RuntimeError):  # a broken capture may leave an error to collect
+                torch.cuda.synchronize(dev)
+            self._restore(snap)
+            for group, v in zip(opt.param_groups, floats, strict=True):
+                group["lr"] = v
+            opt.zero_grad(set_to_none=True)
+            self.use_graph = False
+            self.graph = None
+
+
+def _run_epoch(state: _State, cfg, sampler, runner: _StepRunner, on_step) -> dict:
+    state.model.train()
+    images = runner.images
+    # The epoch's batches and augmentation draws go to the device once: a step copies nothing from the host
+    # (a blocking host-to-device copy per step would stall the GPU queue every step).
+    batches = sampler.epoch(state.gen).to(images.device)
+    n = len(batches)
+    draws = torch.rand(n, batches.shape[1], AUGMENT_DRAWS, generator=state.gen).to(images.device)
+    sums = runner.sums
+    sums.reset()
+    t0 = time.perf_counter()
+    for i in range(n):
+        lr = lr_at(state.epoch * n + i, n, cfg)
+        runner(batches[i], draws[i], lr, state.epoch + i / n)
         if (i + 1) % cfg.check_every == 0 or i == n - 1:
-            _check_finite(sums, grad_max, cfg, state)
+            _check_finite(sums.losses, sums.grad_max, cfg, state)
         if on_step:
             on_step(i + 1, n)
     seconds = time.perf_counter() - t0
@@ -305,13 +444,13 @@ def _run_epoch(state: _State, cfg, sampler, images, targets, step_fn, on_step) -
         "epoch": state.epoch + 1,
         "lr": lr,
         "seconds": seconds,
-        "images_per_s": world * n * len(batches[0]) / seconds,
-        "grad_norm_max": float(grad_max),
+        "images_per_s": world * n * batches.shape[1] / seconds,
+        "grad_norm_max": float(sums.grad_max),
     }
     # losses averaged over all processes' batches
-    row.update({f"loss_{k}": float(all_reduce_sum(v, state.dist)) / (n * world) for k, v in sums.items()})
+    row.update({f"loss_{k}": float(all_reduce_sum(v, state.dist)) / (n * world) for k, v in sums.losses.items()})
     row["loss"] = sum(v for k, v in row.items() if k.startswith("loss_"))
-    row.update({k: float(all_reduce_sum(v, state.dist)) / (n * world) for k, v in stat_sums.items()})
+    row.update({k: float(all_reduce_sum(v, state.dist)) / (n * world) for k, v in sums.stats.items()})
     row.update(_position_norms(state.model))
     return row
 

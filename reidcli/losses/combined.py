@@ -59,9 +59,10 @@ class LossConfig:
 
 
 def compute_losses(
-    model, out, labels: torch.Tensor, cfg: LossConfig, epoch: float = 0.0, stats: dict | None = None
+    model, out, labels: torch.Tensor, cfg: LossConfig, epoch: float | torch.Tensor = 0.0, stats: dict | None = None
 ) -> dict[str, torch.Tensor]:
-    """Weighted components by name; their sum is the training loss. ``epoch`` drives the RP weight warm-up.
+    """Weighted components by name; their sum is the training loss. ``epoch`` (a number or a 0-d tensor) drives the
+    RP weight warm-up.
 
     ``stats``, when given, receives detached diagnostics (the mean norm of the RP relation vectors).
     """
@@ -77,7 +78,12 @@ def compute_losses(
         emb = patch_embedding(out.feat, out.tokens, cfg.top_n)
         losses["patch-triplet"] = cfg.patch_weight * batch_hard_triplet(emb, labels, cfg.margin)
     if "rp-triplet" in names:
-        ramp = 1.0 if cfg.rp_form == "raw" or cfg.rp_warmup_epochs <= 0 else min(1.0, epoch / cfg.rp_warmup_epochs)
+        if cfg.rp_form == "raw" or cfg.rp_warmup_epochs <= 0:
+            ramp = 1.0
+        elif isinstance(epoch, torch.Tensor):  # a device scalar (CUDA-graph steps): no host sync
+            ramp = (epoch / cfg.rp_warmup_epochs).clamp(max=1.0)
+        else:
+            ramp = min(1.0, epoch / cfg.rp_warmup_epochs)
         rel = relation_vectors(model, out.feat, out.tokens, cfg.top_n)
         if stats is not None:
             stats["rp_relation_norm"] = rel.detach().float().norm(dim=1).mean()

@@ -33,7 +33,7 @@ def batch_hard_triplet(feats: torch.Tensor, labels: torch.Tensor, margin: float 
     """
     d_ap, d_an = hardest_pairs(pairwise_distance(feats), labels)
     ok = torch.isfinite(d_ap) & torch.isfinite(d_an)
-    gap = (d_ap - d_an)[ok]
-    if gap.numel() == 0:
-        return feats.sum() * 0.0
-    return F.softplus(gap).mean() if margin is None else F.relu(gap + margin).mean()
+    # a masked mean, not boolean indexing: no data-dependent shape, so no host sync and CUDA-graph safe
+    gap = torch.where(ok, d_ap - d_an, 0.0)
+    terms = F.softplus(gap) if margin is None else F.relu(gap + margin)
+    return torch.where(ok, terms, 0.0).sum() / ok.sum().clamp_min(1)

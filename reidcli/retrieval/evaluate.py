@@ -40,7 +40,7 @@ class EvalConfig:
     k2: int = 6
     lambda_value: float = 0.3
     device: str = "auto"
-    memory_mb: int = 1024  # bound on the working set of one chunk of queries
+    memory_mb: int = 0  # working set of one chunk of queries; 0: 1 GiB on CPU, a quarter of free GPU memory
 
     def validate(self) -> EvalConfig:
         if self.engine not in ("faiss", "torch"):
@@ -68,8 +68,12 @@ def _tensors(s: FeatureSplit, dev: torch.device):
     )
 
 
-def _chunk_rows(num_gallery: int, memory_mb: int) -> int:
+def _chunk_rows(num_gallery: int, memory_mb: int, dev: torch.device | None = None) -> int:
     # per (query, gallery) cell: score 4 B, bucket 8 B, masks a few B, the searchsorted twins 16 B
+    if memory_mb <= 0:
+        memory_mb = 1024
+        if dev is not None and dev.type == "cuda":  # few large chunks: one GEMM and one sort each
+            memory_mb = max(1024, torch.cuda.mem_get_info(dev)[0] // 4 >> 20)
     return max(1, int(memory_mb * 2**20 // (40 * max(num_gallery, 1))))
 
 
@@ -98,7 +102,7 @@ def evaluate(query: FeatureSplit, gallery: FeatureSplit, cfg: EvalConfig, index=
     dev = resolve_device(cfg.device)
     q, qp, qc = _tensors(query, dev)
     g, gp, gc = _tensors(gallery, dev)
-    chunk = _chunk_rows(len(gallery), cfg.memory_mb)
+    chunk = _chunk_rows(len(gallery), cfg.memory_mb, dev)
     _sync(dev)
     t0 = time.perf_counter()
     approximate = False

@@ -84,12 +84,17 @@ def positive_ranks(
     g_pids: torch.Tensor,
     g_camids: torch.Tensor,
     groups: GalleryGroups | None = None,
+    method: str = "auto",
 ) -> QueryRanks:
     """Exact stable ranks of every positive for a chunk of queries; ``scores`` (Q, G), higher is more similar.
 
-    Only items scoring at least a query's weakest positive can beat one of its positives, so those are gathered
-    first when they are few (a good model), and everything is counted in place when they are many.
+    Only items scoring at least a query's weakest positive can beat one of its positives. ``method``: "count"
+    (the CPU's: those items gathered when few, everything bucketed in place when many), "sort" (the GPU's: those
+    items sorted once by (row, score), positives located by binary search: no histogram atomics, few host syncs),
+    or "auto" (sort on CUDA, count elsewhere). Both are exact and give identical ranks.
     """
+    if method not in ("auto", "count", "sort"):
+        raise ValueError(f"unknown counting method {method!r}")
     groups = groups or GalleryGroups(g_pids, g_camids)
     q, g = scores.shape
     dev = scores.device
@@ -110,6 +115,11 @@ def positive_ranks(
     # Only items scoring at least the weakest positive can beat a positive. Rows with few such items (a good
     # model) gather them first; rows with many are counted in place.
     keep = scores >= asc[:, :1]  # at least the weakest positive
+    if method == "sort" or (method == "auto" and scores.is_cuda):
+        beats = _sorted_beats(scores, keep, pos_scores, pos_index)
+        beats -= _count_beats(s_same.contiguous(), same, asc, num_pos, pos_scores, pos_index)
+        ranks = (beats + torch.arange(p_max, device=dev)[None, :]).masked_fill(is_pad, -1)
+        return QueryRanks(ranks, num_pos, num_valid)
     per_row = keep.sum(1, dtype=torch.int32).long()  # (an int32 sum of bools is ~15× faster on CPU)
     light = per_row * 4 <= g
     if int(light.sum()) * 2 < q:  # mostly heavy rows: count the whole chunk in place, no gathers or copies
@@ -129,6 +139,39 @@ def positive_ranks(
     desc = torch.arange(p_max, device=dev)[None, :]
     ranks = (beats + desc).masked_fill(is_pad, -1)  # + the better positives, which precede it in order
     return QueryRanks(ranks, num_pos, num_valid)
+
+
+def _ordered_bits(x: torch.Tensor) -> torch.Tensor:
+    """float32 → int64 in [0, 2³²) with the same order (−0.0 counted equal to +0.0), for exact integer keys."""
+    i = (x.float() + 0.0).view(torch.int32)  # + 0.0 turns −0.0 into +0.0
+    i = torch.where(i < 0, i ^ 0x7FFFFFFF, i)  # negative floats: larger magnitude → smaller key
+    return i.long() + 2**31
+
+
+def _sorted_beats(
+    scores: torch.Tensor, keep: torch.Tensor, pos_scores: torch.Tensor, pos_index: torch.Tensor
+) -> torch.Tensor:
+    """(Q, P) for each positive: items (same-pid ones included) with a higher score, or an equal score and a
+    smaller gallery row. Only ``keep``'s items (at least the weakest positive) can, and every positive is kept.
+
+    The kept items get one int64 key each, row·2³² + order-preserving bits of the score; one 1-D sort of the keys
+    puts every row's items in score order, and a binary search of each positive's key counts what lies above it.
+    """
+    rows, cols = keep.nonzero(as_tuple=True)  # row-major, so each row's items are contiguous before sorting
+    keys, perm = torch.sort((rows << 32) | _ordered_bits(scores[rows, cols]))
+    cols = cols[perm]
+    q, p = pos_scores.shape
+    row_end = keep.sum(1).cumsum(0)  # (Q,): end of each row's segment in ``keys``
+    pos_keys = (torch.arange(q, device=scores.device)[:, None] << 32) | _ordered_bits(pos_scores)
+    lo = torch.searchsorted(keys, pos_keys.reshape(-1), right=False).view(q, p)
+    hi = torch.searchsorted(keys, pos_keys.reshape(-1), right=True).view(q, p)
+    beats = row_end[:, None] - hi  # strictly higher scores
+    # equal scores: the positive itself, plus any exact duplicates (rare); count those with a smaller gallery row
+    width = int((hi - lo).max()) if keys.numel() else 0
+    for o in range(width):
+        at = (lo + o).clamp_max(max(len(cols) - 1, 0))
+        beats += ((lo + o < hi) & (cols[at] < pos_index)).long()
+    return beats
 
 
 def _compact(scores: torch.Tensor, keep: torch.Tensor, per_row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -88,9 +88,9 @@ def test_nan_stops_with_the_component_and_keeps_the_last_good_checkpoint(tiny_da
     calls = {"n": 0}
     per_epoch = len(read_dataset(tiny_data, ("train",), images=False)[1]["train"]) // 16
 
-    def poisoned(images, cfg, gen):
+    def poisoned(images, cfg, gen=None, r=None):
         calls["n"] += 1
-        x = real(images, cfg, gen)
+        x = real(images, cfg, gen, r)
         return x * float("nan") if calls["n"] > per_epoch else x  # poison the first batch of epoch 2
 
     monkeypatch.setattr(engine, "augment_batch", poisoned)

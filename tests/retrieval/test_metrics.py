@@ -11,16 +11,20 @@ from reidcli.retrieval.metrics import positive_ranks, summarize
 from tests.retrieval.reference import eval_market1501, market_like
 
 
-def _eval_scores(scores, qp, qc, gp, gc, max_rank=50):
+def _eval_scores(scores, qp, qc, gp, gc, max_rank=50, method="count"):
     t = [torch.as_tensor(a) for a in (scores, qp, qc, gp, gc)]
-    return summarize([positive_ranks(*t)], max_rank)
+    return summarize([positive_ranks(*t, method=method)], max_rank)
 
 
-def test_hand_computed_case():
+METHODS = pytest.mark.parametrize("method", ["count", "sort"])  # the CPU's counting, the GPU's sorted keys
+
+
+@METHODS
+def test_hand_computed_case(method):
     # one query (pid 1, cam 0); gallery in score order: junk(1,c0), neg, pos(1,c1), neg, pos(1,c2)
     scores = np.array([[0.9, 0.8, 0.7, 0.6, 0.5]], dtype=np.float32)
     gp, gc = np.array([1, 2, 1, 3, 1]), np.array([0, 0, 1, 1, 2])
-    m = _eval_scores(scores, np.array([1]), np.array([0]), gp, gc, max_rank=4)
+    m = _eval_scores(scores, np.array([1]), np.array([0]), gp, gc, max_rank=4, method=method)
     # valid order: neg, pos, neg, pos → positives at ranks 1 and 3 (0-based)
     assert m.mAP == pytest.approx((1 / 2 + 2 / 4) / 2)
     assert m.mINP == pytest.approx(2 / 4)
@@ -28,39 +32,43 @@ def test_hand_computed_case():
     assert m.num_valid_queries == 1
 
 
-def test_ties_are_broken_by_gallery_order():
+@METHODS
+def test_ties_are_broken_by_gallery_order(method):
     scores = np.array([[0.5, 0.5, 0.5, 0.5]], dtype=np.float32)
     gp, gc = np.array([2, 1, 3, 1]), np.array([1, 1, 1, 2])
-    m = _eval_scores(scores, np.array([1]), np.array([0]), gp, gc, max_rank=4)
+    m = _eval_scores(scores, np.array([1]), np.array([0]), gp, gc, max_rank=4, method=method)
     assert m.mAP == pytest.approx((1 / 2 + 2 / 4) / 2)  # stable order: neg, pos, neg, pos
     ref = eval_market1501(-scores, np.array([1]), gp, np.array([0]), gc, max_rank=4)
     assert m.mAP == pytest.approx(ref[1])
 
 
+@METHODS
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_equals_reference_on_market_like_features(seed):
+def test_equals_reference_on_market_like_features(seed, method):
     rng = np.random.default_rng(seed)
     q, qp, qc, g, gp, gc = market_like(rng, noise=0.8 + 0.3 * seed)
     scores = q @ g.T
     cmc, mAP, mINP, n = eval_market1501(-scores.astype(np.float64), qp, gp, qc, gc)
-    m = _eval_scores(scores, qp, qc, gp, gc)
+    m = _eval_scores(scores, qp, qc, gp, gc, method=method)
     assert m.num_valid_queries == n < len(qp)
     assert abs(m.mAP - mAP) < 1e-6 and abs(m.mINP - mINP) < 1e-6
     np.testing.assert_allclose(m.cmc, cmc, atol=1e-6)
 
 
-def test_rows_counted_in_place_and_gathered_agree_with_reference():
+@METHODS
+def test_rows_counted_in_place_and_gathered_agree_with_reference(method):
     """Good queries (few items above their weakest positive) are gathered, bad ones counted in place."""
     rng = np.random.default_rng(11)
     q, qp, qc, g, gp, gc = market_like(rng, num_query=40, num_gallery=400, noise=0.3)
     q[::2] = rng.normal(size=q[::2].shape)  # every other query: a random feature, positives anywhere
     scores = q @ g.T
     _, mAP, mINP, _ = eval_market1501(-scores.astype(np.float64), qp, gp, qc, gc)
-    m = _eval_scores(scores, qp, qc, gp, gc)
+    m = _eval_scores(scores, qp, qc, gp, gc, method=method)
     assert abs(m.mAP - mAP) < 1e-6 and abs(m.mINP - mINP) < 1e-6
 
 
-def test_duplicate_features_ties_match_reference():
+@METHODS
+def test_duplicate_features_ties_match_reference(method):
     rng = np.random.default_rng(7)
     q, qp, qc, g, gp, gc = market_like(rng, num_gallery=120)
     g[60:90] = g[0:30]  # exact duplicates: equal scores for many (query, item) pairs
@@ -68,22 +76,22 @@ def test_duplicate_features_ties_match_reference():
     g = np.round(g, 1)
     scores = (q.astype(np.float64) @ g.T.astype(np.float64)).astype(np.float32)
     _, mAP, mINP, _ = eval_market1501(-scores, qp, gp, qc, gc)
-    m = _eval_scores(scores, qp, qc, gp, gc)
+    m = _eval_scores(scores, qp, qc, gp, gc, method=method)
     assert abs(m.mAP - mAP) < 1e-6 and abs(m.mINP - mINP) < 1e-6
 
 
 @settings(max_examples=25, deadline=None)
-@given(seed=st.integers(0, 10_000))
-def test_invariant_to_gallery_permutation_and_perfect_when_positives_lead(seed):
+@given(seed=st.integers(0, 10_000), method=st.sampled_from(["count", "sort"]))
+def test_invariant_to_gallery_permutation_and_perfect_when_positives_lead(seed, method):
     rng = np.random.default_rng(seed)
     q, qp, qc, g, gp, gc = market_like(rng, num_query=10, num_gallery=80)
     scores = q @ g.T
     perm = rng.permutation(len(gp))
-    a = _eval_scores(scores, qp, qc, gp, gc)
-    b = _eval_scores(scores[:, perm], qp, qc, gp[perm], gc[perm])
+    a = _eval_scores(scores, qp, qc, gp, gc, method=method)
+    b = _eval_scores(scores[:, perm], qp, qc, gp[perm], gc[perm], method=method)
     assert abs(a.mAP - b.mAP) < 1e-9 and a.cmc == b.cmc
     perfect = np.where(gp[None, :] == qp[:, None], 1.0 + scores, scores - 2.0).astype(np.float32)
-    m = _eval_scores(perfect, qp, qc, gp, gc)
+    m = _eval_scores(perfect, qp, qc, gp, gc, method=method)
     assert m.num_valid_queries == 0 or (m.mAP == pytest.approx(1.0) and m.mINP == pytest.approx(1.0))
 
 
@@ -103,10 +111,14 @@ def test_faiss_lists_plus_counting_equal_torch(depth):
     assert b.engine == "faiss" and not b.metrics.approximate
 
 
-def test_chunking_does_not_change_results():
+def test_chunking_does_not_change_results(monkeypatch):
+    import reidcli.retrieval.evaluate as ev
+
     query, gallery = _splits(4, num_query=50, num_gallery=300)
     a = evaluate(query, gallery, EvalConfig(engine="torch"))
-    b = evaluate(query, gallery, EvalConfig(engine="torch", memory_mb=0))  # one query per chunk
+    assert ev._chunk_rows(300, 0) > 50 and ev._chunk_rows(300, 1) == 87  # auto: 1 GiB on the CPU
+    monkeypatch.setattr(ev, "_chunk_rows", lambda *a: 1)
+    b = evaluate(query, gallery, EvalConfig(engine="torch"))  # one query per chunk
     assert a.metrics.cmc == b.metrics.cmc
     assert a.metrics.mAP == pytest.approx(b.metrics.mAP, abs=1e-12)
     assert a.metrics.mINP == pytest.approx(b.metrics.mINP, abs=1e-12)
@@ -134,3 +146,20 @@ def test_mismatched_dimensions():
     query, gallery = _splits(6)
     with pytest.raises(FormatError, match="16-d"):
         evaluate(FeatureSplit(query.feats[:, :8], query.pids, query.camids), gallery, EvalConfig())
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_sorted_keys_and_counting_give_identical_ranks(seed):
+    """The GPU's method equals the CPU's rank for rank, on mixed good and bad queries with ±0 and duplicates."""
+    rng = np.random.default_rng(seed)
+    q, qp, qc, g, gp, gc = market_like(rng, num_query=60, num_gallery=500, noise=0.5)
+    q[::3] = rng.normal(size=q[::3].shape)
+    g[400:450] = g[0:50]
+    scores = torch.as_tensor(np.round(q @ g.T, 2).astype(np.float32))
+    scores[0, :7] = -0.0  # equal to +0.0 elsewhere in the row: a tie, broken by gallery row
+    scores[0, 7:14] = 0.0
+    t = [torch.as_tensor(a) for a in (qp, qc, gp, gc)]
+    a = positive_ranks(scores, *t, method="count")
+    b = positive_ranks(scores, *t, method="sort")
+    assert torch.equal(a.ranks, b.ranks) and torch.equal(a.num_valid, b.num_valid)
+    assert (a.ranks >= 0).sum() > 100

@@ -1,0 +1,39 @@
+"""Extraction options: precisions (CUDA-only ones fall back to fp32 on the CPU), compiled forward, padding."""
+
+import numpy as np
+import pytest
+import torch
+
+from reidcli.engine.extract import embed_images
+from reidcli.errors import ConfigError
+from reidcli.model.vit import ModelConfig, ViTReID
+
+
+def _model():
+    torch.manual_seed(0)
+    return ViTReID(ModelConfig(pe="both", image_size=(32, 16), dim=32, depth=1, heads=2, drop_path=0.0))
+
+
+def test_compiled_forward_pads_the_last_batch_and_matches_eager():
+    model = _model()
+    images = np.random.default_rng(0).integers(0, 256, (10, 32, 16, 3), dtype=np.uint8)
+    eager = embed_images(model, images, torch.device("cpu"), batch=4, flip=True)
+    compiled = embed_images(model, images, torch.device("cpu"), batch=4, flip=True, compile_=True)
+    assert compiled.shape == (10, 32)
+    np.testing.assert_allclose(compiled, eager, atol=1e-4)
+    np.testing.assert_allclose(np.linalg.norm(eager, axis=1), 1.0, atol=1e-5)
+
+
+def test_flip_is_the_mean_of_image_and_mirror():
+    model = _model().eval()
+    images = np.random.default_rng(1).integers(0, 256, (3, 32, 16, 3), dtype=np.uint8)
+    both = embed_images(model, images, torch.device("cpu"), flip=True)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        f = model.forward_features(x)[:, 0] + model.forward_features(x.flip(3))[:, 0]
+    np.testing.assert_allclose(both, torch.nn.functional.normalize(f, dim=1).numpy(), atol=1e-5)
+
+
+def test_unknown_precision_is_a_config_error():
+    with pytest.raises(ConfigError, match="unknown precision"):
+        embed_images(_model(), np.zeros((1, 32, 16, 3), np.uint8), torch.device("cpu"), precision="int8")
