@@ -21,8 +21,8 @@ def extract(
     dtype: Annotated[str, typer.Option(help="Stored dtype: float32, or float16 (half the size).")] = "float32",
     device: DeviceOpt = "auto",
     precision: Annotated[
-        str, typer.Option(help="GPU forward precision: bf16 (autocast), fp16 or fp32; the CPU runs fp32.")
-    ] = "bf16",
+        str, typer.Option(help="GPU forward precision: fp16, bf16 (autocast) or fp32; the CPU runs fp32.")
+    ] = "fp16",
     compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the forward (large splits).")] = False,
     json_out: JsonOpt = False,
 ) -> None:

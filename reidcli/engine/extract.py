@@ -34,7 +34,7 @@ class ExtractConfig:
     # whose rankings float16 rounding would change.
     dtype: str = "float32"
     device: str = "auto"
-    precision: str = "bf16"  # CUDA forward: bf16 autocast, fp16, fp32 (the CPU always runs fp32)
+    precision: str = "fp16"  # CUDA forward: fp16, bf16 autocast, fp32 (the CPU always runs fp32)
     compile: bool = False
 
     def validate(self) -> ExtractConfig:
@@ -90,15 +90,16 @@ def embed_images(
     batch: int = 256,
     flip: bool = True,
     on_batch: Callable[[int], None] | None = None,
-    precision: str = "bf16",
+    precision: str = "fp16",
     compile_: bool = False,
 ) -> np.ndarray:
     """uint8 (N, H, W, 3) → float32 (N, D) L2-normalised features, row i for image i.
 
     On CUDA each batch is staged in pinned memory and copied without blocking, so the host prepares batch i+1
     while the GPU embeds batch i; features stay on the GPU until one copy back at the end. ``precision`` (CUDA
-    only): bf16 autocast, fp16 weights and activations, or fp32. ``compile_``: torch.compile the forward (every
-    batch padded to the same size, so it compiles once).
+    only): fp16 weights and activations (the default: fastest, and within 1e-5 of fp32 in cosine on an H200, where
+    bf16 autocast was 6e-5; rows that overflow are redone in fp32), bf16 autocast, or fp32. ``compile_``:
+    torch.compile the forward (every batch padded to the same size, so it compiles once).
     """
     if precision not in PRECISIONS:
         raise ConfigError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
@@ -118,7 +119,14 @@ def embed_images(
             on_batch(min(i + batch, len(images)))
     if not out:
         return np.zeros((0, model.cfg.dim), np.float32)
-    return torch.cat(out).cpu().numpy()
+    feats = torch.cat(out)
+    if precision == "fp16" and cuda:  # half precision overflowed somewhere (huge activations): redo those in fp32
+        bad = (~torch.isfinite(feats).all(1)).nonzero()[:, 0].cpu().numpy()
+        if len(bad):
+            feats[torch.from_numpy(bad).to(device)] = torch.from_numpy(
+                embed_images(model, images[bad], device, batch, flip, precision="fp32")
+            ).to(device)
+    return feats.cpu().numpy()
 
 
 def embed_dataset(
@@ -129,7 +137,7 @@ def embed_dataset(
     batch: int = 256,
     flip: bool = True,
     on_batch: Callable[[int], None] | None = None,
-    precision: str = "bf16",
+    precision: str = "fp16",
     compile_: bool = False,
 ) -> dict[str, FeatureSplit]:
     attrs, parts = read_dataset(data, splits)
@@ -164,6 +172,7 @@ def extract_features(cfg: ExtractConfig, on_batch: Callable[[int], None] | None 
         "dataset": str(config.get("dataset", "")),
         "dataset_file": str(cfg.data),
         "flip": int(cfg.flip),
+        "precision": cfg.precision if device.type == "cuda" else "fp32",
         "run": str(RunFiles(cfg.run).root),
     }
     write_features(cfg.out, feats, provenance)

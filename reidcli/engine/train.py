@@ -58,7 +58,7 @@ class TrainConfig:
     bf16: bool = True  # autocast on CUDA only
     compile: bool = False
     compile_mode: str = "default"  # default, reduce-overhead (torch's CUDA graphs), max-autotune-no-cudagraphs
-    cuda_graph: bool = False  # capture the whole step (augmentation to optimizer) in one CUDA graph, replayed per step
+    cuda_graph: bool = True  # on one CUDA GPU: the whole step (augmentation to optimizer) is one CUDA graph, replayed
     init: str | None = None  # timm-format weights file
     pretrained: str | None = None  # timm hub model name
     eval_every: int = 0
