@@ -14,8 +14,8 @@ from reidcli.retrieval.metrics import (
     GalleryGroups,
     MetricResult,
     QueryRanks,
-    positive_ranks,
     ranks_from_lists,
+    ranks_in_blocks,
     summarize,
 )
 
@@ -83,7 +83,7 @@ def _count_all(q, qp, qc, g, gp, gc, chunk: int, rows: torch.Tensor | None = Non
     parts = []
     for i in range(0, len(idx), chunk):
         sel = idx[i : i + chunk]
-        parts.append(positive_ranks(q[sel] @ g.T, qp[sel], qc[sel], gp, gc, groups))
+        parts += ranks_in_blocks(q[sel] @ g.T, qp[sel], qc[sel], gp, gc, groups)
     return parts
 
 
@@ -110,9 +110,11 @@ def evaluate(query: FeatureSplit, gallery: FeatureSplit, cfg: EvalConfig, index=
         from reidcli.retrieval.rerank import k_reciprocal_rerank
 
         dist = k_reciprocal_rerank(q, g, cfg.k1, cfg.k2, cfg.lambda_value)
+        groups = GalleryGroups(gp, gc)
         parts = [
-            positive_ranks(-dist[i : i + chunk], qp[i : i + chunk], qc[i : i + chunk], gp, gc)
+            part
             for i in range(0, len(qp), chunk)
+            for part in ranks_in_blocks(dist[i : i + chunk], qp[i : i + chunk], qc[i : i + chunk], gp, gc, groups, True)
         ]
         engine = "torch+rerank"
     elif cfg.engine == "torch":

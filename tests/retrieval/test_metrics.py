@@ -163,3 +163,24 @@ def test_sorted_keys_and_counting_give_identical_ranks(seed):
     b = positive_ranks(scores, *t, method="sort")
     assert torch.equal(a.ranks, b.ranks) and torch.equal(a.num_valid, b.num_valid)
     assert (a.ranks >= 0).sum() > 100
+
+
+def test_auto_method_handles_a_collapsed_model_and_blocks_change_nothing():
+    """All scores equal (a collapsed model): the tie-heavy rows go to counting; blocks give the same metrics."""
+    from reidcli.retrieval.metrics import GalleryGroups, ranks_in_blocks
+
+    rng = np.random.default_rng(5)
+    q, qp, qc, g, gp, gc = market_like(rng, num_query=30, num_gallery=300)
+    t = [torch.as_tensor(a) for a in (qp, qc, gp, gc)]
+    flat = torch.zeros(len(qp), len(gp))
+    auto, count = (positive_ranks(flat, *t, method=m) for m in ("auto", "count"))
+    assert torch.equal(auto.ranks, count.ranks)
+    ref = eval_market1501(-flat.numpy().astype(np.float64), qp, gp, qc, gc)
+    assert abs(summarize([auto]).mAP - ref[1]) < 1e-6
+    big_g = 70_000  # 4 MiB blocks: 16 rows of 70,000 scores → 30 queries make 2 blocks
+    gp_big, gc_big = torch.as_tensor(rng.integers(0, 40, big_g)), torch.as_tensor(rng.integers(0, 6, big_g))
+    scores = torch.as_tensor(rng.normal(size=(len(qp), big_g)).astype(np.float32))
+    tb = [t[0], t[1], gp_big, gc_big]
+    whole = summarize([positive_ranks(scores, *tb)])
+    blocks = ranks_in_blocks(scores, *tb, groups=GalleryGroups(gp_big, gc_big))
+    assert len(blocks) == 2 and summarize(blocks).mAP == pytest.approx(whole.mAP, abs=1e-12)
