@@ -344,9 +344,8 @@ def _gemm_seconds(q: np.ndarray, g: np.ndarray, memory_mb: int) -> float:
 
 
 def evaluation(smoke: bool) -> dict:
-    from benchmarks.cpu_eval import TRAINED, market_like
+    from benchmarks.cpu_eval import TRAINED, market_like, with_distractors
     from reidcli.retrieval.evaluate import EvalConfig, evaluate
-    from reidcli.retrieval.features import FeatureSplit
 
     # (queries, gallery with ids, identities, distractors): Market-1501 + 500k is Market's gallery plus 484,087
     # distractor images of no query's identity (random directions here), so a query keeps ~14 positives.
@@ -361,15 +360,7 @@ def evaluation(smoke: bool) -> dict:
     cfg = EvalConfig(engine="torch", device=str(DEV), memory_mb=256 if smoke else 16384)
     for name, (nq, ng, ids, distractors) in sizes.items():
         q, g = market_like(nq, ng, ids, seed=1, noise=TRAINED)
-        if distractors:
-            rng = np.random.default_rng(2)
-            extra = rng.standard_normal((distractors, g.feats.shape[1]), dtype=np.float32)
-            extra /= np.linalg.norm(extra, axis=1, keepdims=True)
-            g = FeatureSplit(
-                np.concatenate([g.feats, extra]),
-                np.concatenate([g.pids, np.zeros(distractors, g.pids.dtype)]),  # pid 0: no query's identity
-                np.concatenate([g.camids, rng.integers(0, 6, distractors).astype(g.camids.dtype)]),
-            )
+        g = with_distractors(g, distractors)
         evaluate(q, g, cfg)  # warm-up
         runs = [evaluate(q, g, cfg) for _ in range(3)]
         out[f"eval {name} ms"] = 1e3 * min(r.seconds for r in runs)
