@@ -5,8 +5,11 @@ camera. The 0-based rank of a positive is the number of valid items ranked befor
 plus items with the same score and a smaller gallery index (stable tie-break). With the ranks r_1 < … < r_n of its
 n positives, a query has ``AP = mean_i i / (r_i + 1)``, ``INP = n / (r_n + 1)`` and its first hit at r_1.
 
-Counting needs no sort of the gallery: the positives' scores are few, so each gallery item is bucketed among them
-with ``searchsorted`` and a histogram gives, for every positive, how many valid items beat it.
+Counting needs no sort of the whole gallery: only items scoring at least a query's weakest positive can beat one
+of its positives. Those items get one integer key each (row, then the order-preserving bits of the score); one
+sort of the keys and a binary search per positive count what beats it, exactly, ties by gallery row. Rows where
+many items share one score (a collapsed model) are instead bucketed among the positives with ``searchsorted``
+and a histogram. Both give identical ranks.
 """
 
 from __future__ import annotations
