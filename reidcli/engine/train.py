@@ -446,6 +446,7 @@ def _run_epoch(state: _State, cfg, sampler, runner: _StepRunner, on_step) -> dic
         "seconds": seconds,
         "images_per_s": world * n * batches.shape[1] / seconds,
         "grad_norm_max": float(sums.grad_max),
+        "step": "cuda-graph" if runner.graph is not None else "eager",
     }
     # losses averaged over all processes' batches
     row.update({f"loss_{k}": float(all_reduce_sum(v, state.dist)) / (n * world) for k, v in sums.losses.items()})
