@@ -117,29 +117,13 @@ def positive_ranks(
     pos_scores, pos_index = s_same.gather(1, order), same.gather(1, order)
     is_pad = torch.arange(p_max, device=dev)[None, :] >= num_pos[:, None]
     asc = pos_scores.masked_fill(is_pad, float("inf")).sort(dim=1).values.contiguous()  # ascending, pads last
-    # Only items scoring at least the weakest positive can beat a positive. Rows with few such items (a good
-    # model) gather them first; rows with many are counted in place.
-    keep = scores >= asc[:, :1]  # at least the weakest positive
+    # Only items scoring at least the weakest positive can beat a positive.
+    keep = scores >= asc[:, :1]
+    beats = None
     if method != "count":
         beats = _sorted_beats(scores, keep, pos_scores, pos_index, max_ties=None if method == "sort" else 8)
-        if beats is not None:
-            beats -= _count_beats(s_same.contiguous(), same, asc, num_pos, pos_scores, pos_index)
-            ranks = (beats + torch.arange(p_max, device=dev)[None, :]).masked_fill(is_pad, -1)
-            return QueryRanks(ranks, num_pos, num_valid)
-    per_row = keep.sum(1, dtype=torch.int32).long()  # (an int32 sum of bools is ~15× faster on CPU)
-    light = per_row * 4 <= g
-    if int(light.sum()) * 2 < q:  # mostly heavy rows: count the whole chunk in place, no gathers or copies
-        light = torch.zeros_like(light)
-    beats = torch.empty_like(pos_index)
-    for rows, compact in ((light.nonzero()[:, 0], True), ((~light).nonzero()[:, 0], False)):
-        if len(rows):
-            whole = len(rows) == q
-            sub = scores if whole else scores[rows]
-            if compact:
-                values, columns = _compact(sub, keep if whole else keep[rows], per_row[rows])
-            else:
-                values, columns = sub.contiguous(), None
-            beats[rows] = _count_beats(values, columns, asc[rows], num_pos[rows], pos_scores[rows], pos_index[rows])
+    if beats is None:
+        beats = _counted_beats(scores, keep, asc, num_pos, pos_scores, pos_index)
     # the same-pid items (positives and junk) were counted among the values: take them out again
     beats -= _count_beats(s_same.contiguous(), same, asc, num_pos, pos_scores, pos_index)
     desc = torch.arange(p_max, device=dev)[None, :]
@@ -208,6 +192,27 @@ def _sorted_beats(
     for o in range(width):
         at = (lo + o).clamp_max(max(len(cols) - 1, 0))
         beats += ((lo + o < hi) & (cols[at] < pos_index)).long()
+    return beats
+
+
+def _counted_beats(scores, keep, asc, num_pos, pos_scores, pos_index) -> torch.Tensor:
+    """The counting method's (Q, P) beats: rows with few kept items (a good model) are gathered first, rows with
+    many are bucketed in place."""
+    q, g = scores.shape
+    per_row = keep.sum(1, dtype=torch.int32).long()  # (an int32 sum of bools is ~15× faster on CPU)
+    light = per_row * 4 <= g
+    if int(light.sum()) * 2 < q:  # mostly heavy rows: count the whole chunk in place, no gathers or copies
+        light = torch.zeros_like(light)
+    beats = torch.empty_like(pos_index)
+    for rows, compact in ((light.nonzero()[:, 0], True), ((~light).nonzero()[:, 0], False)):
+        if len(rows):
+            whole = len(rows) == q
+            sub = scores if whole else scores[rows]
+            if compact:
+                values, columns = _compact(sub, keep if whole else keep[rows], per_row[rows])
+            else:
+                values, columns = sub.contiguous(), None
+            beats[rows] = _count_beats(values, columns, asc[rows], num_pos[rows], pos_scores[rows], pos_index[rows])
     return beats
 
 
