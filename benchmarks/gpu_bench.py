@@ -112,8 +112,8 @@ def engine_step(
     return out
 
 
-def profile_step(pe: str, smoke: bool, out_dir: Path, graph: bool) -> None:
-    """Kernel-time table of a few steps, for deciding what to optimise (profile_train_<pe>[_graph].txt)."""
+def profile_step(pe: str, smoke: bool, out_dir: Path, graph: bool, compiled: bool = False) -> None:
+    """Kernel-time table of a few steps, for deciding what to optimise (profile_train_<pe>[_compiled][_graph].txt)."""
     from dataclasses import replace
 
     from torch.profiler import ProfilerActivity, profile
@@ -123,7 +123,13 @@ def profile_step(pe: str, smoke: bool, out_dir: Path, graph: bool) -> None:
 
     model = _bench_model(smoke)
     cfg = TrainConfig(
-        data="", run_dir="", model=replace(model, pe=pe), batch=8 if smoke else 64, device=str(DEV), cuda_graph=graph
+        data="",
+        run_dir="",
+        model=replace(model, pe=pe),
+        batch=8 if smoke else 64,
+        device=str(DEV),
+        cuda_graph=graph,
+        compile=compiled,
     )
     state = _build(cfg, 751, DEV)
     images = torch.randint(0, 256, (cfg.batch, *model.image_size, 3), dtype=torch.uint8, device=DEV)
@@ -139,7 +145,7 @@ def profile_step(pe: str, smoke: bool, out_dir: Path, graph: bool) -> None:
             runner(idx, r, 0.008, 1.0)
         _sync()
     key = "cuda_time_total" if DEV.type == "cuda" else "cpu_time_total"
-    name = f"profile_train_{pe}{'_graph' if graph else ''}.txt"
+    name = f"profile_train_{pe}{'_compiled' if compiled else ''}{'_graph' if graph else ''}.txt"
     (out_dir / name).write_text(prof.key_averages().table(sort_by=key, row_limit=45) + "\n")
 
 
@@ -193,6 +199,14 @@ def train_steps(smoke: bool, out_dir: Path) -> dict:
             out[f"train {pe} b64 graph"] = engine_step(pe, cfg, b, smoke, graph=True)
         except Exception as e:  # noqa: BLE001
             out[f"train {pe} b64 graph"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    if DEV.type == "cuda":  # the biased attention through cuDNN instead of the memory-efficient kernel
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        try:
+            with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+                out["train both b64 graph cudnn-attention"] = engine_step("both", cfg, b, smoke, graph=True)
+        except Exception as e:  # noqa: BLE001
+            out["train both b64 graph cudnn-attention"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
     try:
         out["graph equivalence"] = graph_equivalence(smoke)
     except Exception as e:  # noqa: BLE001
@@ -205,7 +219,7 @@ def train_steps(smoke: bool, out_dir: Path) -> dict:
     return out
 
 
-def compiled_steps(smoke: bool, modes: tuple[str, ...]) -> dict:
+def compiled_steps(smoke: bool, modes: tuple[str, ...], out_dir: Path | None = None) -> dict:
     """torch.compile'd steps, inside the whole-step CUDA graph ("graph") or with torch's own CUDA graphs
     ("reduce-overhead"): slow to build, so run late and a timeout loses only these."""
     cfg = _bench_model(smoke)
@@ -218,6 +232,11 @@ def compiled_steps(smoke: bool, modes: tuple[str, ...]) -> dict:
                 out[key] = engine_step(pe, cfg, 8 if smoke else 64, smoke, "default" if graph else mode, graph)
             except Exception as e:  # noqa: BLE001
                 out[key] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    if "graph" in modes and out_dir is not None:
+        try:
+            profile_step("ape", smoke, out_dir, graph=True, compiled=True)
+        except Exception as e:  # noqa: BLE001
+            out["profile error compiled"] = repr(e)[:300]
     return out
 
 
@@ -343,7 +362,7 @@ def _gemm_seconds(q: np.ndarray, g: np.ndarray, memory_mb: int) -> float:
     return _timed_steps(lambda: [qt[i : i + chunk] @ gt.T for i in range(0, len(qt), chunk)], 1, 3, 1)
 
 
-def evaluation(smoke: bool) -> dict:
+def evaluation(smoke: bool, out_dir: Path) -> dict:
     from benchmarks.cpu_eval import TRAINED, market_like, with_distractors
     from reidcli.retrieval.evaluate import EvalConfig, evaluate
 
@@ -375,6 +394,13 @@ def evaluation(smoke: bool) -> dict:
             max(abs(a - b) for a, b in zip(gpu.cmc, cpu.cmc, strict=True)),
         )
         if name == "market":
+            from torch.profiler import ProfilerActivity, profile
+
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV.type == "cuda" else [])
+            with profile(activities=acts) as prof:
+                evaluate(q, g, cfg)
+            table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
+            (out_dir / "profile_eval_market.txt").write_text(table + "\n")
             rr = EvalConfig(engine="torch", device=str(DEV), rerank=True, memory_mb=cfg.memory_mb)
             evaluate(q, g, rr)
             out["rerank market s"] = min(evaluate(q, g, rr).seconds for _ in range(2))
@@ -436,11 +462,11 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         steps = {
-            "eval": lambda: evaluation(args.smoke),
+            "eval": lambda: evaluation(args.smoke, out_dir),
             "extract": lambda: extraction(args.smoke, not args.no_compile),
             "train": lambda: train_steps(args.smoke, out_dir),
             "epoch": lambda: {"graph": market_epoch(args.smoke, Path(tmp), graph=True)},
-            "compile": lambda: {} if args.no_compile else compiled_steps(args.smoke, modes),
+            "compile": lambda: {} if args.no_compile else compiled_steps(args.smoke, modes, out_dir),
             "epochc": lambda: {} if args.no_compile else market_epoch(args.smoke, Path(tmp), "default", True),
         }
         for section in sections:  # quick, central sections first; JSON rewritten after each one
