@@ -1,0 +1,91 @@
+"""The trainer's step runner: a CUDA-graph capture that fails must leave the run exactly as eager steps leave it."""
+
+import logging
+
+import pytest
+import torch
+
+from reidcli.data.augment import AUGMENT_DRAWS
+from reidcli.engine.train import TrainConfig, _build, _StepRunner
+from reidcli.losses.combined import LossConfig
+from reidcli.model.vit import ModelConfig
+
+
+def _runner(graph: bool) -> _StepRunner:
+    model = ModelConfig(pe="both", image_size=(32, 16), dim=32, depth=1, heads=2, drop_path=0.0)
+    cfg = TrainConfig(data="", run_dir="", model=model, loss=LossConfig(spec="ce+triplet"), batch=8, k=4, device="cpu")
+    torch.manual_seed(0)
+    state = _build(cfg, 4, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (16, 32, 16, 3), dtype=torch.uint8, generator=gen)
+    runner = _StepRunner(state, cfg, torch.device("cpu"), images, torch.arange(16) // 4)
+    runner.use_graph = graph  # on the CPU the capture is attempted only because we force it
+    return runner
+
+
+def _train(runner: _StepRunner) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(2)
+    for i in range(4):
+        idx = torch.arange(i % 2 * 8, i % 2 * 8 + 8)
+        runner(idx, torch.rand(8, AUGMENT_DRAWS, generator=gen), 0.01 * (i + 1), i / 4)
+    return torch.cat([p.detach().flatten() for p in runner.state.model.parameters()])
+
+
+def test_failed_capture_falls_back_to_eager_steps_on_the_same_trajectory(monkeypatch, caplog):
+    eager = _train(_runner(graph=False))
+    cpu_rng = torch.get_rng_state()
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device=None: cpu_rng)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device=None: None)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+
+    def no_stream(*a, **k):
+        raise RuntimeError("CUDA graphs are not supported here")
+
+    monkeypatch.setattr(torch.cuda, "Stream", no_stream)
+    runner = _runner(graph=True)
+    with caplog.at_level(logging.WARNING):
+        fallback = _train(runner)
+    assert "CUDA graph capture failed (CUDA graphs are not supported here); training with eager steps" in caplog.text
+    assert runner.graph is None and not runner.use_graph
+    assert all(isinstance(g["lr"], float) for g in runner.state.opt.param_groups)
+    assert torch.equal(fallback, eager)
+    assert float(runner.sums.losses["ce"]) > 0
+
+
+def test_a_warm_up_that_fails_midway_is_rolled_back(monkeypatch):
+    """The capture's warm-up steps change weights and optimizer state; a failure after them restores both."""
+    eager = _train(_runner(graph=False))
+    cpu_rng = torch.get_rng_state()
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device=None: cpu_rng)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device=None: torch.set_rng_state(cpu_rng))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+
+    class FakeStream:
+        def __init__(self, *a, **k):
+            pass
+
+        def wait_stream(self, other):
+            pass
+
+    class Boom(RuntimeError):
+        pass
+
+    def no_graph():
+        raise Boom("capture refused")
+
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: torch.autograd.profiler.record_function("fake-stream"))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: FakeStream())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", no_graph)
+    runner = _runner(graph=True)
+    fallback = _train(runner)  # three warm-up steps ran, then the capture failed: all of it is undone
+    assert runner.graph is None
+    assert torch.equal(fallback, eager)
+
+
+@pytest.mark.parametrize("bad", [{"compile": True, "compile_mode": "reduce-overhead"}])
+def test_cuda_graph_with_torch_cudagraphs_is_refused(bad):
+    from reidcli.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--cuda-graph already captures the step"):
+        TrainConfig(data="x", run_dir="y", **bad).validate()
