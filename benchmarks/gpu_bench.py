@@ -50,20 +50,14 @@ def _timed_steps(fn, warm: int, blocks: int = 3, per_block: int = 10) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def engine_step(
-    pe: str, model: ModelConfig, batch: int, smoke: bool, compile_mode: str | None = None, graph: bool = False
-) -> dict:
-    """img/s of reidcli's own training step as the trainer runs it (engine.train._StepRunner): gather from the
-    resident uint8 images, batched augmentation, forward, ce+triplet, backward, gradient norm, fused SGD."""
-    from dataclasses import replace
-
-    from reidcli.data.augment import AUGMENT_DRAWS
+def _bench_runner(model: ModelConfig, batch: int, images: torch.Tensor, graph: bool, compile_mode: str | None = None):
+    """The trainer's own step runner (engine.train._StepRunner) over resident ``images``, P×K labels, fused SGD."""
     from reidcli.engine.train import TrainConfig, _build, _StepRunner
 
     cfg = TrainConfig(
         data="",
         run_dir="",
-        model=replace(model, pe=pe),
+        model=model,
         batch=batch,
         device=str(DEV),
         compile=compile_mode is not None,
@@ -72,9 +66,20 @@ def engine_step(
     )
     torch.manual_seed(0)
     state = _build(cfg, 751, DEV)
-    n_img = 4 * batch
-    images = torch.randint(0, 256, (n_img, *model.image_size, 3), dtype=torch.uint8, device=DEV)
-    runner = _StepRunner(state, cfg, DEV, images, torch.arange(n_img, device=DEV) // cfg.k % 751)
+    return _StepRunner(state, cfg, DEV, images, torch.arange(len(images), device=DEV) // cfg.k % 751)
+
+
+def engine_step(
+    pe: str, model: ModelConfig, batch: int, smoke: bool, compile_mode: str | None = None, graph: bool = False
+) -> dict:
+    """img/s of reidcli's own training step as the trainer runs it (engine.train._StepRunner): gather from the
+    resident uint8 images, batched augmentation, forward, ce+triplet, backward, gradient norm, fused SGD."""
+    from dataclasses import replace
+
+    from reidcli.data.augment import AUGMENT_DRAWS
+
+    images = torch.randint(0, 256, (4 * batch, *model.image_size, 3), dtype=torch.uint8, device=DEV)
+    runner = _bench_runner(replace(model, pe=pe), batch, images, graph, compile_mode)
     idx = [torch.arange(i * batch, (i + 1) * batch, device=DEV) for i in range(4)]
     r = torch.rand(4, batch, AUGMENT_DRAWS, device=DEV)
     calls = [0]
@@ -119,23 +124,12 @@ def profile_step(pe: str, smoke: bool, out_dir: Path, graph: bool, compiled: boo
     from torch.profiler import ProfilerActivity, profile
 
     from reidcli.data.augment import AUGMENT_DRAWS
-    from reidcli.engine.train import TrainConfig, _build, _StepRunner
 
-    model = _bench_model(smoke)
-    cfg = TrainConfig(
-        data="",
-        run_dir="",
-        model=replace(model, pe=pe),
-        batch=8 if smoke else 64,
-        device=str(DEV),
-        cuda_graph=graph,
-        compile=compiled,
-    )
-    state = _build(cfg, 751, DEV)
-    images = torch.randint(0, 256, (cfg.batch, *model.image_size, 3), dtype=torch.uint8, device=DEV)
-    runner = _StepRunner(state, cfg, DEV, images, torch.arange(cfg.batch, device=DEV) // cfg.k)
-    idx = torch.arange(cfg.batch, device=DEV)
-    r = torch.rand(cfg.batch, AUGMENT_DRAWS, device=DEV)
+    model, b = _bench_model(smoke), 8 if smoke else 64
+    images = torch.randint(0, 256, (b, *model.image_size, 3), dtype=torch.uint8, device=DEV)
+    runner = _bench_runner(replace(model, pe=pe), b, images, graph, "default" if compiled else None)
+    idx = torch.arange(b, device=DEV)
+    r = torch.rand(b, AUGMENT_DRAWS, device=DEV)
     for _ in range(3):
         runner(idx, r, 0.008, 1.0)
     _sync()
@@ -155,7 +149,6 @@ def graph_equivalence(smoke: bool, steps: int = 6) -> dict:
     from dataclasses import replace
 
     from reidcli.data.augment import AUGMENT_DRAWS
-    from reidcli.engine.train import TrainConfig, _build, _StepRunner
 
     model = replace(_bench_model(smoke), pe="both", drop_path=0.0)
     b = 8 if smoke else 64
@@ -164,11 +157,9 @@ def graph_equivalence(smoke: bool, steps: int = 6) -> dict:
     r = torch.rand(4, b, AUGMENT_DRAWS, device=DEV, generator=gen)
     ends, losses = {}, {}
     for graph in (False, True):
-        cfg = TrainConfig(data="", run_dir="", model=model, batch=b, device=str(DEV), cuda_graph=graph)
-        torch.manual_seed(0)
-        state = _build(cfg, 751, DEV)
+        runner = _bench_runner(model, b, images, graph)
+        state = runner.state
         start = torch.cat([p.detach().float().flatten() for p in state.model.parameters()])
-        runner = _StepRunner(state, cfg, DEV, images, torch.arange(4 * b, device=DEV) // cfg.k)
         for i in range(steps):
             runner(torch.arange(i % 4 * b, (i % 4 + 1) * b, device=DEV), r[i % 4], 0.01 * (i + 1) / steps, i / steps)
         _sync()

@@ -388,6 +388,7 @@ class _StepRunner:
         self.static_idx, self.static_r = idx.clone(), r.clone()
         self.static_epoch = torch.full((), float(epoch), device=dev)
         floats = [float(g["lr"]) for g in opt.param_groups]
+        capturable = [g.get("capturable") for g in opt.param_groups]
         self.lrs = [torch.full((), v, device=dev) for v in floats]
         for group, t in zip(opt.param_groups, self.lrs, strict=True):
             group["lr"] = t  # a device scalar the graph reads: set per step with fill_
@@ -413,8 +414,10 @@ class _StepRunner:
             with contextlib.suppress(RuntimeError):  # a broken capture may leave an error to collect
                 torch.cuda.synchronize(dev)
             self._restore(snap)
-            for group, v in zip(opt.param_groups, floats, strict=True):
+            for group, v, cap in zip(opt.param_groups, floats, capturable, strict=True):
                 group["lr"] = v
+                if cap is not None:
+                    group["capturable"] = cap  # uncaptured steps run faster without it
             opt.zero_grad(set_to_none=True)
             self.use_graph = False
             self.graph = None
