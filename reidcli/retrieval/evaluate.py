@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 
@@ -41,6 +42,7 @@ class EvalConfig:
     lambda_value: float = 0.3
     device: str = "auto"
     memory_mb: int = 0  # working set of one chunk of queries; 0: 1 GiB on CPU, a quarter of free GPU memory
+    counting: str = "auto"  # exact rank counting: "auto", "kernel" (Triton, GPU), "sort" or "count" (torch)
 
     def validate(self) -> EvalConfig:
         if self.engine not in ("faiss", "torch"):
@@ -49,6 +51,8 @@ class EvalConfig:
             raise ConfigError("--depth and --max-rank must be positive")
         if self.k1 < 1 or self.k2 < 1 or not 0.0 <= self.lambda_value <= 1.0:
             raise ConfigError("re-ranking needs k1 ≥ 1, k2 ≥ 1 and 0 ≤ lambda ≤ 1")
+        if self.counting not in ("auto", "kernel", "sort", "count"):
+            raise ConfigError(f"unknown counting method {self.counting!r}; use auto, kernel, sort or count")
         return self
 
 
@@ -77,13 +81,13 @@ def _chunk_rows(num_gallery: int, memory_mb: int, dev: torch.device | None = Non
     return max(1, int(memory_mb * 2**20 // (40 * max(num_gallery, 1))))
 
 
-def _count_all(q, qp, qc, g, gp, gc, chunk: int, rows: torch.Tensor | None = None) -> list[QueryRanks]:
+def _count_all(q, qp, qc, g, gp, gc, chunk: int, method: str, rows: torch.Tensor | None = None) -> list[QueryRanks]:
     idx = rows if rows is not None else torch.arange(q.shape[0], device=q.device)
     groups = GalleryGroups(gp, gc)
     parts = []
     for i in range(0, len(idx), chunk):
         sel = idx[i : i + chunk]
-        parts += ranks_in_blocks(q[sel] @ g.T, qp[sel], qc[sel], gp, gc, groups)
+        parts += ranks_in_blocks(q[sel] @ g.T, qp[sel], qc[sel], gp, gc, groups, method=method)
     return parts
 
 
@@ -100,6 +104,8 @@ def evaluate(query: FeatureSplit, gallery: FeatureSplit, cfg: EvalConfig, index=
     cfg.validate()
     _check(query, gallery)
     dev = resolve_device(cfg.device)
+    if cfg.counting == "kernel" and dev.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError("the 'kernel' counting method runs on a CUDA GPU; on the CPU use auto, sort or count")
     q, qp, qc = _tensors(query, dev)
     g, gp, gc = _tensors(gallery, dev)
     chunk = _chunk_rows(len(gallery), cfg.memory_mb, dev)
@@ -114,11 +120,13 @@ def evaluate(query: FeatureSplit, gallery: FeatureSplit, cfg: EvalConfig, index=
         parts = [
             part
             for i in range(0, len(qp), chunk)
-            for part in ranks_in_blocks(dist[i : i + chunk], qp[i : i + chunk], qc[i : i + chunk], gp, gc, groups, True)
+            for part in ranks_in_blocks(
+                dist[i : i + chunk], qp[i : i + chunk], qc[i : i + chunk], gp, gc, groups, True, cfg.counting
+            )
         ]
         engine = "torch+rerank"
     elif cfg.engine == "torch":
-        parts = _count_all(q, qp, qc, g, gp, gc, chunk)
+        parts = _count_all(q, qp, qc, g, gp, gc, chunk, cfg.counting)
         engine = "torch"
     else:
         parts, approximate = _faiss_ranks(query, gallery, cfg, index, (q, qp, qc, g, gp, gc), chunk)
@@ -147,7 +155,7 @@ def _faiss_ranks(query, gallery, cfg, index, tensors, chunk) -> tuple[list[Query
     parts = [QueryRanks(found.ranks[complete], found.num_pos[complete], found.num_valid[complete])]
     tail = complete.logical_not().nonzero()[:, 0]
     if len(tail):
-        parts += _count_all(q, qp, qc, g, gp, gc, chunk, rows=tail)
+        parts += _count_all(q, qp, qc, g, gp, gc, chunk, cfg.counting, rows=tail)
     return parts, approximate
 
 

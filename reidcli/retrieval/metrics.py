@@ -92,18 +92,24 @@ def positive_ranks(
 ) -> QueryRanks:
     """Exact stable ranks of every positive for a chunk of queries; ``scores`` (Q, G), higher is more similar.
 
-    Only items scoring at least a query's weakest positive can beat one of its positives. ``method``: "sort"
-    (those items sorted once by (row, score), positives located by binary search: no histogram atomics, few host
-    syncs), "count" (those items gathered when few, everything bucketed in place when many), or "auto": sort, and
-    count when many exact ties make the sort's tie-break loop long (e.g. a collapsed model's equal features).
-    Both are exact and give identical ranks.
+    Only items scoring at least a query's weakest positive can beat one of its positives. ``method``: "kernel"
+    (one Triton kernel compares each row's items with its positives: see :mod:`reidcli.retrieval.rank_kernel`),
+    "sort" (those items sorted once by (row, score), positives located by binary search: no histogram atomics,
+    few host syncs), "count" (those items gathered when few, everything bucketed in place when many), or "auto":
+    the kernel on a GPU, else sort, and count when many exact ties make the sort's tie-break loop long (e.g. a
+    collapsed model's equal features). All are exact and give identical ranks (the kernel's rows are padded wider
+    with −1).
     """
-    if method not in ("auto", "count", "sort"):
+    if method not in ("auto", "count", "sort", "kernel"):
         raise ValueError(f"unknown counting method {method!r}")
     groups = groups or GalleryGroups(g_pids, g_camids)
     q, g = scores.shape
     dev = scores.device
     same = groups.same_pid(q_pids)  # (Q, S) same-pid gallery rows: positives and junk
+    if method == "kernel" or (method == "auto" and scores.is_cuda and _kernel_usable(same.shape[1])):
+        ranked = _kernel_ranks(scores, same, q_camids, g_camids, strict=method == "kernel")
+        if ranked is not None:
+            return QueryRanks(*ranked)
     has = same >= 0
     s_same = scores.gather(1, same.clamp_min(0)).masked_fill(~has, float("-inf"))
     is_pos = has & (g_camids[same.clamp_min(0)] != q_camids[:, None])
@@ -131,6 +137,38 @@ def positive_ranks(
     return QueryRanks(ranks, num_pos, num_valid)
 
 
+_KERNEL_FAILED: list[str] = []  # the first failure of the Triton kernel on this process's GPU, if any
+
+
+def _kernel_usable(width: int) -> bool:
+    if _KERNEL_FAILED:
+        return False
+    try:
+        from reidcli.retrieval.rank_kernel import MAX_SAME  # imports Triton
+    except ImportError:
+        return False
+    return width <= MAX_SAME
+
+
+def _kernel_ranks(scores, same, q_camids, g_camids, strict: bool):
+    """The Triton kernel's ranks; on a failure (no compiler, an old Triton) a warning, once, and None: the torch
+    methods take over for the rest of the process. ``strict``: raise instead."""
+    try:
+        from reidcli.retrieval.rank_kernel import kernel_ranks
+
+        return kernel_ranks(scores, same, q_camids, g_camids)
+    except Exception as e:
+        if strict:
+            raise
+        import warnings
+
+        _KERNEL_FAILED.append(f"{type(e).__name__}: {e}")
+        warnings.warn(
+            f"the Triton ranking kernel failed ({_KERNEL_FAILED[0][:200]}); counting with torch instead", stacklevel=2
+        )
+        return None
+
+
 def ranks_in_blocks(
     scores: torch.Tensor,
     q_pids: torch.Tensor,
@@ -139,17 +177,20 @@ def ranks_in_blocks(
     g_camids: torch.Tensor,
     groups: GalleryGroups | None = None,
     distances: bool = False,
+    method: str = "auto",
 ) -> list[QueryRanks]:
     """:func:`positive_ranks` over row blocks: on the CPU blocks of about 4 MiB of scores (cache-sized: 2-3×
     faster than large blocks on Market-size rows), on a GPU the whole chunk at once (fewest launches).
-    ``distances``: the matrix holds distances (lower is more similar), negated block by block."""
+    ``distances``: the matrix holds distances (lower is more similar), negated block by block. ``method``: as
+    :func:`positive_ranks`."""
     groups = groups or GalleryGroups(g_pids, g_camids)
     q, g = scores.shape
     block = q if scores.is_cuda else min(max(q, 1), max(16, (4 << 20) // (4 * max(g, 1))))
     parts = []
     for i in range(0, q, block):
         sub = -scores[i : i + block] if distances else scores[i : i + block]
-        parts.append(positive_ranks(sub, q_pids[i : i + block], q_camids[i : i + block], g_pids, g_camids, groups))
+        rows = slice(i, i + block)
+        parts.append(positive_ranks(sub, q_pids[rows], q_camids[rows], g_pids, g_camids, groups, method))
     return parts
 
 
@@ -338,11 +379,12 @@ def summarize(parts: list[QueryRanks], max_rank: int = 50, approximate: bool = F
     ap_sum = inp_sum = chance_sum = 0.0
     n_valid = 0
     for part in parts:
-        ok = part.num_pos > 0
+        all_pos = part.num_pos.cpu()  # small tensors: one copy each, then host arithmetic (no GPU launches)
+        ok = all_pos > 0
         if not bool(ok.any()):
             continue
-        ranks = part.ranks[ok].double().cpu()
-        npos = part.num_pos[ok].cpu()
+        ranks = part.ranks.cpu()[ok].double()
+        npos = all_pos[ok]
         valid = ranks >= 0
         hits = torch.arange(1, ranks.shape[1] + 1, dtype=torch.float64)[None, :]
         ap = torch.where(valid, hits / (ranks + 1), torch.zeros_like(ranks)).sum(1) / npos
@@ -351,7 +393,7 @@ def summarize(parts: list[QueryRanks], max_rank: int = 50, approximate: bool = F
         first = ranks[:, 0].long()
         cmc += torch.bincount(first.clamp_max(max_rank), minlength=max_rank + 1)[:max_rank].double().cumsum(0)
         ap_sum += float(ap.sum())
-        chance_sum += float(chance_average_precision(npos, part.num_valid[ok].cpu()).sum())
+        chance_sum += float(chance_average_precision(npos, part.num_valid.cpu()[ok]).sum())
         inp_sum += float(inp.sum())
         n_valid += int(ok.sum())
     if n_valid == 0:

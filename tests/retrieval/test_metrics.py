@@ -184,3 +184,29 @@ def test_auto_method_handles_a_collapsed_model_and_blocks_change_nothing():
     whole = summarize([positive_ranks(scores, *tb)])
     blocks = ranks_in_blocks(scores, *tb, groups=GalleryGroups(gp_big, gc_big))
     assert len(blocks) == 2 and summarize(blocks).mAP == pytest.approx(whole.mAP, abs=1e-12)
+
+
+def test_kernel_failure_falls_back_to_torch_with_one_warning(monkeypatch):
+    """A GPU whose Triton cannot build the kernel still gets exact ranks: a warning, then the torch methods."""
+    import reidcli.retrieval.metrics as metrics
+
+    pytest.importorskip("triton")
+    monkeypatch.setattr(metrics, "_KERNEL_FAILED", [])
+    rng = np.random.default_rng(1)
+    q, qp, qc, g, gp, gc = market_like(rng)
+    t = [torch.as_tensor(a) for a in (q @ g.T, qp, qc, gp, gc)]
+    with pytest.warns(UserWarning, match="Triton ranking kernel failed"):
+        assert metrics._kernel_ranks(t[0], torch.full((len(qp), 1), -1), t[2], t[4], strict=False) is None
+    assert metrics._KERNEL_FAILED and not metrics._kernel_usable(4)  # not tried again in this process
+    with pytest.raises(Exception):  # noqa: B017 (the strict call re-raises whatever Triton raised)
+        metrics._kernel_ranks(t[0], torch.full((len(qp), 1), -1), t[2], t[4], strict=True)
+
+
+def test_kernel_counting_on_cpu_is_refused_clearly():
+    from reidcli.errors import ConfigError
+
+    query, gallery = _splits(6)
+    with pytest.raises(ConfigError, match="runs on a CUDA GPU"):
+        evaluate(query, gallery, EvalConfig(engine="torch", device="cpu", counting="kernel"))
+    with pytest.raises(ConfigError, match="unknown counting method"):
+        evaluate(query, gallery, EvalConfig(engine="torch", counting="fast"))
