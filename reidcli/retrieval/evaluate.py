@@ -82,11 +82,10 @@ def _chunk_rows(num_gallery: int, memory_mb: int, dev: torch.device | None = Non
 
 
 def _count_all(q, qp, qc, g, gp, gc, chunk: int, method: str, rows: torch.Tensor | None = None) -> list[QueryRanks]:
-    idx = rows if rows is not None else torch.arange(q.shape[0], device=q.device)
     groups = GalleryGroups(gp, gc)
     parts = []
-    for i in range(0, len(idx), chunk):
-        sel = idx[i : i + chunk]
+    for i in range(0, q.shape[0] if rows is None else len(rows), chunk):
+        sel = slice(i, i + chunk) if rows is None else rows[i : i + chunk]  # slices: views, no gathers
         parts += ranks_in_blocks(q[sel] @ g.T, qp[sel], qc[sel], gp, gc, groups, method=method)
     return parts
 

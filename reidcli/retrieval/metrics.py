@@ -66,18 +66,20 @@ class GalleryGroups:
 
     def __init__(self, g_pids: torch.Tensor, g_camids: torch.Tensor):
         self.g_pids, self.g_camids = g_pids, g_camids
-        self.order = torch.sort(g_pids, stable=True).indices  # gallery rows, ascending pid, then row
-        self.pids, self.counts = torch.unique_consecutive(g_pids[self.order], return_counts=True)
-        self.starts = self.counts.cumsum(0) - self.counts
+        # gallery rows in ascending pid, then row; one call gives the sorted pids too
+        self.sorted_pids, self.order = torch.sort(g_pids, stable=True)
+
+    def spans(self, q_pids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Q,) start in :attr:`order` and (Q,) length of each query's pid group (length 0: no such pid)."""
+        lo = torch.searchsorted(self.sorted_pids, q_pids)
+        return lo, torch.searchsorted(self.sorted_pids, q_pids, right=True) - lo
 
     def same_pid(self, q_pids: torch.Tensor) -> torch.Tensor:
         """(Q, S) gallery rows of each query's pid, ascending, padded with −1."""
-        pos = torch.searchsorted(self.pids, q_pids).clamp_max(max(len(self.pids) - 1, 0))
-        found = self.pids[pos] == q_pids if len(self.pids) else torch.zeros_like(q_pids, dtype=torch.bool)
-        counts = torch.where(found, self.counts[pos], 0)
+        lo, counts = self.spans(q_pids)
         width = int(counts.max()) if len(q_pids) else 0
         slot = torch.arange(width, device=q_pids.device)[None, :]
-        idx = self.order[(self.starts[pos][:, None] + slot).clamp_max(max(len(self.order) - 1, 0))]
+        idx = self.order[(lo[:, None] + slot).clamp_max(max(len(self.order) - 1, 0))]
         return torch.where(slot < counts[:, None], idx, -1)
 
 
@@ -105,11 +107,11 @@ def positive_ranks(
     groups = groups or GalleryGroups(g_pids, g_camids)
     q, g = scores.shape
     dev = scores.device
-    same = groups.same_pid(q_pids)  # (Q, S) same-pid gallery rows: positives and junk
-    if method == "kernel" or (method == "auto" and scores.is_cuda and _kernel_usable(same.shape[1])):
-        ranked = _kernel_ranks(scores, same, q_camids, g_camids, strict=method == "kernel")
+    if method == "kernel" or (method == "auto" and scores.is_cuda and _kernel_usable()):
+        ranked = _kernel_ranks(scores, groups, q_pids, q_camids, strict=method == "kernel")
         if ranked is not None:
             return QueryRanks(*ranked)
+    same = groups.same_pid(q_pids)  # (Q, S) same-pid gallery rows: positives and junk
     has = same >= 0
     s_same = scores.gather(1, same.clamp_min(0)).masked_fill(~has, float("-inf"))
     is_pos = has & (g_camids[same.clamp_min(0)] != q_camids[:, None])
@@ -140,23 +142,28 @@ def positive_ranks(
 _KERNEL_FAILED: list[str] = []  # the first failure of the Triton kernel on this process's GPU, if any
 
 
-def _kernel_usable(width: int) -> bool:
+def _kernel_usable() -> bool:
     if _KERNEL_FAILED:
         return False
     try:
-        from reidcli.retrieval.rank_kernel import MAX_SAME  # imports Triton
+        import reidcli.retrieval.rank_kernel  # noqa: F401  (imports Triton)
     except ImportError:
         return False
-    return width <= MAX_SAME
+    return True
 
 
-def _kernel_ranks(scores, same, q_camids, g_camids, strict: bool):
-    """The Triton kernel's ranks; on a failure (no compiler, an old Triton) a warning, once, and None: the torch
-    methods take over for the rest of the process. ``strict``: raise instead."""
+def _kernel_ranks(scores, groups, q_pids, q_camids, strict: bool):
+    """The Triton kernel's (ranks, positives, valid items), or None where it cannot run: same-pid groups wider than
+    it takes, or a failure (no compiler, an old Triton), which warns once and leaves the rest of the process to
+    the torch methods. ``strict``: raise instead."""
     try:
-        from reidcli.retrieval.rank_kernel import kernel_ranks
+        from reidcli.retrieval.rank_kernel import MAX_SAME, kernel_ranks
 
-        return kernel_ranks(scores, same, q_camids, g_camids)
+        lo, counts = groups.spans(q_pids)
+        width = int(counts.max()) if len(q_pids) else 0
+        if width > MAX_SAME and not strict:
+            return None
+        return kernel_ranks(scores, groups.order, lo, counts, width, q_camids, groups.g_camids)
     except Exception as e:
         if strict:
             raise

@@ -1,7 +1,7 @@
 """Exact positive ranks in one Triton kernel: the GPU's counting, with no sort, gather or host sync per chunk.
 
-One program per query row. It reads the row's same-pid gallery items (positives and junk, from
-:class:`~reidcli.retrieval.metrics.GalleryGroups`), then streams the row's scores once, in blocks of 2,048: a block
+One program per query row. It reads the row's same-pid gallery items (positives and junk: a span of the gallery
+sorted by pid, :class:`~reidcli.retrieval.metrics.GalleryGroups`), then streams the row's scores once, in blocks of 2,048: a block
 whose best score is below the weakest positive is skipped after one max; in the others, each tile of a few dozen
 items is tested the same way (from cache), and only tiles holding a candidate compare every item with every
 positive (higher score, or an equal score and a smaller gallery row: the stable tie-break). A trained model has a
@@ -10,8 +10,8 @@ among the items and is taken out again with a small positives × same-pid compar
 rank of each positive among the valid items, identical to :func:`~reidcli.retrieval.metrics.positive_ranks`'s
 torch methods.
 
-Only the launch sizes depend on the data (the widest same-pid list, rounded up to a power of two), so a whole
-Market-size evaluation is the similarity GEMM, this kernel and a few dozen small operations. With
+Only the launch sizes depend on the data (the widest same-pid group, rounded up to a power of two), so a whole
+Market-size evaluation is the similarity GEMM, one sort of the gallery's pids, two binary searches and this kernel. With
 ``TRITON_INTERPRET=1`` set before Triton is imported, the same kernel runs on CPU tensors (the tests do that).
 """
 
@@ -30,9 +30,9 @@ MAX_SAME = 1024  # widest same-pid list (padded) the kernel takes; wider ones go
 def _rank_rows(
     scores_ptr,
     stride_s,
-    same_ptr,
-    stride_same,
-    same_width,
+    order_ptr,
+    lo_ptr,
+    count_ptr,
     g_cam_ptr,
     q_cam_ptr,
     ranks_ptr,
@@ -46,7 +46,8 @@ def _rank_rows(
 ):
     row = tl.program_id(0)
     j = tl.arange(0, SAME)
-    same = tl.load(same_ptr + row.to(tl.int64) * stride_same + j, mask=j < same_width, other=-1)  # gallery rows
+    lo = tl.load(lo_ptr + row)
+    same = tl.load(order_ptr + lo + j, mask=j < tl.load(count_ptr + row), other=-1)  # gallery rows of the pid
     has = same >= 0
     safe = tl.where(has, same, 0)
     q_cam = tl.load(q_cam_ptr + row)
@@ -79,36 +80,44 @@ def _rank_rows(
 
 
 def kernel_ranks(
-    scores: torch.Tensor, same: torch.Tensor, q_camids: torch.Tensor, g_camids: torch.Tensor
+    scores: torch.Tensor,
+    order: torch.Tensor,
+    lo: torch.Tensor,
+    counts: torch.Tensor,
+    width: int,
+    q_camids: torch.Tensor,
+    g_camids: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(ranks (Q, W) ascending, −1 padded; positives (Q,); valid items (Q,)), int64, for ``scores`` (Q, G) and
-    ``same`` (Q, S), each query's same-pid gallery rows (ascending, −1 padded, S ≤ :data:`MAX_SAME`)."""
+    """(ranks (Q, W) ascending, −1 padded; positives (Q,); valid items (Q,)), int64, for ``scores`` (Q, G).
+
+    A query's same-pid gallery rows are ``order[lo : lo + counts]`` (:class:`~reidcli.retrieval.metrics.GalleryGroups`
+    spans), at most ``width`` ≤ :data:`MAX_SAME` of them."""
     q, g = scores.shape
-    width = max(16, 1 << max(same.shape[1] - 1, 0).bit_length())
-    if width > MAX_SAME:
-        raise ValueError(f"same-pid lists of {same.shape[1]} items are wider than the kernel's {MAX_SAME}")
+    w = max(16, 1 << max(width - 1, 0).bit_length())
+    if w > MAX_SAME:
+        raise ValueError(f"same-pid groups of {width} gallery items are wider than the kernel's {MAX_SAME}")
     if scores.stride(1) != 1:
         scores = scores.contiguous()
     dev = scores.device
-    ranks = torch.empty((q, width), dtype=torch.long, device=dev)
+    ranks = torch.empty((q, w), dtype=torch.long, device=dev)
     num_pos = torch.empty(q, dtype=torch.long, device=dev)
     num_valid = torch.empty(q, dtype=torch.long, device=dev)
     if q:
-        block = max(16, 4096 // width)  # a (block × width) comparison tile: ~4k elements of registers
+        block = max(16, 4096 // w)  # a (block × width) comparison tile: ~4k elements of registers
         _rank_rows[(q,)](
             scores,
             scores.stride(0),
-            same if same.stride(1) == 1 else same.contiguous(),
-            same.stride(0),
-            same.shape[1],
-            g_camids if g_camids.stride(0) == 1 else g_camids.contiguous(),
-            q_camids if q_camids.stride(0) == 1 else q_camids.contiguous(),
+            order.contiguous(),
+            lo.contiguous(),
+            counts.contiguous(),
+            g_camids.contiguous(),
+            q_camids.contiguous(),
             ranks,
             ranks.stride(0),
             num_pos,
             num_valid,
             g,
-            SAME=width,
+            SAME=w,
             SCAN=max(2048, block),
             BLOCK=block,
         )

@@ -54,7 +54,7 @@ def main() -> None:
     # same-pid list wider than 16 (the kernel's width becomes 64)
     n = 2600
     gp2 = rng.integers(0, 60, n)
-    gp2[:40] = 7
+    gp2[:80] = 7  # a group of over 64: the kernel runs 128 wide
     gc2 = rng.integers(0, 6, n)
     qp2, qc2 = rng.integers(1, 60, 16), rng.integers(0, 6, 16)
     qp2[:3] = 7
@@ -65,7 +65,9 @@ def main() -> None:
     wide = torch.as_tensor(rng.normal(size=(16, n + 17)).astype(np.float32))
     view = wide[:, 5 : 5 + n]
     t = [torch.as_tensor(a) for a in (qp2, qc2, gp2, gc2)]
-    a = kernel_ranks(view, GalleryGroups(t[2], t[3]).same_pid(t[0]), t[1], t[3])[0]
+    groups = GalleryGroups(t[2], t[3])
+    lo, counts = groups.spans(t[0])
+    a = kernel_ranks(view, groups.order, lo, counts, int(counts.max()), t[1], t[3])[0]
     b = positive_ranks(view.contiguous(), *t, method="count").ranks
     assert torch.equal(a[:, : b.shape[1]], b), "strided view"
     print("ok strided view")

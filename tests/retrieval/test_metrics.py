@@ -195,11 +195,12 @@ def test_kernel_failure_falls_back_to_torch_with_one_warning(monkeypatch):
     rng = np.random.default_rng(1)
     q, qp, qc, g, gp, gc = market_like(rng)
     t = [torch.as_tensor(a) for a in (q @ g.T, qp, qc, gp, gc)]
+    groups = metrics.GalleryGroups(t[3], t[4])
     with pytest.warns(UserWarning, match="Triton ranking kernel failed"):
-        assert metrics._kernel_ranks(t[0], torch.full((len(qp), 1), -1), t[2], t[4], strict=False) is None
-    assert metrics._KERNEL_FAILED and not metrics._kernel_usable(4)  # not tried again in this process
+        assert metrics._kernel_ranks(t[0], groups, t[1], t[2], strict=False) is None
+    assert metrics._KERNEL_FAILED and not metrics._kernel_usable()  # not tried again in this process
     with pytest.raises(Exception):  # noqa: B017 (the strict call re-raises whatever Triton raised)
-        metrics._kernel_ranks(t[0], torch.full((len(qp), 1), -1), t[2], t[4], strict=True)
+        metrics._kernel_ranks(t[0], groups, t[1], t[2], strict=True)
 
 
 def test_kernel_counting_on_cpu_is_refused_clearly():
