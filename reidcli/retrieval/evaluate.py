@@ -20,7 +20,7 @@ from reidcli.retrieval.metrics import (
     summarize,
 )
 
-__all__ = ["EvalConfig", "EvalOutput", "evaluate", "ranked_lists", "resolve_device"]
+__all__ = ["EvalConfig", "EvalOutput", "evaluate", "ranked_lists", "resolve_device", "similarity"]
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -64,12 +64,29 @@ class EvalOutput:
     device: str
 
 
-def _tensors(s: FeatureSplit, dev: torch.device):
+def _tensors(s: FeatureSplit, dev: torch.device, half: bool = False):
+    """Features as float32, or as stored float16 when ``half`` (a GPU's tensor cores multiply them exactly)."""
+    dtype = np.float16 if half else np.float32
     return (
-        torch.from_numpy(np.ascontiguousarray(s.feats, dtype=np.float32)).to(dev),
+        torch.from_numpy(np.ascontiguousarray(s.feats, dtype=dtype)).to(dev),
         torch.from_numpy(s.pids).to(dev),
         torch.from_numpy(s.camids).to(dev),
     )
+
+
+def _half_on_gpu(query: FeatureSplit, gallery: FeatureSplit, dev: torch.device) -> bool:
+    return dev.type == "cuda" and query.feats.dtype == np.float16 and gallery.feats.dtype == np.float16
+
+
+def similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(A, B) float32 cosine scores. float16 features: tensor-core products (each fp16 × fp16 product is exact in
+    fp32) accumulated and returned in fp32, the same arithmetic as upcasting first, at tensor-core speed."""
+    if a.dtype == torch.float16:
+        try:
+            return torch.mm(a, b.T, out_dtype=torch.float32)
+        except (RuntimeError, TypeError):  # no fp16 → fp32 product here (CPU, an older torch): upcast
+            return a.float() @ b.float().T
+    return a @ b.T
 
 
 def _chunk_rows(num_gallery: int, memory_mb: int, dev: torch.device | None = None) -> int:
@@ -86,7 +103,7 @@ def _count_all(q, qp, qc, g, gp, gc, chunk: int, method: str, rows: torch.Tensor
     parts = []
     for i in range(0, q.shape[0] if rows is None else len(rows), chunk):
         sel = slice(i, i + chunk) if rows is None else rows[i : i + chunk]  # slices: views, no gathers
-        parts += ranks_in_blocks(q[sel] @ g.T, qp[sel], qc[sel], gp, gc, groups, method=method)
+        parts += ranks_in_blocks(similarity(q[sel], g), qp[sel], qc[sel], gp, gc, groups, method=method)
     return parts
 
 
@@ -105,8 +122,9 @@ def evaluate(query: FeatureSplit, gallery: FeatureSplit, cfg: EvalConfig, index=
     dev = resolve_device(cfg.device)
     if cfg.counting == "kernel" and dev.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ConfigError("the 'kernel' counting method runs on a CUDA GPU; on the CPU use auto, sort or count")
-    q, qp, qc = _tensors(query, dev)
-    g, gp, gc = _tensors(gallery, dev)
+    half = _half_on_gpu(query, gallery, dev) and not cfg.rerank
+    q, qp, qc = _tensors(query, dev, half)
+    g, gp, gc = _tensors(gallery, dev, half)
     chunk = _chunk_rows(len(gallery), cfg.memory_mb, dev)
     _sync(dev)
     t0 = time.perf_counter()
@@ -172,7 +190,10 @@ def _sync(dev: torch.device) -> None:
 def ranked_lists(query: FeatureSplit, gallery: FeatureSplit, k: int, device: str = "auto") -> np.ndarray:
     """Top-k gallery rows per query (Q, k) by cosine similarity, for pictures; junk is marked by the caller."""
     dev = resolve_device(device)
-    q, _, _ = _tensors(query, dev)
-    g, _, _ = _tensors(gallery, dev)
+    half = _half_on_gpu(query, gallery, dev)
+    q, _, _ = _tensors(query, dev, half)
+    g, _, _ = _tensors(gallery, dev, half)
     k = min(k, len(gallery))
-    return torch.cat([(q[i : i + 1024] @ g.T).topk(k, dim=1).indices for i in range(0, len(q), 1024)]).cpu().numpy()
+    return (
+        torch.cat([similarity(q[i : i + 1024], g).topk(k, dim=1).indices for i in range(0, len(q), 1024)]).cpu().numpy()
+    )

@@ -211,3 +211,15 @@ def test_kernel_counting_on_cpu_is_refused_clearly():
         evaluate(query, gallery, EvalConfig(engine="torch", device="cpu", counting="kernel"))
     with pytest.raises(ConfigError, match="unknown counting method"):
         evaluate(query, gallery, EvalConfig(engine="torch", counting="fast"))
+
+
+def test_float16_similarity_equals_the_upcast_product():
+    """float16 features: the scores are the float32 products of the stored values, whichever way they are made."""
+    from reidcli.retrieval.evaluate import similarity
+
+    rng = np.random.default_rng(2)
+    a = torch.as_tensor(rng.normal(size=(7, 32)).astype(np.float16))
+    b = torch.as_tensor(rng.normal(size=(11, 32)).astype(np.float16))
+    s = similarity(a, b)
+    assert s.dtype == torch.float32 and torch.equal(s, a.float() @ b.float().T)
+    assert torch.equal(similarity(a.float(), b.float()), s)
