@@ -27,6 +27,8 @@ def test_gpu_bench_smoke(tmp_path):
         assert "error" not in result[section], result[section]
     for size in ("market", "msmt17", "market500k"):
         assert result["eval"][f"{size} gpu-cpu max metric diff"] < 1e-6
+        assert result["eval"][f"{size} fp16 gpu-cpu max metric diff"] < 1e-6
+        assert result["eval"][f"eval {size} sort ms"] > 0 and result["eval"][f"eval {size} fp16-features ms"] > 0
     assert result["epoch"]["graph"]["epoch2_s"] > 0 and "eval market ms" in r.stdout
     assert result["train"]["graph equivalence"]["graph-eager distance / moved"] < 1e-3
     assert (tmp_path / "profile_train_both.txt").is_file()
