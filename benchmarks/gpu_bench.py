@@ -306,7 +306,7 @@ def market_epoch(smoke: bool, tmp: Path, compile_mode: str | None = None, graph:
     }
 
 
-def extraction(smoke: bool, compile_: bool = True) -> dict:
+def extraction(smoke: bool, compile_: bool = True, out_dir: Path | None = None) -> dict:
     """Extraction img/s of 19,281 images (Market query + gallery) from host uint8 arrays to host features, per
     precision, eager and compiled; and each precision's feature fidelity against fp32 (1 − cosine)."""
     from reidcli.engine.extract import embed_images
@@ -343,7 +343,36 @@ def extraction(smoke: bool, compile_: bool = True) -> dict:
                 out[key] = n / (time.perf_counter() - t)
             except Exception as e:  # noqa: BLE001
                 out[key] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        try:
+            out.update(_extraction_split(model, pe, smoke, out_dir))
+        except Exception as e:  # noqa: BLE001
+            out[f"extract {pe} split"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
     return out
+
+
+def _extraction_split(model, pe: str, smoke: bool, out_dir: Path | None) -> dict:
+    """Where extraction's time goes: the fp16 forward alone on a batch already on the GPU (img/s), against the
+    whole path; for ``ape``, a kernel table of four b512 batches through the whole path."""
+    from reidcli.data.augment import normalize_batch
+    from reidcli.engine.extract import _inference_forward, embed_images
+
+    b = 64 if smoke else 512
+    fn, dtype, _ = _inference_forward(model, DEV, "fp16", False)
+    x = normalize_batch(torch.randint(0, 256, (b, *model.cfg.image_size, 3), dtype=torch.uint8, device=DEV), dtype)
+    with torch.no_grad():
+        sec = _timed_steps(lambda: fn(x, flip=False), 2, 3, 5)
+    split = {f"extract {pe} fp16 model-only": b / sec}
+    if pe == "ape" and out_dir is not None:
+        from torch.profiler import ProfilerActivity, profile
+
+        images = np.random.default_rng(1).integers(0, 256, (4 * b, *model.cfg.image_size, 3), dtype=np.uint8)
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV.type == "cuda" else [])
+        with profile(activities=acts) as prof:
+            embed_images(model, images, DEV, batch=b, flip=False, precision="fp16")
+            _sync()
+        key = "cuda_time_total" if DEV.type == "cuda" else "cpu_time_total"
+        (out_dir / "profile_extract_ape_fp16.txt").write_text(prof.key_averages().table(sort_by=key, row_limit=40))
+    return split
 
 
 def _gemm_seconds(q: np.ndarray, g: np.ndarray, memory_mb: int) -> float:
@@ -468,7 +497,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         steps = {
             "eval": lambda: evaluation(args.smoke, out_dir),
-            "extract": lambda: extraction(args.smoke, not args.no_compile),
+            "extract": lambda: extraction(args.smoke, not args.no_compile, out_dir),
             "train": lambda: train_steps(args.smoke, out_dir),
             "epoch": lambda: {"graph": market_epoch(args.smoke, Path(tmp), graph=True)},
             "compile": lambda: {} if args.no_compile else compiled_steps(args.smoke, modes, out_dir),

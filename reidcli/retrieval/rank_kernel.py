@@ -1,14 +1,14 @@
 """Exact positive ranks in one Triton kernel: the GPU's counting, with no sort, gather or host sync per chunk.
 
 One program per query row. It reads the row's same-pid gallery items (positives and junk: a span of the gallery
-sorted by pid, :class:`~reidcli.retrieval.metrics.GalleryGroups`), then streams the row's scores once, in blocks of 2,048: a block
-whose best score is below the weakest positive is skipped after one max; in the others, each tile of a few dozen
-items is tested the same way (from cache), and only tiles holding a candidate compare every item with every
-positive (higher score, or an equal score and a smaller gallery row: the stable tie-break). A trained model has a
-few dozen candidates per row, so the work is about one read of the scores. Junk (same pid, same camera) was counted
-among the items and is taken out again with a small positives × same-pid comparison. The result is the 0-based
-rank of each positive among the valid items, identical to :func:`~reidcli.retrieval.metrics.positive_ranks`'s
-torch methods.
+sorted by pid, :class:`~reidcli.retrieval.metrics.GalleryGroups`), then streams the row's scores once, in blocks
+of 2,048: a block whose best score is below the weakest positive is skipped after one max; in the others, each
+tile of a few dozen items is tested the same way (from cache), and only tiles holding a candidate compare every
+item with every positive (higher score, or an equal score and a smaller gallery row: the stable tie-break). A
+trained model has a few dozen candidates per row, so the work is about one read of the scores. Junk (same pid,
+same camera) was counted among the items and is taken out again with a small positives × same-pid comparison.
+The result is the 0-based rank of each positive among the valid items, identical to
+:func:`~reidcli.retrieval.metrics.positive_ranks`'s torch methods.
 
 Only the launch sizes depend on the data (the widest same-pid group, rounded up to a power of two), so a whole
 Market-size evaluation is the similarity GEMM, one sort of the gallery's pids, two binary searches and this kernel. With
