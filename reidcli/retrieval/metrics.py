@@ -163,7 +163,7 @@ def _kernel_ranks(scores, groups, q_pids, q_camids, strict: bool):
         width = int(counts.max()) if len(q_pids) else 0
         if width > MAX_SAME and not strict:
             return None
-        return kernel_ranks(scores, groups.order, lo, counts, width, q_camids, groups.g_camids)
+        return kernel_ranks(scores, groups.order, lo, counts, width, q_pids, q_camids, groups.g_pids, groups.g_camids)
     except Exception as e:
         if strict:
             raise

@@ -67,7 +67,7 @@ def main() -> None:
     t = [torch.as_tensor(a) for a in (qp2, qc2, gp2, gc2)]
     groups = GalleryGroups(t[2], t[3])
     lo, counts = groups.spans(t[0])
-    a = kernel_ranks(view, groups.order, lo, counts, int(counts.max()), t[1], t[3])[0]
+    a = kernel_ranks(view, groups.order, lo, counts, int(counts.max()), *t)[0]
     b = positive_ranks(view.contiguous(), *t, method="count").ranks
     assert torch.equal(a[:, : b.shape[1]], b), "strided view"
     print("ok strided view")

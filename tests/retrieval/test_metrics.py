@@ -223,3 +223,21 @@ def test_float16_similarity_equals_the_upcast_product():
     s = similarity(a, b)
     assert s.dtype == torch.float32 and torch.equal(s, a.float() @ b.float().T)
     assert torch.equal(similarity(a.float(), b.float()), s)
+
+
+def test_kernel_declines_groups_wider_than_it_takes(monkeypatch):
+    """A pid with more gallery items than the kernel's width goes to the torch methods, with no warning."""
+    import warnings
+
+    import reidcli.retrieval.metrics as metrics
+
+    pytest.importorskip("triton")
+    from reidcli.retrieval.rank_kernel import MAX_SAME
+
+    monkeypatch.setattr(metrics, "_KERNEL_FAILED", [])
+    gp = torch.ones(MAX_SAME + 1, dtype=torch.long)
+    gc = torch.arange(MAX_SAME + 1) % 6
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = metrics._kernel_ranks(torch.zeros(2, len(gp)), metrics.GalleryGroups(gp, gc), gp[:2], gc[:2], False)
+    assert out is None and not metrics._KERNEL_FAILED
