@@ -431,6 +431,11 @@ def evaluation(smoke: bool, out_dir: Path) -> dict:
         if name == "market":
             from torch.profiler import ProfilerActivity, profile
 
+            from reidcli.retrieval import metrics
+
+            # whether the Triton kernel ran, or failed once and left the counting to torch (with its error)
+            out["eval ranking kernel"] = metrics._KERNEL_FAILED[0] if metrics._KERNEL_FAILED else "used"
+
             acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV.type == "cuda" else [])
             with profile(activities=acts) as prof:
                 evaluate(q, g, cfg)
