@@ -434,7 +434,8 @@ def evaluation(smoke: bool, out_dir: Path) -> dict:
             from reidcli.retrieval import metrics
 
             # whether the Triton kernel ran, or failed once and left the counting to torch (with its error)
-            out["eval ranking kernel"] = metrics._KERNEL_FAILED[0] if metrics._KERNEL_FAILED else "used"
+            kernel = metrics._KERNEL_FAILED[0] if metrics._KERNEL_FAILED else "used"
+            out["eval ranking kernel"] = kernel if DEV.type == "cuda" else "not on the CPU: torch methods"
 
             acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV.type == "cuda" else [])
             with profile(activities=acts) as prof:
