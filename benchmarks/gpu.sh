@@ -11,7 +11,9 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader || echo "no nvidia-smi"
 PEER=.bench_peer/peer_baseline.py
 [ -f "$PEER" ] || PEER=../shared/bench/peer_baseline.py
-echo "== peer baseline ($PEER)"
-timeout ${PEER_TIMEOUT:-150} python3 "$PEER" 2>&1 | tail -n 20 || echo "peer baseline failed or timed out"
+if [ -z "${SKIP_PEER:-}" ]; then  # SKIP_PEER=1: a second call on the same card, the peer already measured
+  echo "== peer baseline ($PEER)"
+  timeout ${PEER_TIMEOUT:-150} python3 "$PEER" 2>&1 | tail -n 20 || echo "peer baseline failed or timed out"
+fi
 echo "== reidcli"
 timeout ${OURS_TIMEOUT:-300} python3 -m benchmarks.gpu_bench --peer "$OUT/anchor_gpu.json" --out "$OUT" ${GPU_BENCH_ARGS:-}
