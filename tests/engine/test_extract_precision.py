@@ -37,3 +37,17 @@ def test_flip_is_the_mean_of_image_and_mirror():
 def test_unknown_precision_is_a_config_error():
     with pytest.raises(ConfigError, match="unknown precision"):
         embed_images(_model(), np.zeros((1, 32, 16, 3), np.uint8), torch.device("cpu"), precision="int8")
+
+
+def test_staged_batches_keep_order_and_padding_with_a_helper_thread():
+    """The GPU's staging (a helper thread preparing the next batch) yields what the plain loop yields."""
+    from reidcli.engine.extract import _staged_batches
+
+    images = np.arange(10 * 2 * 2 * 3, dtype=np.uint8).reshape(10, 2, 2, 3)
+    plain = list(_staged_batches(images, 4, pad=True))
+    threaded = list(_staged_batches(images, 4, pad=True, ahead=torch.Tensor.clone))
+    assert [(i, n) for i, _, n in threaded] == [(0, 4), (4, 4), (8, 2)] == [(i, n) for i, _, n in plain]
+    for (_, a, _), (_, b, _) in zip(plain, threaded, strict=True):
+        assert a.shape == (4, 2, 2, 3) and torch.equal(a, b)
+    assert torch.equal(threaded[-1][1][:2], torch.from_numpy(images[8:])) and not threaded[-1][1][2:].any()
+    assert list(_staged_batches(images[:0], 4, pad=False, ahead=torch.Tensor.clone)) == []
