@@ -24,6 +24,9 @@ def extract(
         str, typer.Option(help="GPU forward precision: fp16, bf16 (autocast) or fp32; the CPU runs fp32.")
     ] = "fp16",
     compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the forward (large splits).")] = False,
+    cuda_graph: Annotated[
+        bool, typer.Option(help="GPU: replay each batch as one CUDA graph (eager launches if capture fails).")
+    ] = True,
     json_out: JsonOpt = False,
 ) -> None:
     """Embed every image of the chosen splits (dataset order), L2-normalised, with provenance attributes.
@@ -47,6 +50,7 @@ def extract(
         device=device,
         precision=precision,
         compile=compile_,
+        cuda_graph=cuda_graph,
     ).validate()
     with err.status(f"embedding {', '.join(cfg.splits)}"):
         counts = extract_features(cfg)

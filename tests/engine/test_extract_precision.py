@@ -51,3 +51,32 @@ def test_staged_batches_keep_order_and_padding_with_a_helper_thread():
         assert a.shape == (4, 2, 2, 3) and torch.equal(a, b)
     assert torch.equal(threaded[-1][1][:2], torch.from_numpy(images[8:])) and not threaded[-1][1][2:].any()
     assert list(_staged_batches(images[:0], 4, pad=False, ahead=torch.Tensor.clone)) == []
+
+
+def test_failed_graph_capture_warns_once_and_embeds_eagerly():
+    """A graph that cannot be captured (here: no CUDA at all) costs a warning, never a feature: the same output as
+    the eager forward, and no second attempt."""
+    import warnings
+
+    from reidcli.engine.extract import _Embed
+
+    model = _model().eval()
+    x = torch.rand(3, 3, 32, 16) * 2 - 1
+    embed = _Embed(model.embed, autocast=False, graph=True)
+    with pytest.warns(UserWarning, match="CUDA graph of the extraction forward failed"), torch.no_grad():
+        first = embed(x, True)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("error")
+        again = embed(x, True)
+        assert torch.equal(first, model.embed(x, flip=True)) and torch.equal(again, first)
+    assert not embed.graph
+
+
+def test_cuda_graph_option_is_silent_on_the_cpu():
+    import warnings
+
+    images = np.random.default_rng(2).integers(0, 256, (5, 32, 16, 3), dtype=np.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        a = embed_images(_model(), images, torch.device("cpu"), batch=2, cuda_graph=True)
+    np.testing.assert_array_equal(a, embed_images(_model(), images, torch.device("cpu"), batch=2, cuda_graph=False))
