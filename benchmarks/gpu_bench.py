@@ -375,7 +375,7 @@ def _extraction_split(model, pe: str, smoke: bool, out_dir: Path | None) -> dict
         images = np.random.default_rng(1).integers(0, 256, (4 * b, *model.cfg.image_size, 3), dtype=np.uint8)
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV.type == "cuda" else [])
         with profile(activities=acts) as prof:
-            embed_images(model, images, DEV, batch=b, flip=False, precision="fp16")
+            embed_images(model, images, DEV, batch=b, flip=False, precision="fp16", cuda_graph=False)  # kernels visible
             _sync()
         key = "cuda_time_total" if DEV.type == "cuda" else "cpu_time_total"
         (out_dir / "profile_extract_ape_fp16.txt").write_text(prof.key_averages().table(sort_by=key, row_limit=40))
