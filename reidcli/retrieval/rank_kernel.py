@@ -84,7 +84,7 @@ def _rank_rows(
 
 def launch_sizes(width: int) -> dict[str, int]:
     """The kernel's compile-time sizes for same-pid groups padded to ``width``. A (block × width) comparison tile
-    of 1,024 elements keeps a program at ≤ 96 registers (ptxas, sm_90a), so several programs share an SM and keep
+    of 1,024 elements keeps a program at ≤ 90 registers (ptxas, sm_90a), so several programs share an SM and keep
     tens of KB of score loads in flight: enough to stream at memory speed."""
     return {"SAME": width, "SCAN": 2048, "BLOCK": max(4, 1024 // width)}
 
