@@ -61,8 +61,12 @@ def evaluate(
     attrs, splits = read_features(features)
     built = _load_index(index, splits["gallery"]) if index else None
     result = run_eval(splits["query"], splits["gallery"], cfg, built)
-    if result.engine.startswith("faiss") and "cuda" not in result.device and not json_out:
-        err.print("notice: retrieval ran on CPU")
+    if result.engine.startswith("faiss") and not json_out:
+        from reidcli.retrieval.index import faiss_gpu_count
+
+        if faiss_gpu_count() == 0:
+            hint = "; --engine torch evaluates on the GPU" if "cuda" in result.device else ""
+            err.print(f"notice: FAISS retrieval ran on the CPU (this FAISS has no GPU support){hint}")
     report = {**result.metrics.to_dict(), "seconds": result.seconds, "engine": result.engine, "device": result.device}
     if out is not None:
         _write_results(out, report)
