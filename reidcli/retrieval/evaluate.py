@@ -19,8 +19,9 @@ from reidcli.retrieval.metrics import (
     ranks_in_blocks,
     summarize,
 )
+from reidcli.retrieval.similarity import MODES, Similarity, choose_mode
 
-__all__ = ["EvalConfig", "EvalOutput", "evaluate", "ranked_lists", "resolve_device", "similarity"]
+__all__ = ["EvalConfig", "EvalOutput", "evaluate", "ranked_lists", "resolve_device"]
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -43,6 +44,7 @@ class EvalConfig:
     device: str = "auto"
     memory_mb: int = 0  # working set of one chunk of queries; 0: 1 GiB on CPU, a quarter of free GPU memory
     counting: str = "auto"  # exact rank counting: "auto", "kernel" (Triton, GPU), "sort" or "count" (torch)
+    similarity: str = "auto"  # the scores' GEMM: "auto" (tensor cores on a GPU, as accurate as fp32), "fp32", …
 
     def validate(self) -> EvalConfig:
         if self.engine not in ("faiss", "torch"):
@@ -51,6 +53,8 @@ class EvalConfig:
             raise ConfigError("--depth and --max-rank must be positive")
         if self.k1 < 1 or self.k2 < 1 or not 0.0 <= self.lambda_value <= 1.0:
             raise ConfigError("re-ranking needs k1 ≥ 1, k2 ≥ 1 and 0 ≤ lambda ≤ 1")
+        if self.similarity not in MODES:
+            raise ConfigError(f"unknown similarity mode {self.similarity!r}; use one of {', '.join(MODES)}")
         if self.counting not in ("auto", "kernel", "sort", "count"):
             raise ConfigError(f"unknown counting method {self.counting!r}; use auto, kernel, sort or count")
         return self
@@ -78,17 +82,6 @@ def _half_on_gpu(query: FeatureSplit, gallery: FeatureSplit, dev: torch.device) 
     return dev.type == "cuda" and query.feats.dtype == np.float16 and gallery.feats.dtype == np.float16
 
 
-def similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(A, B) float32 cosine scores. float16 features: tensor-core products (each fp16 × fp16 product is exact in
-    fp32) accumulated and returned in fp32, the same arithmetic as upcasting first, at tensor-core speed."""
-    if a.dtype == torch.float16:
-        try:
-            return torch.mm(a, b.T, out_dtype=torch.float32)
-        except (RuntimeError, TypeError):  # no fp16 → fp32 product here (CPU, an older torch): upcast
-            return a.float() @ b.float().T
-    return a @ b.T
-
-
 def _chunk_rows(num_gallery: int, memory_mb: int, dev: torch.device | None = None) -> int:
     # per (query, gallery) cell: score 4 B, bucket 8 B, masks a few B, the searchsorted twins 16 B
     if memory_mb <= 0:
@@ -98,12 +91,13 @@ def _chunk_rows(num_gallery: int, memory_mb: int, dev: torch.device | None = Non
     return max(1, int(memory_mb * 2**20 // (40 * max(num_gallery, 1))))
 
 
-def _count_all(q, qp, qc, g, gp, gc, chunk: int, method: str, rows: torch.Tensor | None = None) -> list[QueryRanks]:
+def _count_all(q, qp, qc, g, gp, gc, chunk: int, cfg: EvalConfig, rows: torch.Tensor | None = None) -> list[QueryRanks]:
     groups = GalleryGroups(gp, gc)
+    scores = Similarity(g, choose_mode(q, g, cfg.similarity))  # the gallery prepared once for every chunk
     parts = []
     for i in range(0, q.shape[0] if rows is None else len(rows), chunk):
         sel = slice(i, i + chunk) if rows is None else rows[i : i + chunk]  # slices: views, no gathers
-        parts += ranks_in_blocks(similarity(q[sel], g), qp[sel], qc[sel], gp, gc, groups, method=method)
+        parts += ranks_in_blocks(scores(q[sel]), qp[sel], qc[sel], gp, gc, groups, method=cfg.counting)
     return parts
 
 
@@ -143,7 +137,7 @@ def evaluate(query: FeatureSplit, gallery: FeatureSplit, cfg: EvalConfig, index=
         ]
         engine = "torch+rerank"
     elif cfg.engine == "torch":
-        parts = _count_all(q, qp, qc, g, gp, gc, chunk, cfg.counting)
+        parts = _count_all(q, qp, qc, g, gp, gc, chunk, cfg)
         engine = "torch"
     else:
         parts, approximate = _faiss_ranks(query, gallery, cfg, index, (q, qp, qc, g, gp, gc), chunk)
@@ -172,7 +166,7 @@ def _faiss_ranks(query, gallery, cfg, index, tensors, chunk) -> tuple[list[Query
     parts = [QueryRanks(found.ranks[complete], found.num_pos[complete], found.num_valid[complete])]
     tail = complete.logical_not().nonzero()[:, 0]
     if len(tail):
-        parts += _count_all(q, qp, qc, g, gp, gc, chunk, cfg.counting, rows=tail)
+        parts += _count_all(q, qp, qc, g, gp, gc, chunk, cfg, rows=tail)
     return parts, approximate
 
 
@@ -193,7 +187,6 @@ def ranked_lists(query: FeatureSplit, gallery: FeatureSplit, k: int, device: str
     half = _half_on_gpu(query, gallery, dev)
     q, _, _ = _tensors(query, dev, half)
     g, _, _ = _tensors(gallery, dev, half)
+    scores = Similarity(g, choose_mode(q, g))
     k = min(k, len(gallery))
-    return (
-        torch.cat([similarity(q[i : i + 1024], g).topk(k, dim=1).indices for i in range(0, len(q), 1024)]).cpu().numpy()
-    )
+    return torch.cat([scores(q[i : i + 1024]).topk(k, dim=1).indices for i in range(0, len(q), 1024)]).cpu().numpy()

@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reidcli.errors import FormatError
+from reidcli.errors import ConfigError, FormatError
 from reidcli.retrieval.evaluate import EvalConfig, evaluate
 from reidcli.retrieval.features import FeatureSplit
 from reidcli.retrieval.metrics import positive_ranks, summarize
@@ -215,14 +215,47 @@ def test_kernel_counting_on_cpu_is_refused_clearly():
 
 def test_float16_similarity_equals_the_upcast_product():
     """float16 features: the scores are the float32 products of the stored values, whichever way they are made."""
-    from reidcli.retrieval.evaluate import similarity
+    from reidcli.retrieval.similarity import Similarity, similarity
 
     rng = np.random.default_rng(2)
     a = torch.as_tensor(rng.normal(size=(7, 32)).astype(np.float16))
     b = torch.as_tensor(rng.normal(size=(11, 32)).astype(np.float16))
-    s = similarity(a, b)
+    s = Similarity(b, "fp16")(a)
     assert s.dtype == torch.float32 and torch.equal(s, a.float() @ b.float().T)
-    assert torch.equal(similarity(a.float(), b.float()), s)
+    assert torch.equal(similarity(a.float(), b.float()), s)  # the CPU: fp32, the same products
+
+
+@pytest.mark.parametrize("spread", [0.0, 12.0])
+def test_split_float16_scores_are_as_accurate_as_an_fp32_gemm(spread):
+    """The GPU's split (x = hi + lo/2¹¹, three fp16 products with fp32 accumulation) against float64, with the
+    accumulation emulated exactly and as fp32: never worse than the fp32 GEMM itself, also for features whose
+    components span many decades (``spread``: e-folds), where lo would underflow without its 2¹¹ scale."""
+    from reidcli.retrieval.similarity import Similarity
+
+    rng = np.random.default_rng(3)
+
+    def unit(n):
+        x = rng.normal(size=(n, 256)) * np.exp(rng.uniform(-spread, 0, size=(1, 256)))
+        return torch.as_tensor((x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32))
+
+    q, g = unit(60), unit(400)
+    exact = q.double() @ g.double().T
+    fp32_err = float((q @ g.T - exact).abs().max())
+    tensor_cores = lambda a, b: (a.double() @ b.double().T).float()  # noqa: E731 — exact products, one rounding
+    split = Similarity(g, "split", mm=tensor_cores)(q)
+    assert split.dtype == torch.float32 and float((split - exact).abs().max()) <= fp32_err
+    assert float((Similarity(g, "split")(q) - exact).abs().max()) <= 2 * fp32_err  # fp32 accumulation, as cuBLAS
+
+
+def test_similarity_mode_choice_on_the_cpu_is_fp32():
+    from reidcli.retrieval.similarity import Similarity, choose_mode
+
+    x = torch.rand(3, 8)
+    assert choose_mode(x, x) == choose_mode(x, x, "split") == choose_mode(x.half(), x.half()) == "fp32"
+    with pytest.raises(ValueError, match="unknown similarity mode"):
+        Similarity(x, "int8")
+    with pytest.raises(ConfigError, match="unknown similarity mode"):
+        EvalConfig(similarity="tf32").validate()
 
 
 def test_kernel_declines_groups_wider_than_it_takes(monkeypatch):
