@@ -54,8 +54,11 @@ def choose_mode(query: torch.Tensor, gallery: torch.Tensor, requested: str = "au
         return "fp16"
     if requested == "split":
         return "split"
-    peak = torch.maximum(query.abs().max(), gallery.abs().max()) if query.numel() and gallery.numel() else None
-    return "split" if peak is not None and float(peak) <= 1.0 else "fp32"
+    if not (query.numel() and gallery.numel()):
+        return "fp32"
+    inf = float("inf")  # largest |component|: three launches and one sync
+    peak = torch.maximum(torch.linalg.vector_norm(query, inf), torch.linalg.vector_norm(gallery, inf))
+    return "split" if float(peak) <= 1.0 else "fp32"
 
 
 class Similarity:
