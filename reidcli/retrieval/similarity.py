@@ -43,12 +43,15 @@ def _half_products_available(device: str) -> bool:
         return False
 
 
+def _tensor_cores(x: torch.Tensor) -> bool:
+    return x.is_cuda and _half_products_available(str(x.device))
+
+
 def choose_mode(query: torch.Tensor, gallery: torch.Tensor, requested: str = "auto") -> str:
     """The mode for these feature tensors: "fp16" when both are float16 on a GPU that multiplies them into float32,
     "split" for float32 features of norm ≤ 1 there, else "fp32". A requested mode other than "auto" is kept when
     it can run (float16 and split need a GPU's fp16 → fp32 products), else "fp32"."""
-    gpu = query.is_cuda and _half_products_available(str(query.device))
-    if requested == "fp32" or not gpu:
+    if requested == "fp32" or not _tensor_cores(query):
         return "fp32"
     if query.dtype == gallery.dtype == torch.float16:
         return "fp16"

@@ -274,3 +274,15 @@ def test_kernel_declines_groups_wider_than_it_takes(monkeypatch):
         warnings.simplefilter("error")
         out = metrics._kernel_ranks(torch.zeros(2, len(gp)), metrics.GalleryGroups(gp, gc), gp[:2], gc[:2], False)
     assert out is None and not metrics._KERNEL_FAILED
+
+
+def test_similarity_mode_choice_where_tensor_cores_multiply_half_into_float(monkeypatch):
+    """The decision a GPU makes: the split for unit features, fp32 when a component exceeds 1 (fp16 could
+    overflow), fp16 for float16 files, and whatever is asked for explicitly."""
+    import reidcli.retrieval.similarity as sim
+
+    monkeypatch.setattr(sim, "_tensor_cores", lambda x: True)
+    unit = torch.nn.functional.normalize(torch.randn(5, 8), dim=1)
+    assert sim.choose_mode(unit, unit) == "split" and sim.choose_mode(unit, 3 * unit) == "fp32"
+    assert sim.choose_mode(unit.half(), unit.half()) == "fp16" and sim.choose_mode(unit, unit, "fp32") == "fp32"
+    assert sim.choose_mode(unit, 3 * unit, "split") == "split" and sim.choose_mode(unit[:0], unit) == "fp32"
