@@ -468,6 +468,28 @@ def evaluation(smoke: bool, out_dir: Path) -> dict:
     return out
 
 
+def _host_speed() -> dict:
+    """How fast this host issues work: µs per launch of a tiny kernel (the pace of any eager loop of small
+    operations), and GB/s of one 50 MB copy into pinned memory (extraction's staging of a b512 batch)."""
+    x = torch.zeros(16, device=DEV)
+    for _ in range(100):
+        x.add_(1)
+    _sync()
+    t = time.perf_counter()
+    for _ in range(2000):
+        x.add_(1)
+    launch = (time.perf_counter() - t) / 2000
+    _sync()
+    out = {"launch us": 1e6 * launch}
+    if DEV.type == "cuda":
+        src = torch.empty(50 << 20, dtype=torch.uint8)
+        src.pin_memory()  # the caching host allocator keeps the block for the timed copy
+        t = time.perf_counter()
+        src.pin_memory()
+        out["pin GB/s"] = (50 << 20) / (time.perf_counter() - t) / 1e9
+    return out
+
+
 def peer_for(key: str) -> tuple[str | None, bool, float | None]:
     """Our row → (the peer_baseline.py row it is compared with, higher is better, DESIGN.md target)."""
     rel = " rpe " in f" {key} " or " both " in f" {key} "
@@ -517,7 +539,7 @@ def main() -> None:
     sections = args.sections.split(",")
     modes = tuple(args.compile_modes.split(","))
     name = torch.cuda.get_device_name() if DEV.type == "cuda" else "cpu"
-    result: dict = {"device": name, "torch": torch.__version__, "smoke": args.smoke}
+    result: dict = {"device": name, "torch": torch.__version__, "smoke": args.smoke, "host": _host_speed()}
     flat: dict = {}
     peer = json.loads(Path(args.peer).read_text()) if args.peer and Path(args.peer).is_file() else {}
     result["peer"] = peer
