@@ -24,6 +24,13 @@ def evaluate(
     k2: Annotated[int, typer.Option(help="re-ranking k2.")] = 6,
     lambda_value: Annotated[float, typer.Option("--lambda", help="re-ranking weight of the original distance.")] = 0.3,
     device: DeviceOpt = "auto",
+    similarity: Annotated[
+        str,
+        typer.Option(
+            help="GPU similarity GEMM: auto (tensor cores at float32 accuracy), fp32 (plain float32 GEMM), split, "
+            "fp16; the CPU always runs fp32."
+        ),
+    ] = "auto",
     out: Annotated[Path | None, typer.Option(help="Folder for results.json, results.csv and pictures.")] = None,
     visualize: Annotated[int, typer.Option(help="Write ranked lists of this many queries (needs --out).")] = 0,
     top_k: Annotated[int, typer.Option(help="Gallery images per ranked list picture.")] = 10,
@@ -57,6 +64,7 @@ def evaluate(
         k2=k2,
         lambda_value=lambda_value,
         device=device,
+        similarity=similarity,
     ).validate()
     attrs, splits = read_features(features)
     built = _load_index(index, splits["gallery"]) if index else None

@@ -125,6 +125,10 @@ def test_end_to_end_pipeline_learns(tmp_path):
     assert json.loads((tmp_path / "eval" / "results.json").read_text())["mAP"] == res["mAP"]
     torch_res = json.loads(run_cli("evaluate", str(tmp_path / "f.h5"), "--engine", "torch", "--json").stdout)
     assert abs(torch_res["mAP"] - res["mAP"]) < 1e-6
+    plain = run_cli("evaluate", str(tmp_path / "f.h5"), "--engine", "torch", "--similarity", "fp32", "--json")
+    assert json.loads(plain.stdout)["mAP"] == torch_res["mAP"]  # the CPU's GEMM is fp32 either way
+    bad = run_cli("evaluate", str(tmp_path / "f.h5"), "--similarity", "tf32")
+    assert bad.returncode == 1 and "unknown similarity mode 'tf32'" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_print_model_seed_figures(tiny_data):
