@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "setup_distributed", "all_reduce_sum", "barrier"]
+__all__ = ["DistInfo", "setup_distributed", "teardown_distributed", "all_reduce_sum", "barrier"]
 
 
 @dataclass(frozen=True)
@@ -51,3 +51,11 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()
+
+
+def teardown_distributed(info: DistInfo) -> None:
+    """Leave the process group once every rank is done: left to interpreter exit, gloo's threads can be destroyed
+    while still joinable and abort the process (``terminate called without an active exception``)."""
+    if info.enabled and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

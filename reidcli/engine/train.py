@@ -24,7 +24,7 @@ from reidcli.engine.checkpoint import (
     write_json_atomic,
     write_metrics,
 )
-from reidcli.engine.distributed import DistInfo, all_reduce_sum, barrier, setup_distributed
+from reidcli.engine.distributed import DistInfo, all_reduce_sum, barrier, setup_distributed, teardown_distributed
 from reidcli.errors import ConfigError, TrainingError
 from reidcli.losses.combined import LossConfig, compute_losses
 from reidcli.model.vit import ModelConfig, ViTReID, parameter_report
@@ -247,7 +247,7 @@ def train(
             on_epoch(row)
     if info.main:
         _finish(state, cfg, files)
-    barrier(info)
+    teardown_distributed(info)  # after a barrier: every rank has finished
     return TrainResult(files.root, state.epoch, state.metrics, parameter_report(state.model))
 
 
