@@ -71,11 +71,13 @@ class _Embed:
             return self.fn(x, flip=flip)
 
     def __call__(self, x: torch.Tensor, flip: bool) -> torch.Tensor:
+        if not self.graph:
+            return self.eager(x, flip)
         key = (tuple(x.shape), x.dtype, flip)
-        if self.graph and key not in self.graphs:
+        if key not in self.graphs:
             self.graphs[key] = self._capture(x, flip)
-        entry = self.graphs.get(key) if self.graph else None
-        if entry is None:
+        entry = self.graphs[key]
+        if entry is None:  # the capture failed (and turned the graph off)
             return self.eager(x, flip)
         graph, static_in, static_out = entry
         static_in.copy_(x)

@@ -12,6 +12,7 @@ import torch
 from reidcli.errors import ConfigError, FormatError
 from reidcli.retrieval.features import FeatureSplit
 from reidcli.retrieval.metrics import (
+    COUNTING,
     GalleryGroups,
     MetricResult,
     QueryRanks,
@@ -55,8 +56,8 @@ class EvalConfig:
             raise ConfigError("re-ranking needs k1 ≥ 1, k2 ≥ 1 and 0 ≤ lambda ≤ 1")
         if self.similarity not in MODES:
             raise ConfigError(f"unknown similarity mode {self.similarity!r}; use one of {', '.join(MODES)}")
-        if self.counting not in ("auto", "kernel", "sort", "count"):
-            raise ConfigError(f"unknown counting method {self.counting!r}; use auto, kernel, sort or count")
+        if self.counting not in COUNTING:
+            raise ConfigError(f"unknown counting method {self.counting!r}; use one of {', '.join(COUNTING)}")
         return self
 
 

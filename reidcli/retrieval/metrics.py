@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 __all__ = [
+    "COUNTING",
     "QueryRanks",
     "MetricResult",
     "GalleryGroups",
@@ -28,6 +29,9 @@ __all__ = [
     "summarize",
     "chance_average_precision",
 ]
+
+
+COUNTING = ("auto", "kernel", "sort", "count")  # the exact counting methods (see positive_ranks)
 
 
 @dataclass(frozen=True)
@@ -102,7 +106,7 @@ def positive_ranks(
     collapsed model's equal features). All are exact and give identical ranks (the kernel's rows are padded wider
     with −1).
     """
-    if method not in ("auto", "count", "sort", "kernel"):
+    if method not in COUNTING:
         raise ValueError(f"unknown counting method {method!r}")
     groups = groups or GalleryGroups(g_pids, g_camids)
     q, g = scores.shape
