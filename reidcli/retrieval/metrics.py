@@ -6,16 +6,18 @@ plus items with the same score and a smaller gallery index (stable tie-break). W
 n positives, a query has ``AP = mean_i i / (r_i + 1)``, ``INP = n / (r_n + 1)`` and its first hit at r_1.
 
 Counting needs no sort of the whole gallery: only items scoring at least a query's weakest positive can beat one
-of its positives. Those items get one integer key each (row, then the order-preserving bits of the score); one
-sort of the keys and a binary search per positive count what beats it, exactly, ties by gallery row. Rows where
-many items share one score (a collapsed model) are instead bucketed among the positives with ``searchsorted``
-and a histogram. Both give identical ranks.
+of its positives. Those items get one integer key each (row, then the order-preserving bits of the score). The
+CPU's method searches each item's key among the positives' keys and takes a histogram of how many positives each
+item is above (the weakest positives of a weak model are counted by plain comparison passes instead); the GPU's
+torch method sorts the keys once and searches each positive among them; on a GPU a Triton kernel does it all.
+All count exactly, ties by gallery row, and give identical ranks.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -101,10 +103,10 @@ def positive_ranks(
     Only items scoring at least a query's weakest positive can beat one of its positives. ``method``: "kernel"
     (one Triton kernel compares each row's items with its positives: see :mod:`reidcli.retrieval.rank_kernel`),
     "sort" (those items sorted once by (row, score), positives located by binary search: no histogram atomics,
-    few host syncs), "count" (those items gathered when few, everything bucketed in place when many), or "auto":
-    the kernel on a GPU, else sort, and count when many exact ties make the sort's tie-break loop long (e.g. a
-    collapsed model's equal features). All are exact and give identical ranks (the kernel's rows are padded wider
-    with −1).
+    few host syncs), "count" (each item's key searched among the positives', then one histogram: no sort; see
+    :func:`_counted_beats`), or "auto": count on the CPU (1.3–1.4× sort on Market-size rows, 7× on a collapsed
+    model's equal scores); on a GPU the kernel, else sort, and count when many exact ties make the sort's
+    tie-break loop long. All are exact and give identical ranks (the kernel's rows are padded wider with −1).
     """
     if method not in COUNTING:
         raise ValueError(f"unknown counting method {method!r}")
@@ -132,12 +134,12 @@ def positive_ranks(
     # Only items scoring at least the weakest positive can beat a positive.
     keep = scores >= asc[:, :1]
     beats = None
-    if method != "count":
+    if method == "sort" or (method == "auto" and scores.is_cuda):
         beats = _sorted_beats(scores, keep, pos_scores, pos_index, max_ties=None if method == "sort" else 8)
     if beats is None:
         beats = _counted_beats(scores, keep, asc, num_pos, pos_scores, pos_index)
     # the same-pid items (positives and junk) were counted among the values: take them out again
-    beats -= _count_beats(s_same.contiguous(), same, asc, num_pos, pos_scores, pos_index)
+    beats -= _same_pid_beats(s_same, same, pos_scores, pos_index)
     desc = torch.arange(p_max, device=dev)[None, :]
     ranks = (beats + desc).masked_fill(is_pad, -1)  # + the better positives, which precede it in order
     return QueryRanks(ranks, num_pos, num_valid)
@@ -180,6 +182,9 @@ def _kernel_ranks(scores, groups, q_pids, q_camids, strict: bool):
         return None
 
 
+_CPU_BLOCK_BYTES = 8 << 20  # scores per CPU block (Market rows: 4–16 MiB within 3%, 1 MiB 1.3–2× slower)
+
+
 def ranks_in_blocks(
     scores: torch.Tensor,
     q_pids: torch.Tensor,
@@ -190,13 +195,13 @@ def ranks_in_blocks(
     distances: bool = False,
     method: str = "auto",
 ) -> list[QueryRanks]:
-    """:func:`positive_ranks` over row blocks: on the CPU blocks of about 4 MiB of scores (cache-sized: 2-3×
-    faster than large blocks on Market-size rows), on a GPU the whole chunk at once (fewest launches).
+    """:func:`positive_ranks` over row blocks: on the CPU blocks of about 8 MiB of scores (the counting's
+    intermediates stay small), on a GPU the whole chunk at once (fewest launches).
     ``distances``: the matrix holds distances (lower is more similar), negated block by block. ``method``: as
     :func:`positive_ranks`."""
     groups = groups or GalleryGroups(g_pids, g_camids)
     q, g = scores.shape
-    block = q if scores.is_cuda else min(max(q, 1), max(16, (4 << 20) // (4 * max(g, 1))))
+    block = q if scores.is_cuda else min(max(q, 1), max(16, _CPU_BLOCK_BYTES // (4 * max(g, 1))))
     parts = []
     for i in range(0, q, block):
         sub = -scores[i : i + block] if distances else scores[i : i + block]
@@ -247,93 +252,113 @@ def _sorted_beats(
     return beats
 
 
+_DENSE_SHARE = 0.1  # share of a block kept above which its weakest positive is counted in place, not gathered
+
+
 def _counted_beats(scores, keep, asc, num_pos, pos_scores, pos_index) -> torch.Tensor:
-    """The counting method's (Q, P) beats: rows with few kept items (a good model) are gathered first, rows with
-    many are bucketed in place."""
+    """The counting method's (Q, P) beats, best first: items with a higher score than the positive, or an equal
+    score and a smaller gallery row (same-pid items included). ``keep``: the items at least the weakest positive.
+
+    Every kept item gets one integer key, row·2³² + order-preserving score bits; one binary search in the rows'
+    positives' keys (a few thousand per block: they stay in cache) tells how many positives of its row it is above,
+    and one histogram of those counts gives every positive's number of higher-scored items, with no sort of the
+    items. Where much of a block is kept (a weak model ranks some positives far down), its weakest positives are
+    counted in place instead, one comparison pass each over the block, and only items at least the next positive
+    are gathered: a pass costs less than gathering and searching more than a tenth of the block.
+    """
     q, g = scores.shape
-    per_row = keep.sum(1, dtype=torch.int32).long()  # (an int32 sum of bools is ~15× faster on CPU)
-    light = per_row * 4 <= g
-    if int(light.sum()) * 2 < q:  # mostly heavy rows: count the whole chunk in place, no gathers or copies
-        light = torch.zeros_like(light)
-    beats = torch.empty_like(pos_index)
-    for rows, compact in ((light.nonzero()[:, 0], True), ((~light).nonzero()[:, 0], False)):
-        if len(rows):
-            whole = len(rows) == q
-            sub = scores if whole else scores[rows]
-            if compact:
-                values, columns = _compact(sub, keep if whole else keep[rows], per_row[rows])
-            else:
-                values, columns = sub.contiguous(), None
-            beats[rows] = _count_beats(values, columns, asc[rows], num_pos[rows], pos_scores[rows], pos_index[rows])
-    return beats
-
-
-def _compact(scores: torch.Tensor, keep: torch.Tensor, per_row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's kept items packed left: values (Q, M) padded with −inf, and their gallery rows (Q, M)
-    padded with −1."""
-    rows, cols = keep.nonzero(as_tuple=True)
-    m = max(int(per_row.max()), 1)
-    slot = torch.arange(len(rows), device=scores.device) - (per_row.cumsum(0) - per_row)[rows]
-    values = torch.full((scores.shape[0], m), float("-inf"), device=scores.device)
-    columns = torch.full(values.shape, -1, dtype=torch.long, device=scores.device)
-    values[rows, slot] = scores[rows, cols]
-    columns[rows, slot] = cols
-    return values, columns
-
-
-def _count_beats(
-    values: torch.Tensor,
-    columns: torch.Tensor | None,
-    asc: torch.Tensor,
-    num_pos: torch.Tensor,
-    pos_scores: torch.Tensor,
-    pos_index: torch.Tensor,
-) -> torch.Tensor:
-    """(Q, P) for each positive, best first: how many values rank before it (higher score, or equal score and a
-    smaller gallery row). ``columns`` are the values' gallery rows (None: the value's column is its row)."""
-    below = torch.searchsorted(asc, values, right=False, out_int32=True)  # (Q, M): positives strictly below
-    return _beats(below, num_pos, asc.shape[1]) + _tied_before(values, columns, below, asc, pos_scores, pos_index)
-
-
-def _beats(below: torch.Tensor, num_pos: torch.Tensor, p: int) -> torch.Tensor:
-    """(Q, P) for each positive, best first: how many values score strictly above it.
-
-    ``below`` (Q, M) buckets each value by how many positives score strictly below it: it beats exactly those.
-    """
-    q = below.shape[0]
-    offsets = torch.arange(q, device=below.device, dtype=torch.int32)[:, None] * (p + 1)
-    keys = (below + offsets).reshape(-1)
-    hist = torch.bincount(keys, minlength=q * (p + 1)).view(q, p + 1)
-    beats_asc = hist.flip(1).cumsum(1).flip(1)[:, 1:]  # beats_asc[j]: values > the j-th smallest positive
-    best_first = (num_pos[:, None] - 1 - torch.arange(p, device=below.device)[None, :]).clamp_min(0)
-    return beats_asc.gather(1, best_first)
-
-
-def _tied_before(
-    values: torch.Tensor,
-    columns: torch.Tensor | None,
-    below: torch.Tensor,
-    asc: torch.Tensor,
-    pos_scores: torch.Tensor,
-    pos_index: torch.Tensor,
-) -> torch.Tensor:
-    """(Q, P) how many of ``values`` equal a positive's score with a smaller gallery row (stable tie-break).
-
-    Exact ties are rare (duplicate images): one gather finds them, and only they are compared in detail.
-    """
-    fix = torch.zeros_like(pos_index)
     p = asc.shape[1]
-    tied = asc.gather(1, below.clamp_max(p - 1).long()) == values
-    if not bool(tied.any()):
-        return fix
-    qi, ki = tied.nonzero(as_tuple=True)
-    col = ki if columns is None else columns[qi, ki]
+    dev = scores.device
+    scores = scores.contiguous()
+    above = torch.empty((q, p), dtype=torch.long, device=dev)  # ascending: items scoring strictly above asc[:, j]
+    fix = torch.zeros((q, p), dtype=torch.long, device=dev)  # best first: equal items with a smaller gallery row
+    dense = 0  # positives counted in place, weakest first
+    kept = _count_true(keep)
+    while dense < p - 1 and kept > _DENSE_SHARE * q * g:
+        level = asc[:, dense : dense + 1]
+        above[:, dense] = (scores > level).sum(1, dtype=torch.int32)
+        # items equal to this positive besides itself (rare): compare their gallery rows, row by row
+        has = num_pos > dense
+        if kept > int(above[:, dense].sum()) + int(has.sum()):
+            rows = ((keep.sum(1, dtype=torch.int32) - above[:, dense] > 1) & has).nonzero()[:, 0]
+            i = num_pos[rows] - 1 - dense  # the positive's best-first slot
+            row_before = torch.arange(g, device=dev)[None, :] < pos_index[rows, i][:, None]
+            fix[rows, i] += ((scores[rows] == level[rows]) & row_before).sum(1)
+        dense += 1
+        keep = scores >= asc[:, dense : dense + 1]
+        kept = _count_true(keep)
+    flat = _flat_nonzero(keep, kept)
+    rows = flat.div(g, rounding_mode="floor")
+    values = scores.view(-1)[flat]
+    keys = (rows << 32) | _ordered_bits(values)
+    pos_keys = ((torch.arange(q, device=dev)[:, None] << 32) | _ordered_bits(asc)).view(-1)  # ascending overall
+    below = torch.searchsorted(pos_keys, keys)  # positives strictly below the item: all earlier rows' + its row's
+    hist = torch.bincount(below + rows, minlength=q * (p + 1)).view(q, p + 1)  # row·(P+1) + its row's count
+    above[:, dense:] = hist.flip(1).cumsum(1).flip(1)[:, 1 + dense :]  # items above more than j positives
+    # Items equal to a positive of their row: the positives themselves, and rarely another item (a duplicate image,
+    # ±0) or two equal positives. Only then are gallery rows compared.
+    tied = pos_keys[below.clamp_max(len(pos_keys) - 1)] == keys
+    slots = (num_pos - dense).clamp_min(0)  # the positives gathered here, best first
+    valid = torch.arange(1, p, device=dev)[None, :] < num_pos[:, None]
+    if int(tied.sum()) > int(slots.sum()) or bool(((asc[:, 1:] == asc[:, :-1]) & valid).any()):
+        at = tied.nonzero()[:, 0]
+        r = rows[at]
+        _add_ties(fix, r, flat[at] - r * g, values[at], pos_scores, pos_index, slots)
+    best_first = (num_pos[:, None] - 1 - torch.arange(p, device=dev)[None, :]).clamp_min(0)
+    return above.gather(1, best_first) + fix
+
+
+_NONZERO_SPARSE = 0.03  # below this share numpy's sparse nonzero loop is the faster one
+
+
+def _count_true(mask: torch.Tensor) -> int:
+    """The number of true items (numpy's count is ~5× torch's sum of a bool tensor on the CPU)."""
+    return int(np.count_nonzero(mask.numpy())) if mask.device.type == "cpu" else int(mask.sum())
+
+
+def _flat_nonzero(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """Flat indices of a mask's ``count`` true items.
+
+    On the CPU numpy's nonzero is ~2.5× torch's, but for a share of true items up to 10% it takes a branching loop
+    that costs up to 3× its branch-free one at 3–10% (mispredictions). A tail of true items past the end (an eighth
+    of the mask) puts every share above 10%; its indices come last and are cut off.
+    """
+    mask = mask.contiguous()
+    if mask.device.type != "cpu":
+        return mask.view(-1).nonzero()[:, 0]
+    n = mask.numel()
+    if count <= _NONZERO_SPARSE * n:
+        return torch.from_numpy(np.flatnonzero(mask.numpy()))
+    tail = n // 8 + 1
+    padded = torch.ones(n + tail, dtype=torch.bool)
+    padded[:n] = mask.view(-1)
+    return torch.from_numpy(np.flatnonzero(padded.numpy())[:-tail])
+
+
+def _same_pid_beats(s_same, same, pos_scores, pos_index) -> torch.Tensor:
+    """(Q, P) for each positive, best first: how many of its row's same-pid items (positives and junk, −1 padded)
+    rank before it. One broadcast comparison, in row blocks of ~16M pairs (pid groups are small)."""
+    q, p, w = len(s_same), pos_scores.shape[1], same.shape[1]
+    step = max(1, (1 << 24) // max(p * w, 1))
+    out = []
+    for i in range(0, q, step):
+        v, c = s_same[i : i + step, None, :], same[i : i + step, None, :]
+        ps, pi = pos_scores[i : i + step, :, None], pos_index[i : i + step, :, None]
+        before = ((v > ps) | ((v == ps) & (c < pi))) & (c >= 0)
+        out.append(before.sum(2))
+    return torch.cat(out) if out else torch.zeros_like(pos_index)
+
+
+def _add_ties(fix, rows, cols, values, pos_scores, pos_index, slots) -> None:
+    """Adds to ``fix`` (Q, P), best first, each item (row, gallery row, score) that equals one of the first
+    ``slots[row]`` positives of its row and precedes it in the gallery."""
+    p = pos_scores.shape[1]
     step = max(1, (1 << 22) // p)
-    for i in range(0, len(qi), step):
-        rows, c, v = qi[i : i + step], col[i : i + step], values[qi[i : i + step], ki[i : i + step]]
-        hit = (pos_scores[rows] == v[:, None]) & (pos_index[rows] > c[:, None])  # (T, P)
-        fix.index_add_(0, rows, hit.long())
-    return fix
+    first = torch.arange(p, device=fix.device)[None, :]
+    for i in range(0, len(rows), step):
+        r, c, v = rows[i : i + step], cols[i : i + step], values[i : i + step]
+        hit = (pos_scores[r] == v[:, None]) & (pos_index[r] > c[:, None]) & (first < slots[r][:, None])  # (T, P)
+        fix.index_add_(0, r, hit.long())
 
 
 def ranks_from_lists(

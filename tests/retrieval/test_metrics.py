@@ -177,7 +177,7 @@ def test_auto_method_handles_a_collapsed_model_and_blocks_change_nothing():
     assert torch.equal(auto.ranks, count.ranks)
     ref = eval_market1501(-flat.numpy().astype(np.float64), qp, gp, qc, gc)
     assert abs(summarize([auto]).mAP - ref[1]) < 1e-6
-    big_g = 70_000  # 4 MiB blocks: 16 rows of 70,000 scores → 30 queries make 2 blocks
+    big_g = 70_000  # 8 MiB blocks: 29 rows of 70,000 scores → 30 queries make 2 blocks
     gp_big, gc_big = torch.as_tensor(rng.integers(0, 40, big_g)), torch.as_tensor(rng.integers(0, 6, big_g))
     scores = torch.as_tensor(rng.normal(size=(len(qp), big_g)).astype(np.float32))
     tb = [t[0], t[1], gp_big, gc_big]
@@ -286,3 +286,46 @@ def test_similarity_mode_choice_where_tensor_cores_multiply_half_into_float(monk
     assert sim.choose_mode(unit, unit) == "split" and sim.choose_mode(unit, 3 * unit) == "fp32"
     assert sim.choose_mode(unit.half(), unit.half()) == "fp16" and sim.choose_mode(unit, unit, "fp32") == "fp32"
     assert sim.choose_mode(unit, 3 * unit, "split") == "split" and sim.choose_mode(unit[:0], unit) == "fp32"
+
+
+@pytest.mark.parametrize("share", [0.0, 0.02, 0.06, 0.09, 0.3, 1.0])
+def test_flat_nonzero_equals_torch_at_every_density(share):
+    """numpy's sparse loop below 3%, its branch-free one behind a padded tail above: the same indices as torch."""
+    from reidcli.retrieval.metrics import _count_true, _flat_nonzero
+
+    rng = np.random.default_rng(1)
+    mask = torch.as_tensor(rng.random((40, 301)) < share)
+    for m in (mask, mask[:, ::2]):  # contiguous and a strided view
+        got = _flat_nonzero(m, _count_true(m))
+        assert _count_true(m) == int(m.sum())
+        assert torch.equal(got, m.reshape(-1).nonzero()[:, 0])
+
+
+@pytest.mark.parametrize("dense_share", [0.0, 2.0])  # every weak positive counted in place / none
+def test_counting_in_place_and_by_search_agree_with_ties_at_every_level(monkeypatch, dense_share):
+    """Weak queries (positives far down) with exact ties everywhere: a negative equal to the weakest positive
+    before it in the gallery, two equal positives, ±0, duplicates; ranks equal the sort method's and the
+    reference's, whichever positives are counted by comparison passes."""
+    import reidcli.retrieval.metrics as metrics
+
+    monkeypatch.setattr(metrics, "_DENSE_SHARE", dense_share)
+    rng = np.random.default_rng(4)
+    q, qp, qc, g, gp, gc = market_like(rng, num_query=50, num_gallery=400, noise=1.5)
+    g[300:340] = g[0:40]
+    scores = np.round(q @ g.T, 2).astype(np.float32)
+    for row in range(1, 20):  # tie a negative placed first in the gallery to the row's weakest positive
+        pos = np.flatnonzero((gp == qp[row]) & (gc != qc[row]))
+        neg = np.flatnonzero(gp != qp[row])
+        if len(pos) >= 2:
+            weakest = pos[np.argmin(scores[row, pos])]
+            scores[row, neg[0]] = scores[row, weakest]
+            scores[row, pos[-1]] = scores[row, weakest] if row % 2 else scores[row, pos[-1]]  # equal positives
+    scores[2, :9] = -0.0
+    scores[2, 9:18] = 0.0
+    t = [torch.as_tensor(a) for a in (scores, qp, qc, gp, gc)]
+    a = positive_ranks(*t, method="count")
+    b = positive_ranks(*t, method="sort")
+    assert torch.equal(a.ranks, b.ranks) and (a.ranks >= 0).sum() > 200
+    _, mAP, mINP, _ = eval_market1501(-scores.astype(np.float64), qp, gp, qc, gc)
+    m = summarize([a])
+    assert abs(m.mAP - mAP) < 1e-6 and abs(m.mINP - mINP) < 1e-6
