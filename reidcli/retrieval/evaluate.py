@@ -16,6 +16,7 @@ from reidcli.retrieval.metrics import (
     GalleryGroups,
     MetricResult,
     QueryRanks,
+    cpu_block_rows,
     ranks_from_lists,
     ranks_in_blocks,
     summarize,
@@ -92,13 +93,18 @@ def _chunk_rows(num_gallery: int, memory_mb: int, dev: torch.device | None = Non
     return max(1, int(memory_mb * 2**20 // (40 * max(num_gallery, 1))))
 
 
-def _count_all(q, qp, qc, g, gp, gc, chunk: int, cfg: EvalConfig, rows: torch.Tensor | None = None) -> list[QueryRanks]:
-    groups = GalleryGroups(gp, gc)
+def _count_all(q, qp, qc, g, gp, gc, chunk: int, cfg: EvalConfig, rows=None, groups=None) -> list[QueryRanks]:
+    groups = groups or GalleryGroups(gp, gc)
     scores = Similarity(g, choose_mode(q, g, cfg.similarity))  # the gallery prepared once for every chunk
+    buffer = None
+    if not q.is_cuda:  # one GEMM per counting block, into one buffer: counted while still in cache
+        chunk = min(chunk, cpu_block_rows(len(gp)))
+        buffer = torch.empty((chunk, len(gp)))
     parts = []
     for i in range(0, q.shape[0] if rows is None else len(rows), chunk):
         sel = slice(i, i + chunk) if rows is None else rows[i : i + chunk]  # slices: views, no gathers
-        parts += ranks_in_blocks(scores(q[sel]), qp[sel], qc[sel], gp, gc, groups, method=cfg.counting)
+        out = None if buffer is None else buffer[: len(qp[sel])]
+        parts += ranks_in_blocks(scores(q[sel], out), qp[sel], qc[sel], gp, gc, groups, method=cfg.counting)
     return parts
 
 
@@ -163,11 +169,12 @@ def _faiss_ranks(query, gallery, cfg, index, tensors, chunk) -> tuple[list[Query
     approximate = not _is_flat(index)
     index, on_gpu = to_search_device(index)
     _, lists = search(index, query.feats, cfg.depth, on_gpu)
-    found, complete = ranks_from_lists(torch.from_numpy(lists).to(q.device), qp, qc, gp, gc)
+    groups = GalleryGroups(gp, gc)
+    found, complete = ranks_from_lists(torch.from_numpy(lists).to(q.device), qp, qc, gp, gc, groups)
     parts = [QueryRanks(found.ranks[complete], found.num_pos[complete], found.num_valid[complete])]
     tail = complete.logical_not().nonzero()[:, 0]
     if len(tail):
-        parts += _count_all(q, qp, qc, g, gp, gc, chunk, cfg, rows=tail)
+        parts += _count_all(q, qp, qc, g, gp, gc, chunk, cfg, rows=tail, groups=groups)
     return parts, approximate
 
 

@@ -27,6 +27,7 @@ __all__ = [
     "GalleryGroups",
     "positive_ranks",
     "ranks_in_blocks",
+    "cpu_block_rows",
     "ranks_from_lists",
     "summarize",
     "chance_average_precision",
@@ -88,6 +89,14 @@ class GalleryGroups:
         idx = self.order[(lo[:, None] + slot).clamp_max(max(len(self.order) - 1, 0))]
         return torch.where(slot < counts[:, None], idx, -1)
 
+    def members(self, q_pids: torch.Tensor, q_camids: torch.Tensor):
+        """Each query's same-pid rows (Q, S) (−1 padded), which of them are positives (another camera), and per
+        query the number of positives and of valid (non-junk) gallery items."""
+        same = self.same_pid(q_pids)
+        has = same >= 0
+        is_pos = has & (self.g_camids[same.clamp_min(0)] != q_camids[:, None])
+        return same, is_pos, is_pos.sum(1), len(self.g_pids) - (has & ~is_pos).sum(1)
+
 
 def positive_ranks(
     scores: torch.Tensor,
@@ -117,12 +126,8 @@ def positive_ranks(
         ranked = _kernel_ranks(scores, groups, q_pids, q_camids, strict=method == "kernel")
         if ranked is not None:
             return QueryRanks(*ranked)
-    same = groups.same_pid(q_pids)  # (Q, S) same-pid gallery rows: positives and junk
-    has = same >= 0
-    s_same = scores.gather(1, same.clamp_min(0)).masked_fill(~has, float("-inf"))
-    is_pos = has & (g_camids[same.clamp_min(0)] != q_camids[:, None])
-    num_pos = is_pos.sum(1)
-    num_valid = g - (has & ~is_pos).sum(1)  # (small (Q, S) tensors: plain sums)
+    same, is_pos, num_pos, num_valid = groups.members(q_pids, q_camids)  # (Q, S): positives and junk
+    s_same = scores.gather(1, same.clamp_min(0)).masked_fill(same < 0, float("-inf"))
     p_max = int(num_pos.max()) if q else 0
     if p_max == 0:
         return QueryRanks(torch.full((q, 0), -1, dtype=torch.long, device=dev), num_pos, num_valid)
@@ -182,7 +187,13 @@ def _kernel_ranks(scores, groups, q_pids, q_camids, strict: bool):
         return None
 
 
-_CPU_BLOCK_BYTES = 8 << 20  # scores per CPU block (Market rows: 4–16 MiB within 3%, 1 MiB 1.3–2× slower)
+_CPU_BLOCK_BYTES = 16 << 20  # scores per CPU block (Market rows: 4–16 MiB within 3%, 1 MiB 1.3–2× slower)
+
+
+def cpu_block_rows(num_gallery: int) -> int:
+    """Query rows per CPU block: about 16 MiB of float32 scores (the GEMM writes them while the counting's passes
+    still find them in cache)."""
+    return max(16, _CPU_BLOCK_BYTES // (4 * max(num_gallery, 1)))
 
 
 def ranks_in_blocks(
@@ -195,13 +206,12 @@ def ranks_in_blocks(
     distances: bool = False,
     method: str = "auto",
 ) -> list[QueryRanks]:
-    """:func:`positive_ranks` over row blocks: on the CPU blocks of about 8 MiB of scores (the counting's
-    intermediates stay small), on a GPU the whole chunk at once (fewest launches).
-    ``distances``: the matrix holds distances (lower is more similar), negated block by block. ``method``: as
-    :func:`positive_ranks`."""
+    """:func:`positive_ranks` over row blocks: on the CPU blocks of :func:`cpu_block_rows`, on a GPU the whole
+    chunk at once (fewest launches). ``distances``: the matrix holds distances (lower is more similar), negated
+    block by block. ``method``: as :func:`positive_ranks`."""
     groups = groups or GalleryGroups(g_pids, g_camids)
     q, g = scores.shape
-    block = q if scores.is_cuda else min(max(q, 1), max(16, _CPU_BLOCK_BYTES // (4 * max(g, 1))))
+    block = q if scores.is_cuda else min(max(q, 1), cpu_block_rows(g))
     parts = []
     for i in range(0, q, block):
         sub = -scores[i : i + block] if distances else scores[i : i + block]
@@ -362,7 +372,12 @@ def _add_ties(fix, rows, cols, values, pos_scores, pos_index, slots) -> None:
 
 
 def ranks_from_lists(
-    lists: torch.Tensor, q_pids: torch.Tensor, q_camids: torch.Tensor, g_pids: torch.Tensor, g_camids: torch.Tensor
+    lists: torch.Tensor,
+    q_pids: torch.Tensor,
+    q_camids: torch.Tensor,
+    g_pids: torch.Tensor,
+    g_camids: torch.Tensor,
+    groups: GalleryGroups | None = None,
 ) -> tuple[QueryRanks, torch.Tensor]:
     """Ranks of positives from ranked lists (Q, K) of gallery indices (−1 = empty slot).
 
@@ -376,7 +391,7 @@ def ranks_from_lists(
     pos = same_pid & (g_camids[idx] != q_camids[:, None])
     valid = filled & ~(same_pid & ~pos)
     rank_in_valid = valid.long().cumsum(1) - 1  # 0-based rank among valid items
-    num_pos_total, num_valid = _count_positives(q_pids, q_camids, g_pids, g_camids)
+    _, _, num_pos_total, num_valid = (groups or GalleryGroups(g_pids, g_camids)).members(q_pids, q_camids)
     found = pos.sum(1)
     p_max = int(num_pos_total.max()) if q else 0
     ranks = torch.full((q, max(p_max, 1)), -1, dtype=torch.long, device=lists.device)
@@ -385,18 +400,6 @@ def ranks_from_lists(
     keep = pos & (slot < ranks.shape[1])
     ranks[rows[keep], slot[keep]] = rank_in_valid[keep]
     return QueryRanks(ranks[:, :p_max], num_pos_total, num_valid), found == num_pos_total
-
-
-def _count_positives(q_pids, q_camids, g_pids, g_camids, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positives and valid (non-junk) gallery items per query."""
-    pos, valid = [], []
-    for i in range(0, len(q_pids), chunk):
-        same = g_pids[None, :] == q_pids[i : i + chunk, None]
-        same_cam = g_camids[None, :] == q_camids[i : i + chunk, None]
-        pos.append((same & ~same_cam).sum(1))
-        valid.append(len(g_pids) - (same & same_cam).sum(1))
-    empty = torch.zeros(0, dtype=torch.long, device=q_pids.device)
-    return (torch.cat(pos), torch.cat(valid)) if pos else (empty, empty)
 
 
 def chance_average_precision(num_pos: torch.Tensor, num_valid: torch.Tensor) -> torch.Tensor:

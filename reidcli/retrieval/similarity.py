@@ -86,9 +86,10 @@ class Similarity:
         hi = x.half()
         return hi, ((x - hi.float()) * _SCALE).half()
 
-    def __call__(self, query: torch.Tensor) -> torch.Tensor:
+    def __call__(self, query: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``out``: a float32 (Q, G) buffer for the fp32 product (reused, it spares the allocator's fresh pages)."""
         if self.mode == "fp32":
-            return query.float() @ self.g.T
+            return torch.mm(query.float(), self.g.T, out=out)
         if self.mode == "fp16":
             return self.mm(query.half(), self.g)
         hi, lo = self.split(query)
