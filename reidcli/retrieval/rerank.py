@@ -18,7 +18,8 @@ __all__ = ["k_reciprocal_rerank"]
 
 
 def _sq_dist(a: torch.Tensor, b: torch.Tensor, b_sq: torch.Tensor) -> torch.Tensor:
-    return ((a * a).sum(1, keepdim=True) + b_sq[None, :] - 2.0 * a @ b.T).clamp_min_(0.0)
+    """Squared distances: ``|b|² − 2 a·b`` by one GEMM (the gallery term as its bias), then ``+ |a|²`` in place."""
+    return torch.addmm(b_sq[None, :], a, b.T, alpha=-2.0).add_((a * a).sum(1, keepdim=True)).clamp_min_(0.0)
 
 
 def _neighbours(x: torch.Tensor, k: int, num_query: int, chunk: int):
@@ -63,23 +64,27 @@ def _expansion_sets(knn: torch.Tensor, k1: int, chunk: int) -> tuple[torch.Tenso
         cand_parts.append(cand)
         mask_parts.append(mask)
     cand, mask = torch.cat(cand_parts), torch.cat(mask_parts)
-    # Keep each index once: sort (masked-out entries to a sentinel), drop repeats.
-    keyed = torch.where(mask, cand, torch.full_like(cand, n))
-    keyed, _ = keyed.sort(dim=1)
+    # Keep each index once: sort (masked-out entries to a sentinel), drop repeats, and sort again so that each
+    # row's members come first: the widest set (~40) instead of every candidate (k1 + 1)(kh + 1) is kept.
+    keyed, _ = torch.where(mask, cand, n).sort(dim=1)
+    repeat = torch.zeros_like(mask)
+    repeat[:, 1:] = keyed[:, 1:] == keyed[:, :-1]
+    keyed, _ = keyed.masked_fill(repeat, n).sort(dim=1)
     unique = keyed < n
-    unique[:, 1:] &= keyed[:, 1:] != keyed[:, :-1]
-    return keyed, unique
+    width = max(1, int(unique.sum(1).max())) if n else 1
+    return keyed[:, :width], unique[:, :width]
 
 
 def _weights(x: torch.Tensor, cand: torch.Tensor, mask: torch.Tensor, row_max: torch.Tensor, chunk: int):
     """Sparse V: row-normalised ``exp(-d(i, j) / max_i)`` over each expanded set."""
     n = x.shape[0]
+    x_sq = (x * x).sum(1)
     vals = torch.zeros(cand.shape, device=x.device)
     for i in range(0, n, chunk):
         c = cand[i : i + chunk].clamp_max(n - 1)
         xi = x[i : i + chunk]
-        xc = x[c]  # (c, C, D)
-        d = ((xi * xi).sum(1, keepdim=True) + (xc * xc).sum(-1) - 2.0 * torch.einsum("cd,ckd->ck", xi, xc)).clamp_min(0)
+        dots = torch.bmm(x[c], xi[:, :, None])[..., 0]  # (c, C): each row with its set's members
+        d = (x_sq[i : i + chunk, None] + x_sq[c] - 2.0 * dots).clamp_min(0)
         w = torch.exp(-d / row_max[i : i + chunk, None]) * mask[i : i + chunk]
         vals[i : i + chunk] = w / w.sum(1, keepdim=True)
     rows = torch.arange(n, device=x.device)[:, None].expand_as(cand)
@@ -138,7 +143,7 @@ def k_reciprocal_rerank(
     k = min(k1 + 1, x.shape[0])
     knn, row_max, original_qg = _neighbours(x, k, num_query, chunk)
     cand, mask = _expansion_sets(knn, k - 1, max(1, chunk // 4))
-    v = _weights(x, cand, mask, row_max, max(1, chunk // 8))
+    v = _weights(x, cand, mask, row_max, max(1, (1 << 24) // (cand.shape[1] * x.shape[1])))
     if k2 != 1:
         v = _query_expansion(v, knn, k2)
     overlap = _jaccard_overlap(v, num_query)
