@@ -34,7 +34,7 @@ format: install
 	$(BIN)/ruff check --fix reidcli tests benchmarks
 
 bench: install
-	$(BIN)/python benchmarks/cpu_eval.py
+	$(BIN)/python -m benchmarks.cpu_eval
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache .ruff_cache
