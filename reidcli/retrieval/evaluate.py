@@ -107,9 +107,10 @@ def _count_all(q, qp, qc, g, gp, gc, chunk: int, cfg: EvalConfig, rows=None, gro
         chunk = min(chunk, max(256, cpu_block_rows(len(gp))))
         buffer = torch.empty((chunk, len(gp)))
     parts = []
-    for i in range(0, q.shape[0] if rows is None else len(rows), chunk):
+    total = q.shape[0] if rows is None else len(rows)
+    for i in range(0, total, chunk):
         sel = slice(i, i + chunk) if rows is None else rows[i : i + chunk]  # slices: views, no gathers
-        out = None if buffer is None else buffer[: len(qp[sel])]
+        out = None if buffer is None else buffer[: min(chunk, total - i)]
         parts += ranks_in_blocks(scores(q[sel], out), qp[sel], qc[sel], gp, gc, groups, method=cfg.counting)
     return parts
 
