@@ -4,8 +4,9 @@ Same output as the published algorithm (``re_ranking`` of the authors' code, on 
 features as TransReID calls it): every row of the joint (query+gallery) distance matrix is divided by its maximum;
 k-reciprocal sets, their expansion by half-size reciprocal sets (kept when more than 2/3 of a candidate's set is
 shared), Gaussian-kernel weights, query expansion over the k2 nearest neighbours and the Jaccard distance of the
-weight vectors. Nothing N×N is stored: neighbour lists come from chunked distance rows, the weight matrix V is
-sparse (a few dozen entries a row), and the Jaccard overlaps are a sparse join over shared neighbours.
+weight vectors. Nothing N×N is stored: neighbour lists come from chunked distance rows (half of the symmetric
+matrix, each block's transpose serving the rows after it), the weight matrix V is sparse (a few dozen entries a
+row), and the Jaccard overlaps are a sparse join over shared neighbours.
 """
 
 from __future__ import annotations
@@ -23,18 +24,37 @@ def _sq_dist(a: torch.Tensor, b: torch.Tensor, b_sq: torch.Tensor) -> torch.Tens
 
 
 def _neighbours(x: torch.Tensor, k: int, num_query: int, chunk: int):
-    """Sorted k nearest rows (N, k) and row maxima (N,) of the joint distances; query-to-gallery rows kept."""
+    """Sorted k nearest rows (N, k) and row maxima (N,) of the joint distances; query-to-gallery rows kept.
+
+    The distance matrix is symmetric: each block of rows is computed against the columns from its own start on,
+    and serves the rows after it through its transpose (half the GEMM). Every row keeps a running k nearest and
+    maximum, merged block by block."""
     n = x.shape[0]
     x_sq = (x * x).sum(1)
-    knn = torch.empty(n, k, dtype=torch.long, device=x.device)
-    row_max = torch.empty(n, device=x.device)
+    best = torch.full((n, k), float("inf"), device=x.device)
+    knn = torch.zeros(n, k, dtype=torch.long, device=x.device)
+    row_max = torch.full((n,), float("-inf"), device=x.device)
     qg = torch.empty(num_query, n - num_query, device=x.device)
+
+    def merge(rows: slice, dist: torch.Tensor, cols: torch.Tensor) -> None:
+        """Fold (rows, candidates) distances with candidate columns ``cols`` into the running k nearest."""
+        m = min(k, dist.shape[1])
+        d, j = dist.topk(m, dim=1, largest=False, sorted=False)
+        d, order = torch.cat([best[rows], d], dim=1).topk(k, dim=1, largest=False, sorted=True)
+        best[rows] = d
+        knn[rows] = torch.cat([knn[rows], cols[j]], dim=1).gather(1, order)
+
     for i in range(0, n, chunk):
-        d = _sq_dist(x[i : i + chunk], x, x_sq)
-        row_max[i : i + chunk] = d.amax(1)
-        knn[i : i + chunk] = d.topk(k, dim=1, largest=False, sorted=True).indices
+        end = min(i + chunk, n)
+        d = _sq_dist(x[i:end], x[i:], x_sq[i:])  # (c, n − i): this block's rows against columns i…n
+        row_max[i:end] = torch.maximum(row_max[i:end], d.amax(1))
+        merge(slice(i, end), d, torch.arange(i, n, device=x.device))
+        if end < n:  # the same distances, seen from the rows after the block
+            t = d[:, end - i :].T.contiguous()
+            row_max[end:] = torch.maximum(row_max[end:], t.amax(1))
+            merge(slice(end, n), t, torch.arange(i, end, device=x.device))
         if i < num_query:
-            qg[i : min(i + chunk, num_query)] = d[: num_query - i, num_query:]
+            qg[i : min(end, num_query)] = d[: num_query - i, num_query - i :]
     return knn, row_max, qg / row_max[:num_query, None]
 
 
@@ -135,7 +155,7 @@ def _jaccard_overlap(v: torch.Tensor, num_query: int, pair_budget: int = 1 << 24
 
 @torch.no_grad()
 def k_reciprocal_rerank(
-    q: torch.Tensor, g: torch.Tensor, k1: int = 20, k2: int = 6, lambda_value: float = 0.3, chunk: int = 1024
+    q: torch.Tensor, g: torch.Tensor, k1: int = 20, k2: int = 6, lambda_value: float = 0.3, chunk: int = 2048
 ) -> torch.Tensor:
     """Re-ranked distances (Q, G), lower is closer, for query features q (Q, D) and gallery features g (G, D)."""
     x = torch.cat([q, g]).float()

@@ -12,13 +12,14 @@ def _sq(a, b):
     return ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)
 
 
+@pytest.mark.parametrize("chunk", [64, 16, 7])  # one block of queries; blocks across the query/gallery border
 @pytest.mark.parametrize(("k1", "k2", "lam", "seed"), [(20, 6, 0.3, 0), (5, 1, 0.5, 1), (7, 3, 0.0, 2)])
-def test_equals_the_published_algorithm(k1, k2, lam, seed):
+def test_equals_the_published_algorithm(k1, k2, lam, seed, chunk):
     rng = np.random.default_rng(seed)
     q, qp, qc, g, gp, gc = market_like(rng, num_query=30, num_gallery=150)
     q64, g64 = q.astype(np.float64), g.astype(np.float64)
     ref = re_ranking(_sq(q64, g64), _sq(q64, q64), _sq(g64, g64), k1=k1, k2=k2, lambda_value=lam)
-    ours = k_reciprocal_rerank(torch.from_numpy(q), torch.from_numpy(g), k1, k2, lam, chunk=64).numpy()
+    ours = k_reciprocal_rerank(torch.from_numpy(q), torch.from_numpy(g), k1, k2, lam, chunk=chunk).numpy()
     assert ours.shape == ref.shape
     np.testing.assert_allclose(ours, ref, atol=1e-5)
 
