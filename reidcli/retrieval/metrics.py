@@ -113,7 +113,7 @@ def positive_ranks(
     (one Triton kernel compares each row's items with its positives: see :mod:`reidcli.retrieval.rank_kernel`),
     "sort" (those items sorted once by (row, score), positives located by binary search: no histogram atomics,
     few host syncs), "count" (each item's key searched among the positives', then one histogram: no sort; see
-    :func:`_counted_beats`), or "auto": count on the CPU (1.3–1.4× sort on Market-size rows, 7× on a collapsed
+    :func:`_counted_beats`), or "auto": count on the CPU (1.2–1.4× sort on Market-size rows, 7× on a collapsed
     model's equal scores); on a GPU the kernel, else sort, and count when many exact ties make the sort's
     tie-break loop long. All are exact and give identical ranks (the kernel's rows are padded wider with −1).
     """
