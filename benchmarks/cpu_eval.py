@@ -83,8 +83,11 @@ def one(who: str, noise: float, peer_dir: str | None) -> dict:
     evaluation runs (cold memory), and the best of three more (warm)."""
     q, g = market_like(3368, 15913, 750, noise=noise)
     dist = 2 - 2 * torch.from_numpy(q.feats) @ torch.from_numpy(g.feats).T
-    if who in ("ours", "ours_sort"):  # ours_sort: the sorted-keys counting (the CPU's default before the search)
-        fn = lambda: ours_from_distmat(dist, q, g, "sort" if who == "ours_sort" else "auto")  # noqa: E731
+    if who.startswith("ours_") and who != "ours_full":  # ours_count: the torch fallback where the scan isn't built;
+        # ours_sort: the sorted keys (the CPU's counting two versions ago)
+        fn = lambda: ours_from_distmat(dist, q, g, who[5:])  # noqa: E731
+    elif who == "ours":  # the default ("auto": the compiled scan where it is built)
+        fn = lambda: ours_from_distmat(dist, q, g)  # noqa: E731
     elif who == "ours_full":  # features in, similarity included; evaluate's own clock (no tensor conversion)
         fn = lambda: evaluate(q, g, EvalConfig(engine="torch", device="cpu"))  # noqa: E731
     else:
@@ -99,13 +102,18 @@ def one(who: str, noise: float, peer_dir: str | None) -> dict:
         out = fn()
         times.append(out.seconds if who == "ours_full" else time.perf_counter() - t)
     mAP = out.metrics.mAP if who == "ours_full" else float(out[1]) if who == "torchreid" else out.mAP
-    return {"first_s": times[0], "best_s": min(times[1:]), "mAP": mAP}
+    res = {"first_s": times[0], "best_s": min(times[1:]), "mAP": mAP}
+    if who.startswith("ours"):
+        from reidcli.retrieval.metrics import scan_available
+
+        res["scan_built"] = scan_available()
+    return res
 
 
 def market(peer_dir: str | None, noise: float) -> dict:
     """Each evaluator in its own process, so none inherits another's warmed-up allocator."""
     res = {}
-    for who in ("ours", "ours_sort", "ours_full") + (("torchreid",) if peer_dir else ()):
+    for who in ("ours", "ours_count", "ours_sort", "ours_full") + (("torchreid",) if peer_dir else ()):
         cmd = [sys.executable, "-m", "benchmarks.cpu_eval", "--one", who, "--noise", str(noise)]
         cmd += ["--peer-dir", peer_dir] if peer_dir else []
         res[who] = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)

@@ -19,6 +19,7 @@ from reidcli.retrieval.metrics import (
     cpu_block_rows,
     ranks_from_lists,
     ranks_in_blocks,
+    scan_available,
     summarize,
 )
 from reidcli.retrieval.similarity import MODES, Similarity, choose_mode
@@ -45,7 +46,7 @@ class EvalConfig:
     lambda_value: float = 0.3
     device: str = "auto"
     memory_mb: int = 0  # working set of one chunk of queries; 0: 1 GiB on CPU, a quarter of free GPU memory
-    counting: str = "auto"  # exact rank counting: "auto", "kernel" (Triton, GPU), "sort" or "count" (torch)
+    counting: str = "auto"  # exact counting: "auto", "kernel" (Triton, GPU), "scan" (C, CPU), "sort"/"count" (torch)
     similarity: str = "auto"  # the scores' GEMM: "auto" (tensor cores on a GPU, as accurate as fp32), "fp32", …
 
     def validate(self) -> EvalConfig:
@@ -129,7 +130,12 @@ def evaluate(query: FeatureSplit, gallery: FeatureSplit, cfg: EvalConfig, index=
     _check(query, gallery)
     dev = resolve_device(cfg.device)
     if cfg.counting == "kernel" and dev.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ConfigError("the 'kernel' counting method runs on a CUDA GPU; on the CPU use auto, sort or count")
+        raise ConfigError("the 'kernel' counting method runs on a CUDA GPU; on the CPU use auto, scan, sort or count")
+    if cfg.counting == "scan" and (dev.type != "cpu" or not scan_available()):
+        raise ConfigError(
+            "the 'scan' counting runs on the CPU and its compiled module is not built here; reinstall with a C "
+            "compiler present (pip install -e .) or use auto, sort or count"
+        )
     half = _half_on_gpu(query, gallery, dev) and not cfg.rerank
     q, qp, qc = _tensors(query, dev, half)
     g, gp, gc = _tensors(gallery, dev, half)

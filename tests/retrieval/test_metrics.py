@@ -16,7 +16,8 @@ def _eval_scores(scores, qp, qc, gp, gc, max_rank=50, method="count"):
     return summarize([positive_ranks(*t, method=method)], max_rank)
 
 
-METHODS = pytest.mark.parametrize("method", ["count", "sort"])  # the CPU's counting, the GPU's sorted keys
+# the CPU's compiled scan and its torch fallback, the GPU's sorted keys
+METHODS = pytest.mark.parametrize("method", ["scan", "count", "sort"])
 
 
 @METHODS
@@ -81,7 +82,7 @@ def test_duplicate_features_ties_match_reference(method):
 
 
 @settings(max_examples=25, deadline=None)
-@given(seed=st.integers(0, 10_000), method=st.sampled_from(["count", "sort"]))
+@given(seed=st.integers(0, 10_000), method=st.sampled_from(["scan", "count", "sort"]))
 def test_invariant_to_gallery_permutation_and_perfect_when_positives_lead(seed, method):
     rng = np.random.default_rng(seed)
     q, qp, qc, g, gp, gc = market_like(rng, num_query=10, num_gallery=80)
@@ -161,7 +162,9 @@ def test_sorted_keys_and_counting_give_identical_ranks(seed):
     t = [torch.as_tensor(a) for a in (qp, qc, gp, gc)]
     a = positive_ranks(scores, *t, method="count")
     b = positive_ranks(scores, *t, method="sort")
+    c = positive_ranks(scores, *t, method="scan")
     assert torch.equal(a.ranks, b.ranks) and torch.equal(a.num_valid, b.num_valid)
+    assert torch.equal(a.ranks, c.ranks) and torch.equal(a.num_valid, c.num_valid)
     assert (a.ranks >= 0).sum() > 100
 
 
@@ -325,7 +328,70 @@ def test_counting_in_place_and_by_search_agree_with_ties_at_every_level(monkeypa
     t = [torch.as_tensor(a) for a in (scores, qp, qc, gp, gc)]
     a = positive_ranks(*t, method="count")
     b = positive_ranks(*t, method="sort")
-    assert torch.equal(a.ranks, b.ranks) and (a.ranks >= 0).sum() > 200
+    c = positive_ranks(*t, method="scan")
+    assert torch.equal(a.ranks, b.ranks) and torch.equal(a.ranks, c.ranks) and (a.ranks >= 0).sum() > 200
     _, mAP, mINP, _ = eval_market1501(-scores.astype(np.float64), qp, gp, qc, gc)
     m = summarize([a])
     assert abs(m.mAP - mAP) < 1e-6 and abs(m.mINP - mINP) < 1e-6
+
+
+def test_scan_is_built_wherever_a_c_compiler_is():
+    """The install compiles the CPU scan; only a machine without a C compiler may run the torch counting."""
+    import shutil
+
+    from reidcli.retrieval.metrics import scan_available
+
+    assert scan_available() or not (shutil.which("cc") or shutil.which("gcc"))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_scan_on_distances_with_many_positives_equals_the_torch_counting(seed):
+    """Distances read as they are (no negated copy); rows with up to 40 positives (five groups of eight, the last
+    partial), positives in the gallery's first and last rows, rows without positives, equal distances and ±0;
+    enough rows for both threads."""
+    from reidcli.retrieval.metrics import GalleryGroups, ranks_in_blocks
+
+    rng = np.random.default_rng(seed)
+    nq, ng = 64, 700
+    gp, gc = rng.integers(0, 18, ng), rng.integers(0, 6, ng)
+    qp, qc = rng.integers(0, 20, nq), rng.integers(0, 6, nq)  # pids 18, 19: no match
+    gp[0], gc[0], gp[-1], gc[-1] = qp[0], (qc[0] + 1) % 6, qp[0], (qc[0] + 2) % 6
+    dist = np.round(rng.random((nq, ng)), 2).astype(np.float32)
+    dist[1, :50] = 0.0
+    dist[1, 50:100] = -0.0
+    t = [torch.as_tensor(a) for a in (qp, qc, gp, gc)]
+    groups = GalleryGroups(t[2], t[3])
+    d = torch.as_tensor(dist)
+    scan = ranks_in_blocks(d, *t, groups=groups, distances=True, method="scan")
+    count = ranks_in_blocks(-d, *t, groups=groups, method="count")
+    assert all(torch.equal(a.ranks, b.ranks) for a, b in zip(scan, count, strict=True))
+    assert max(int(p.num_pos.max()) for p in scan) > 32 and min(int(p.num_pos.min()) for p in scan) == 0
+    _, mAP, mINP, _ = eval_market1501(dist.astype(np.float64), qp, gp, qc, gc)
+    m = summarize(scan)
+    assert abs(m.mAP - mAP) < 1e-6 and abs(m.mINP - mINP) < 1e-6
+
+
+def test_auto_counts_in_torch_where_rows_have_very_many_positives(monkeypatch):
+    import reidcli.retrieval.metrics as metrics
+
+    monkeypatch.setattr(metrics, "_scan_module", lambda: object())  # built or not: only the choice is tested
+    num_pos = torch.tensor([1200, 600])
+    scores = torch.zeros(2, 10)
+    assert not metrics._use_scan("auto", scores, num_pos)  # 900 a row: above _SCAN_MAX_POSITIVES
+    assert metrics._use_scan("auto", scores, num_pos // 2) and metrics._use_scan("scan", scores, num_pos)
+    assert not metrics._use_scan("count", scores, num_pos // 2)
+    monkeypatch.setattr(metrics, "_scan_module", lambda: None)
+    assert not metrics._use_scan("auto", scores, num_pos // 2)
+    with pytest.raises(ValueError, match="compiled module"):
+        metrics._use_scan("scan", scores, num_pos)
+
+
+def test_scan_counting_without_the_compiled_module_is_refused_clearly(monkeypatch):
+    import reidcli.retrieval.metrics as metrics
+
+    monkeypatch.setattr(metrics, "_scan_module", lambda: None)
+    query, gallery = _splits(6)
+    with pytest.raises(ConfigError, match="not built"):
+        evaluate(query, gallery, EvalConfig(engine="torch", device="cpu", counting="scan"))
+    auto = evaluate(query, gallery, EvalConfig(engine="torch", device="cpu")).metrics  # the torch counting
+    assert auto.num_valid_queries > 0
