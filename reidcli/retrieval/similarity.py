@@ -2,7 +2,9 @@
 
 Three ways, all giving float32 scores whose error is that of an fp32 GEMM (rounding in the accumulation):
 
-- ``"fp32"``: one float32 GEMM (the CPU's way; on a GPU it runs on the CUDA cores, not the tensor cores).
+- ``"fp32"``: one float32 GEMM (the CPU's way; on a GPU it runs on the CUDA cores, not the tensor cores). On the
+  CPU by oneDNN (torch's ``mkldnn`` layout), which reached 1.9× MKL's ``torch.mm`` in Market-size blocks on 2 AMD
+  EPYC cores (325 against 171 GFLOP/s); where torch has no oneDNN, by ``torch.mm``.
 - ``"fp16"``: features stored as float16: one tensor-core GEMM with float32 accumulation and output. Every
   fp16 × fp16 product is exact in fp32, so this is the arithmetic of upcasting first.
 - ``"split"``: float32 features on a GPU. Each value is split as ``x = hi + lo·2⁻¹¹`` with ``hi`` and ``lo`` float16
@@ -19,8 +21,9 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 
-__all__ = ["MODES", "Similarity", "choose_mode", "similarity"]
+__all__ = ["MODES", "Similarity", "choose_mode", "similarity", "matmul_t"]
 
 MODES = ("auto", "fp32", "fp16", "split")
 _SCALE = 2048.0  # 2¹¹: lo's scale, the fp16 significand width
@@ -64,6 +67,25 @@ def choose_mode(query: torch.Tensor, gallery: torch.Tensor, requested: str = "au
     return "split" if float(peak) <= 1.0 else "fp32"
 
 
+def _onednn(gallery: torch.Tensor) -> torch.Tensor | None:
+    """The gallery in oneDNN's layout for the CPU's fp32 GEMM (a copy), or None on a GPU or without oneDNN."""
+    if gallery.is_cuda or not torch.backends.mkldnn.is_available() or not gallery.numel():
+        return None
+    try:
+        return gallery.contiguous().to_mkldnn()
+    except RuntimeError:  # a torch built without oneDNN's CPU kernels
+        return None
+
+
+def matmul_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b.T`` in float32; on the CPU by oneDNN where torch has it (both operands converted for this call)."""
+    a, b = a.float(), b.float()
+    b_onednn = _onednn(b) if len(a) else None
+    if b_onednn is None:
+        return a @ b.T
+    return F.linear(a.contiguous().to_mkldnn(), b_onednn).to_dense()
+
+
 class Similarity:
     """``Similarity(gallery, mode)(query_rows)`` → (Q, G) float32 scores; the gallery is prepared once."""
 
@@ -71,6 +93,7 @@ class Similarity:
         if mode not in MODES[1:]:
             raise ValueError(f"unknown similarity mode {mode!r}")
         self.mode, self.mm = mode, mm
+        self.g_onednn = None
         if mode == "split":
             hi, lo = self.split(gallery)
             self.g_hi, self.g_cross = hi, torch.cat([lo, hi], dim=1)  # pairs with [hi | lo] of the queries
@@ -78,6 +101,8 @@ class Similarity:
             self.g = gallery.half()
         else:
             self.g = gallery.float()
+            self.g_onednn = _onednn(self.g)
+        self.takes_out = mode == "fp32" and self.g_onednn is None  # whether __call__ writes into ``out``
 
     @staticmethod
     def split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,8 +112,11 @@ class Similarity:
         return hi, ((x - hi.float()) * _SCALE).half()
 
     def __call__(self, query: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """``out``: a float32 (Q, G) buffer for the fp32 product (reused, it spares the allocator's fresh pages)."""
+        """``out``: a float32 (Q, G) buffer for ``torch.mm``'s fp32 product (reused, it spares the allocator's fresh
+        pages); oneDNN returns a new tensor."""
         if self.mode == "fp32":
+            if self.g_onednn is not None and len(query):
+                return F.linear(query.float().contiguous().to_mkldnn(), self.g_onednn).to_dense()
             return torch.mm(query.float(), self.g.T, out=out)
         if self.mode == "fp16":
             return self.mm(query.half(), self.g)

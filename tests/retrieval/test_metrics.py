@@ -225,7 +225,30 @@ def test_float16_similarity_equals_the_upcast_product():
     b = torch.as_tensor(rng.normal(size=(11, 32)).astype(np.float16))
     s = Similarity(b, "fp16")(a)
     assert s.dtype == torch.float32 and torch.equal(s, a.float() @ b.float().T)
-    assert torch.equal(similarity(a.float(), b.float()), s)  # the CPU: fp32, the same products
+    # the CPU: fp32 (oneDNN), the same products summed in another order
+    torch.testing.assert_close(similarity(a.float(), b.float()), s, rtol=0, atol=1e-5)
+
+
+def test_cpu_fp32_scores_by_onednn_equal_torch_mm_to_rounding(monkeypatch):
+    """The CPU's oneDNN GEMM against torch.mm and float64, and the torch.mm fallback writing into ``out``."""
+    import reidcli.retrieval.similarity as sim
+
+    rng = np.random.default_rng(3)
+    a = torch.as_tensor(rng.normal(size=(300, 96)).astype(np.float32))
+    b = torch.as_tensor(rng.normal(size=(500, 96)).astype(np.float32))
+    exact = a.double() @ b.double().T
+    fast = sim.Similarity(b, "fp32")
+    assert fast.g_onednn is not None and not fast.takes_out  # torch's x86 wheels carry oneDNN
+    got = fast(a)
+    assert got.dtype == torch.float32 and got.shape == (300, 500)
+    mm_err = float((a @ b.T - exact).abs().max())
+    assert float((got - exact).abs().max()) <= 4 * mm_err + 1e-6
+    assert fast(a[:0]).shape == (0, 500)
+    monkeypatch.setattr(sim, "_onednn", lambda g: None)
+    plain = sim.Similarity(b, "fp32")
+    out = torch.empty(300, 500)
+    assert plain.takes_out and plain(a, out).data_ptr() == out.data_ptr()
+    assert torch.equal(out, a @ b.T)
 
 
 @pytest.mark.parametrize("spread", [0.0, 12.0])
