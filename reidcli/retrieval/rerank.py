@@ -30,7 +30,8 @@ def _sq_dist(a: torch.Tensor, b: torch.Tensor, b_sq: torch.Tensor) -> torch.Tens
 
 
 def _neighbours(x: torch.Tensor, k: int, num_query: int, chunk: int):
-    """Sorted k nearest rows (N, k) and row maxima (N,) of the joint distances; query-to-gallery rows kept.
+    """Sorted k nearest rows (N, k), their distances (N, k) and row maxima (N,) of the joint distances;
+    query-to-gallery rows kept.
 
     The distance matrix is symmetric: each block of rows is computed against the columns from its own start on,
     and serves the rows after it through its transpose (half the GEMM). Every row keeps a running k nearest and
@@ -61,7 +62,7 @@ def _neighbours(x: torch.Tensor, k: int, num_query: int, chunk: int):
             merge(slice(end, n), t, torch.arange(i, end, device=x.device))
         if i < num_query:
             qg[i : min(end, num_query)] = d[: num_query - i, num_query - i :]
-    return knn, row_max, qg / row_max[:num_query, None]
+    return knn, best, row_max, qg / row_max[:num_query, None]
 
 
 def _reciprocal(knn: torch.Tensor) -> torch.Tensor:
@@ -101,18 +102,27 @@ def _expansion_sets(knn: torch.Tensor, k1: int, chunk: int) -> tuple[torch.Tenso
     return keyed[:, :width], unique[:, :width]
 
 
-def _weights(x: torch.Tensor, cand: torch.Tensor, mask: torch.Tensor, row_max: torch.Tensor, chunk: int):
-    """Sparse V: row-normalised ``exp(-d(i, j) / max_i)`` over each expanded set."""
+def _weights(x, cand, mask, row_max, knn, knn_dist, chunk: int):
+    """Sparse V: row-normalised ``exp(-d(i, j) / max_i)`` over each expanded set.
+
+    The distances come from the k-nearest lists where the member is in them (98% at Market size: an expanded set
+    is mostly the row's own neighbours), else from the two feature vectors (no (N, C, D) gather of every member).
+    """
     n = x.shape[0]
     x_sq = (x * x).sum(1)
     vals = torch.zeros(cand.shape, device=x.device)
     for i in range(0, n, chunk):
-        c = cand[i : i + chunk].clamp_max(n - 1)
-        xi = x[i : i + chunk]
-        dots = torch.bmm(x[c], xi[:, :, None])[..., 0]  # (c, C): each row with its set's members
-        d = (x_sq[i : i + chunk, None] + x_sq[c] - 2.0 * dots).clamp_min(0)
-        w = torch.exp(-d / row_max[i : i + chunk, None]) * mask[i : i + chunk]
-        vals[i : i + chunk] = w / w.sum(1, keepdim=True)
+        rows = slice(i, i + chunk)
+        c, m = cand[rows].clamp_max(n - 1), mask[rows]
+        eq = c[:, :, None] == knn[rows][:, None, :]  # (c, C, k): where each member sits in the row's list
+        found = eq.any(-1)
+        d = knn_dist[rows].gather(1, eq.int().argmax(-1)).masked_fill(~found, 0.0)
+        r, j = (m & ~found).nonzero(as_tuple=True)  # members beyond the row's k nearest
+        if len(r):
+            a, b = x[i + r], x[c[r, j]]
+            d[r, j] = (x_sq[i + r] + x_sq[c[r, j]] - 2.0 * (a * b).sum(1)).clamp_min(0)
+        w = torch.exp(-d / row_max[rows, None]) * m
+        vals[rows] = w / w.sum(1, keepdim=True)
     rows = torch.arange(n, device=x.device)[:, None].expand_as(cand)
     indices = torch.stack([rows[mask], cand[mask]])
     return torch.sparse_coo_tensor(indices, vals[mask], (n, n), check_invariants=False).coalesce()
@@ -167,9 +177,9 @@ def k_reciprocal_rerank(
     x = torch.cat([q, g]).float()
     num_query = q.shape[0]
     k = min(k1 + 1, x.shape[0])
-    knn, row_max, original_qg = _neighbours(x, k, num_query, chunk)
+    knn, knn_dist, row_max, original_qg = _neighbours(x, k, num_query, chunk)
     cand, mask = _expansion_sets(knn, k - 1, max(1, chunk // 4))
-    v = _weights(x, cand, mask, row_max, max(1, (1 << 24) // (cand.shape[1] * x.shape[1])))
+    v = _weights(x, cand, mask, row_max, knn, knn_dist, max(1, (1 << 22) // (cand.shape[1] * k)))
     if k2 != 1:
         v = _query_expansion(v, knn, k2)
     overlap = _jaccard_overlap(v, num_query)

@@ -30,10 +30,34 @@ def test_small_pair_budget_gives_the_same_overlaps():
     rng = np.random.default_rng(3)
     q, _, _, g, _, _ = market_like(rng, num_query=20, num_gallery=80)
     x = torch.from_numpy(np.concatenate([q, g]))
-    knn, row_max, _ = rerank._neighbours(x, 21, 20, 32)
+    knn, knn_dist, row_max, _ = rerank._neighbours(x, 21, 20, 32)
     cand, mask = rerank._expansion_sets(knn, 20, 16)
-    v = rerank._weights(x, cand, mask, row_max, 16)
+    v = rerank._weights(x, cand, mask, row_max, knn, knn_dist, 16)
     torch.testing.assert_close(rerank._jaccard_overlap(v, 20), rerank._jaccard_overlap(v, 20, pair_budget=7))
+
+
+@pytest.mark.parametrize("chunk", [1000, 9])
+def test_weights_from_the_lists_and_from_features_agree(chunk):
+    """Expanded-set members in the row's k nearest take the list's distance, the others (asserted present) are
+    computed from the features: V equals exp(−d/max) from float64 distances, row-normalised."""
+    from reidcli.retrieval import rerank
+
+    rng = np.random.default_rng(5)
+    q, _, _, g, _, _ = market_like(rng, num_query=25, num_gallery=120)
+    x = torch.from_numpy(np.concatenate([q, g]))
+    k1 = 6
+    knn, knn_dist, row_max, _ = rerank._neighbours(x, k1 + 1, 25, 32)
+    cand, mask = rerank._expansion_sets(knn, k1, 16)
+    beyond = mask & ~(cand[:, :, None] == knn[:, None, :]).any(-1)
+    assert int(beyond.sum()) > 10  # the second way is exercised
+    v = rerank._weights(x, cand, mask, row_max, knn, knn_dist, chunk).to_dense().double()
+    x64 = x.double()
+    d = ((x64[:, None, :] - x64[None, :, :]) ** 2).sum(-1)
+    ref = torch.zeros_like(d)
+    rows = torch.arange(len(x))[:, None].expand_as(cand)
+    ref[rows[mask], cand[mask]] = torch.exp(-d[rows[mask], cand[mask]] / row_max.double()[rows[mask]])
+    ref /= ref.sum(1, keepdim=True)
+    torch.testing.assert_close(v, ref, rtol=0, atol=2e-6)
 
 
 def test_rerank_in_evaluate_matches_reference_metrics():
