@@ -10,7 +10,7 @@ DEMO := demo
 install: $(STAMP)
 
 # torch/torchvision pinned to the wheels this machine carries; faiss chosen by whether a GPU answers.
-$(STAMP): pyproject.toml setup.py reidcli/retrieval/_rankcount.c
+$(STAMP): pyproject.toml setup.py reidcli/retrieval/_cpu.c
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "torch==2.14.1" "torchvision==0.29.1" || $(BIN)/pip install -q "torch>=2.3,<2.15" "torchvision>=0.18,<0.30"

@@ -6,7 +6,7 @@ plus items with the same score and a smaller gallery index (stable tie-break). W
 n positives, a query has ``AP = mean_i i / (r_i + 1)``, ``INP = n / (r_n + 1)`` and its first hit at r_1.
 
 Counting needs no sort of the whole gallery: only items scoring at least a query's weakest positive can beat one
-of its positives. On the CPU a compiled scan (``_rankcount.c``) compares every item of a row with eight of its
+of its positives. On the CPU a compiled scan (``_cpu.c``) compares every item of a row with eight of its
 positives at a time, in cache, with no sort and no gather. Its torch fallback gives those items one integer key
 each (row, then the order-preserving bits of the score), searches each key among the positives' keys and takes a
 histogram of how many positives each item is above (the weakest positives of a weak model are counted by plain
@@ -16,12 +16,12 @@ GPU a Triton kernel does it all. All count exactly, ties by gallery row, and giv
 
 from __future__ import annotations
 
-import math
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from reidcli.retrieval import native
 
 __all__ = [
     "COUNTING",
@@ -117,7 +117,7 @@ def positive_ranks(
 
     ``method``: "kernel" (one Triton kernel compares each row's items with its positives on a GPU: see
     :mod:`reidcli.retrieval.rank_kernel`), "scan" (the compiled CPU scan, eight positives per pass over a row: see
-    ``_rankcount.c``), "sort" (the items at least a row's weakest positive sorted once by (row, score), positives
+    ``_cpu.c``), "sort" (the items at least a row's weakest positive sorted once by (row, score), positives
     located by binary search: no histogram atomics, few host syncs), "count" (each such item's key searched among
     the positives', then one histogram: no sort; see :func:`_counted_beats`), or "auto": on the CPU the scan where
     it is built and rows average at most :data:`_SCAN_MAX_POSITIVES` positives, else count; on a GPU the kernel,
@@ -170,17 +170,9 @@ def positive_ranks(
 _SCAN_MAX_POSITIVES = 512
 
 
-def _scan_module():
-    try:
-        from reidcli.retrieval import _rankcount
-    except ImportError:  # not built (no C compiler at install time), or a source tree run without installing
-        return None
-    return _rankcount
-
-
 def scan_available() -> bool:
-    """Whether the compiled CPU counting (``reidcli/retrieval/_rankcount.c``) was built at install time."""
-    return _scan_module() is not None
+    """Whether the compiled CPU counting (``reidcli/retrieval/_cpu.c``) was built at install time."""
+    return native.available()
 
 
 def _use_scan(method: str, scores: torch.Tensor, num_pos: torch.Tensor) -> bool:
@@ -193,14 +185,11 @@ def _use_scan(method: str, scores: torch.Tensor, num_pos: torch.Tensor) -> bool:
     return int(num_pos.sum()) <= _SCAN_MAX_POSITIVES * max(len(num_pos), 1)
 
 
-_POOL: list[ThreadPoolExecutor] = []  # one pool for the scan's row ranges, sized to torch's CPU threads
-
-
 def _scanned_beats(scores, negate: bool, pos_scores, pos_index, num_pos) -> torch.Tensor:
     """The scan's (Q, P) beats, best first: items with a higher score than the positive, or an equal score and a
-    smaller gallery row (same-pid items included); row ranges on torch's CPU threads (the module releases the
-    GIL). ``negate``: ``scores`` are distances."""
-    mod = _scan_module()
+    smaller gallery row (same-pid items included); row ranges on torch's CPU threads. ``negate``: ``scores`` are
+    distances."""
+    mod = native.module()
     scores = scores.float().contiguous()
     q, g = scores.shape
     p = pos_scores.shape[1]
@@ -208,18 +197,7 @@ def _scanned_beats(scores, negate: bool, pos_scores, pos_index, num_pos) -> torc
     pi, npos = pos_index.long().contiguous(), num_pos.long().contiguous()
     out = torch.empty((q, p), dtype=torch.long)
     ptrs = (scores.data_ptr(), g, negate, ps.data_ptr(), pi.data_ptr(), npos.data_ptr(), p)
-
-    def rows(r0: int, r1: int) -> None:
-        mod.count_beats(*ptrs, r0, r1, out.data_ptr())
-
-    threads = max(1, min(torch.get_num_threads(), q // 4))
-    if threads == 1:
-        rows(0, q)
-        return out
-    if not _POOL or _POOL[0]._max_workers != threads:
-        _POOL[:] = [ThreadPoolExecutor(threads, thread_name_prefix="reidcli-scan")]
-    step = math.ceil(q / threads)
-    list(_POOL[0].map(lambda r0: rows(r0, min(q, r0 + step)), range(0, q, step)))
+    native.over_rows(q, lambda r0, r1: mod.count_beats(*ptrs, r0, r1, out.data_ptr()))
     return out
 
 

@@ -397,13 +397,13 @@ def test_scan_on_distances_with_many_positives_equals_the_torch_counting(seed):
 def test_auto_counts_in_torch_where_rows_have_very_many_positives(monkeypatch):
     import reidcli.retrieval.metrics as metrics
 
-    monkeypatch.setattr(metrics, "_scan_module", lambda: object())  # built or not: only the choice is tested
+    monkeypatch.setattr(metrics.native, "module", lambda: object())  # built or not: only the choice is tested
     num_pos = torch.tensor([1200, 600])
     scores = torch.zeros(2, 10)
     assert not metrics._use_scan("auto", scores, num_pos)  # 900 a row: above _SCAN_MAX_POSITIVES
     assert metrics._use_scan("auto", scores, num_pos // 2) and metrics._use_scan("scan", scores, num_pos)
     assert not metrics._use_scan("count", scores, num_pos // 2)
-    monkeypatch.setattr(metrics, "_scan_module", lambda: None)
+    monkeypatch.setattr(metrics.native, "module", lambda: None)
     assert not metrics._use_scan("auto", scores, num_pos // 2)
     with pytest.raises(ValueError, match="compiled module"):
         metrics._use_scan("scan", scores, num_pos)
@@ -412,7 +412,7 @@ def test_auto_counts_in_torch_where_rows_have_very_many_positives(monkeypatch):
 def test_scan_counting_without_the_compiled_module_is_refused_clearly(monkeypatch):
     import reidcli.retrieval.metrics as metrics
 
-    monkeypatch.setattr(metrics, "_scan_module", lambda: None)
+    monkeypatch.setattr(metrics.native, "module", lambda: None)
     query, gallery = _splits(6)
     with pytest.raises(ConfigError, match="not built"):
         evaluate(query, gallery, EvalConfig(engine="torch", device="cpu", counting="scan"))

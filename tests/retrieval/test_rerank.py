@@ -24,7 +24,7 @@ def test_equals_the_published_algorithm(k1, k2, lam, seed, chunk):
     np.testing.assert_allclose(ours, ref, atol=1e-5)
 
 
-def test_small_pair_budget_gives_the_same_overlaps():
+def test_compiled_and_torch_joins_and_a_small_pair_budget_give_the_same_overlaps(monkeypatch):
     from reidcli.retrieval import rerank
 
     rng = np.random.default_rng(3)
@@ -33,7 +33,12 @@ def test_small_pair_budget_gives_the_same_overlaps():
     knn, knn_dist, row_max, _ = rerank._neighbours(x, 21, 20, 32)
     cand, mask = rerank._expansion_sets(knn, 20, 16)
     v = rerank._weights(x, cand, mask, row_max, knn, knn_dist, 16)
-    torch.testing.assert_close(rerank._jaccard_overlap(v, 20), rerank._jaccard_overlap(v, 20, pair_budget=7))
+    compiled = rerank._jaccard_overlap(v, 20)  # the C join where it is built (asserted in test_metrics)
+    monkeypatch.setattr(rerank.native, "module", lambda: None)
+    in_torch = rerank._jaccard_overlap(v, 20)
+    assert float(in_torch.sum()) > 1.0
+    torch.testing.assert_close(compiled, in_torch, rtol=0, atol=1e-6)
+    torch.testing.assert_close(in_torch, rerank._jaccard_overlap(v, 20, pair_budget=7))
 
 
 @pytest.mark.parametrize("chunk", [1000, 9])

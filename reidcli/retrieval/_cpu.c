@@ -1,5 +1,6 @@
-/* Exact positive ranks on the CPU in one scan per group of positives: the CPU's "scan" counting.
+/* The CPU's compiled kernels (module reidcli.retrieval._cpu), each with a torch fallback of the same results.
 
+   1. count_beats — exact positive ranks in one scan per group of positives: the CPU's "scan" counting.
    For a query row with scores s_t (t = 0 … G−1) and positives (v_j, index r_j), the number of items that rank
    before positive j is  #{t : s_t > v_j}  +  #{t < r_j : s_t = v_j}  (stable ties: a smaller gallery row first).
    Scores become order-preserving int32 keys (−0 equal to +0), so that "s ≥ v" is exactly "key > key(v) − 1":
@@ -8,8 +9,11 @@
    branch-free compare-and-add accumulators that the compiler vectorises (AVX-512, AVX2 or the baseline, chosen
    when the module loads). Work per row: G keys, then G·⌈n/8⌉ eight-way comparisons, all in cache.
 
-   Called from reidcli.retrieval.metrics with tensors' addresses, which checks dtypes, shapes and contiguity;
-   the GIL is released so that threads can count row ranges side by side. */
+   2. jaccard_rows — the re-ranking's sparse join: overlap[i, j] += min(a, b) for every query entry (i, k, a)
+   and gallery entry (j, k, b) of the same column k, one query row per pass (its output row stays in cache).
+
+   Called from reidcli.retrieval (native.py) with tensors' addresses; the callers check dtypes, shapes and
+   contiguity. The GIL is released, so that threads can work on row ranges side by side. */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -130,14 +134,45 @@ static PyObject *count_beats(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* Query rows [r0, r1): entries q_ptr[i] … q_ptr[i+1] of (q_col, q_val); gallery entries of column k at
+   g_ptr[k] … g_ptr[k+1] of (g_row, g_val); out (Q, G) float32, accumulated into. */
+static void jaccard_rows(const int64_t *q_ptr, const int64_t *q_col, const float *q_val, const int64_t *g_ptr,
+                         const int64_t *g_row, const float *g_val, int64_t g, int64_t r0, int64_t r1, float *out) {
+    for (int64_t i = r0; i < r1; i++) {
+        float *o = out + i * g;
+        for (int64_t e = q_ptr[i]; e < q_ptr[i + 1]; e++) {
+            const int64_t k = q_col[e];
+            const float a = q_val[e];
+            for (int64_t t = g_ptr[k]; t < g_ptr[k + 1]; t++) {
+                const float b = g_val[t];
+                o[g_row[t]] += a < b ? a : b;
+            }
+        }
+    }
+}
+
+static PyObject *jaccard(PyObject *self, PyObject *args) {
+    unsigned long long q_ptr, q_col, q_val, g_ptr, g_row, g_val, out;
+    long long g, r0, r1;
+    if (!PyArg_ParseTuple(args, "KKKKKKLLLK", &q_ptr, &q_col, &q_val, &g_ptr, &g_row, &g_val, &g, &r0, &r1, &out))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS jaccard_rows((const int64_t *)(uintptr_t)q_ptr, (const int64_t *)(uintptr_t)q_col,
+                                        (const float *)(uintptr_t)q_val, (const int64_t *)(uintptr_t)g_ptr,
+                                        (const int64_t *)(uintptr_t)g_row, (const float *)(uintptr_t)g_val, g, r0, r1,
+                                        (float *)(uintptr_t)out);
+    Py_END_ALLOW_THREADS Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"count_beats", count_beats, METH_VARARGS,
      "count_beats(scores, G, negate, pos_scores, pos_index, num_pos, P, r0, r1, out): addresses of contiguous "
      "float32 (Q, G), float32 (Q, P), int64 (Q, P), int64 (Q,) and int64 (Q, P) out; rows r0..r1."},
+    {"jaccard_rows", jaccard, METH_VARARGS,
+     "jaccard_rows(q_ptr, q_col, q_val, g_ptr, g_row, g_val, G, r0, r1, out): addresses of int64 (Q+1,), int64, "
+     "float32 query entries by row, int64 (N+1,), int64, float32 gallery entries by column, float32 (Q, G) out."},
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_rankcount", "Exact positive ranks by scanning.", -1,
-                                    methods};
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cpu", "The CPU's compiled retrieval kernels.", -1, methods};
 
-PyMODINIT_FUNC PyInit__rankcount(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__cpu(void) { return PyModule_Create(&module); }
