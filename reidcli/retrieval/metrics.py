@@ -120,8 +120,8 @@ def positive_ranks(
     ``_cpu.c``), "sort" (the items at least a row's weakest positive sorted once by (row, score), positives
     located by binary search: no histogram atomics, few host syncs), "count" (each such item's key searched among
     the positives', then one histogram: no sort; see :func:`_counted_beats`), or "auto": on the CPU the scan where
-    it is built and rows average at most :data:`_SCAN_MAX_POSITIVES` positives, else count; on a GPU the kernel,
-    else sort, and count when many exact ties make the sort's tie-break loop long. All are exact and give identical
+    it is built (see :func:`_use_scan`), else count; on a GPU the kernel, else sort, and count when many exact ties
+    make the sort's tie-break loop long. All are exact and give identical
     ranks (the kernel's rows are padded wider with −1).
     """
     if method not in COUNTING:
@@ -134,7 +134,7 @@ def positive_ranks(
         if ranked is not None:
             return QueryRanks(*ranked)
     same, is_pos, num_pos, num_valid = groups.members(q_pids, q_camids)  # (Q, S): positives and junk
-    scan = _use_scan(method, scores, num_pos)
+    scan = _use_scan(method, scores)
     if distances and not scan:
         scores = -scores  # the scan negates as it reads
     s_same = scores.gather(1, same.clamp_min(0))
@@ -164,25 +164,21 @@ def positive_ranks(
     return QueryRanks(ranks, num_pos, num_valid)
 
 
-# The scan compares every item with every positive (eight at a time), the torch counting only items at least the
-# weakest positive: at Market size (17.5 positives a row) the scan is 3× (trained) to 12× (weak) faster, with 442
-# positives a row still 1.8–2.3× (2 AMD EPYC cores, AVX-512); past this many the counting takes over.
-_SCAN_MAX_POSITIVES = 512
-
-
 def scan_available() -> bool:
     """Whether the compiled CPU counting (``reidcli/retrieval/_cpu.c``) was built at install time."""
     return native.available()
 
 
-def _use_scan(method: str, scores: torch.Tensor, num_pos: torch.Tensor) -> bool:
+def _use_scan(method: str, scores: torch.Tensor) -> bool:
+    """Whether to count by the compiled scan: asked for, or "auto" on the CPU where it is built. It compares every
+    item with every positive (eight at a time), the torch counting only items at least a row's weakest positive,
+    yet the scan was the faster at every size tried: 3× (trained) to 7× (weak) at Market's 17.5 positives a row,
+    5–14× at 133–442, 14–33× at 1,326–3,315 (2 AMD EPYC cores, AVX-512)."""
     if method == "scan":
         if scores.is_cuda or not scan_available():
             raise ValueError("the 'scan' counting runs on the CPU and needs the compiled module (pip install -e .)")
         return True
-    if method != "auto" or scores.is_cuda or not scan_available():
-        return False
-    return int(num_pos.sum()) <= _SCAN_MAX_POSITIVES * max(len(num_pos), 1)
+    return method == "auto" and not scores.is_cuda and scan_available()
 
 
 def _scanned_beats(scores, negate: bool, pos_scores, pos_index, num_pos) -> torch.Tensor:
@@ -264,7 +260,7 @@ def ranks_in_blocks(
     groups = groups or GalleryGroups(g_pids, g_camids)
     q, g = scores.shape
     block = q if scores.is_cuda else min(max(q, 1), cpu_block_rows(g))
-    if _use_scan(method, scores, groups.spans(q_pids)[1]):  # same-pid group sizes: at least the positives
+    if _use_scan(method, scores):
         # the scan reads each row once, in any block: one call keeps the switches between torch's threads (which
         # spin a while after each operation) and the scan's to one per chunk (Market: 28 → 16 ms)
         block = max(q, 1)
@@ -404,16 +400,18 @@ def _flat_nonzero(mask: torch.Tensor, count: int) -> torch.Tensor:
 
 def _same_pid_beats(s_same, same, pos_scores, pos_index) -> torch.Tensor:
     """(Q, P) for each positive, best first: how many of its row's same-pid items (positives and junk, −1 padded)
-    rank before it. One broadcast comparison, in row blocks of ~16M pairs (pid groups are small)."""
-    q, p, w = len(s_same), pos_scores.shape[1], same.shape[1]
-    step = max(1, (1 << 24) // max(p * w, 1))
-    out = []
-    for i in range(0, q, step):
-        v, c = s_same[i : i + step, None, :], same[i : i + step, None, :]
-        ps, pi = pos_scores[i : i + step, :, None], pos_index[i : i + step, :, None]
-        before = ((v > ps) | ((v == ps) & (c < pi))) & (c >= 0)
-        out.append(before.sum(2))
-    return torch.cat(out) if out else torch.zeros_like(pos_index)
+    rank before it. Each item gets one int64 key, the score's order-preserving bits above the complement of its
+    gallery row (a larger key ranks first: a higher score, or an equal one and a smaller row); one sort of each
+    row's keys and one binary search per positive: O((P + W) log W) a row, where a broadcast costs P·W."""
+    w = same.shape[1]
+    k_same = _rank_keys(s_same, same).masked_fill(same < 0, torch.iinfo(torch.int64).min)  # padding ranks last
+    ranked = k_same.sort(dim=1).values
+    return w - torch.searchsorted(ranked, _rank_keys(pos_scores, pos_index).contiguous(), right=True)
+
+
+def _rank_keys(scores: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """int64 keys in ranking order: (order-preserving bits of the score − 2³¹) · 2³² + (2³² − 1 − gallery row)."""
+    return ((_ordered_bits(scores) - 2**31) << 32) + (2**32 - 1 - rows.clamp_min(0))
 
 
 def _add_ties(fix, rows, cols, values, pos_scores, pos_index, slots) -> None:

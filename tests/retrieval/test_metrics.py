@@ -170,7 +170,7 @@ def test_sorted_keys_and_counting_give_identical_ranks(seed):
 
 def test_auto_method_handles_a_collapsed_model_and_blocks_change_nothing():
     """All scores equal (a collapsed model): the tie-heavy rows go to counting; blocks give the same metrics."""
-    from reidcli.retrieval.metrics import GalleryGroups, ranks_in_blocks
+    from reidcli.retrieval.metrics import GalleryGroups, ranks_in_blocks, scan_available
 
     rng = np.random.default_rng(5)
     q, qp, qc, g, gp, gc = market_like(rng, num_query=30, num_gallery=300)
@@ -184,9 +184,13 @@ def test_auto_method_handles_a_collapsed_model_and_blocks_change_nothing():
     gp_big, gc_big = torch.as_tensor(rng.integers(0, 40, big_g)), torch.as_tensor(rng.integers(0, 6, big_g))
     scores = torch.as_tensor(rng.normal(size=(len(qp), big_g)).astype(np.float32))
     tb = [t[0], t[1], gp_big, gc_big]
-    whole = summarize([positive_ranks(scores, *tb)])
-    blocks = ranks_in_blocks(scores, *tb, groups=GalleryGroups(gp_big, gc_big))
+    whole = summarize([positive_ranks(scores, *tb, method="count")])
+    groups = GalleryGroups(gp_big, gc_big)
+    blocks = ranks_in_blocks(scores, *tb, groups=groups, method="count")  # the torch counting goes by blocks
     assert len(blocks) == 2 and summarize(blocks).mAP == pytest.approx(whole.mAP, abs=1e-12)
+    scanned = ranks_in_blocks(scores, *tb, groups=groups)  # the scan (where built) takes the chunk whole
+    assert len(scanned) == (1 if scan_available() else 2)
+    assert summarize(scanned).mAP == pytest.approx(whole.mAP, abs=1e-12)
 
 
 def test_kernel_failure_falls_back_to_torch_with_one_warning(monkeypatch):
@@ -394,19 +398,17 @@ def test_scan_on_distances_with_many_positives_equals_the_torch_counting(seed):
     assert abs(m.mAP - mAP) < 1e-6 and abs(m.mINP - mINP) < 1e-6
 
 
-def test_auto_counts_in_torch_where_rows_have_very_many_positives(monkeypatch):
+def test_auto_counts_by_the_scan_on_the_cpu_where_it_is_built(monkeypatch):
     import reidcli.retrieval.metrics as metrics
 
     monkeypatch.setattr(metrics.native, "module", lambda: object())  # built or not: only the choice is tested
-    num_pos = torch.tensor([1200, 600])
     scores = torch.zeros(2, 10)
-    assert not metrics._use_scan("auto", scores, num_pos)  # 900 a row: above _SCAN_MAX_POSITIVES
-    assert metrics._use_scan("auto", scores, num_pos // 2) and metrics._use_scan("scan", scores, num_pos)
-    assert not metrics._use_scan("count", scores, num_pos // 2)
+    assert metrics._use_scan("auto", scores) and metrics._use_scan("scan", scores)
+    assert not metrics._use_scan("count", scores) and not metrics._use_scan("sort", scores)
     monkeypatch.setattr(metrics.native, "module", lambda: None)
-    assert not metrics._use_scan("auto", scores, num_pos // 2)
+    assert not metrics._use_scan("auto", scores)
     with pytest.raises(ValueError, match="compiled module"):
-        metrics._use_scan("scan", scores, num_pos)
+        metrics._use_scan("scan", scores)
 
 
 def test_scan_counting_without_the_compiled_module_is_refused_clearly(monkeypatch):
