@@ -3,8 +3,8 @@
 Three ways, all giving float32 scores whose error is that of an fp32 GEMM (rounding in the accumulation):
 
 - ``"fp32"``: one float32 GEMM (the CPU's way; on a GPU it runs on the CUDA cores, not the tensor cores). On the
-  CPU by oneDNN (torch's ``mkldnn`` layout), which reached 1.9× MKL's ``torch.mm`` in Market-size blocks on 2 AMD
-  EPYC cores (325 against 171 GFLOP/s); where torch has no oneDNN, by ``torch.mm``.
+  CPU by oneDNN, which reached 1.9× MKL's ``torch.mm`` in Market-size blocks on 2 AMD EPYC cores (325 against
+  171 GFLOP/s): see :func:`cpu_gemm_way`.
 - ``"fp16"``: features stored as float16: one tensor-core GEMM with float32 accumulation and output. Every
   fp16 × fp16 product is exact in fp32, so this is the arithmetic of upcasting first.
 - ``"split"``: float32 features on a GPU. Each value is split as ``x = hi + lo·2⁻¹¹`` with ``hi`` and ``lo`` float16
@@ -23,7 +23,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-__all__ = ["MODES", "Similarity", "choose_mode", "similarity", "matmul_t"]
+__all__ = ["MODES", "CpuGemm", "Similarity", "choose_mode", "cpu_gemm_way", "similarity", "matmul_t"]
 
 MODES = ("auto", "fp32", "fp16", "split")
 _SCALE = 2048.0  # 2¹¹: lo's scale, the fp16 significand width
@@ -67,23 +67,62 @@ def choose_mode(query: torch.Tensor, gallery: torch.Tensor, requested: str = "au
     return "split" if float(peak) <= 1.0 else "fp32"
 
 
-def _onednn(gallery: torch.Tensor) -> torch.Tensor | None:
-    """The gallery in oneDNN's layout for the CPU's fp32 GEMM (a copy), or None on a GPU or without oneDNN."""
-    if gallery.is_cuda or not torch.backends.mkldnn.is_available() or not gallery.numel():
-        return None
-    try:
-        return gallery.contiguous().to_mkldnn()
-    except RuntimeError:  # a torch built without oneDNN's CPU kernels
-        return None
+_ONEDNN_ERRORS = (RuntimeError, AttributeError, NotImplementedError, TypeError)
+
+
+@functools.cache
+def cpu_gemm_way() -> str:
+    """How the CPU multiplies float32 features, the first of these that runs here and matches ``torch.mm``:
+
+    - "onednn": oneDNN's linear operator on plain tensors (``torch.ops.mkldnn._linear_pointwise``, the one torch's
+      compiler emits for CPU linear layers): the gallery as it is, the scores written straight into a plain tensor;
+    - "mkldnn": the public ``mkldnn`` layout (``F.linear`` on ``to_mkldnn()`` tensors): a copy of the gallery, and
+      each product copied back (+20% at MSMT17 size);
+    - "mm": MKL's ``torch.mm`` (a torch without oneDNN).
+    """
+    a = torch.linspace(-1.0, 1.0, 8 * 16).view(8, 16)
+    b = torch.linspace(2.0, -2.0, 24 * 16).view(24, 16).sin()
+    ref = a @ b.T
+    ways = {
+        "onednn": lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [None], ""),
+        "mkldnn": lambda: F.linear(a.to_mkldnn(), b.to_mkldnn()).to_dense(),
+    }
+    for way, product in ways.items():
+        try:
+            got = product()
+        except _ONEDNN_ERRORS:
+            continue
+        if got.layout == torch.strided and torch.allclose(got, ref, rtol=0, atol=1e-5):
+            return way
+    return "mm"
+
+
+class CpuGemm:
+    """``CpuGemm(gallery)(rows)`` → ``rows @ gallery.T`` in float32 on the CPU, the way :func:`cpu_gemm_way` picked;
+    the gallery prepared once."""
+
+    def __init__(self, gallery: torch.Tensor):
+        self.g = gallery.float().contiguous()
+        self.way = cpu_gemm_way() if self.g.numel() else "mm"
+        self.g_mkldnn = self.g.to_mkldnn() if self.way == "mkldnn" else None
+
+    @property
+    def takes_out(self) -> bool:
+        """Whether a call writes into its ``out`` buffer (only torch.mm does; oneDNN returns a new tensor)."""
+        return self.way == "mm"
+
+    def __call__(self, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        rows = rows.float().contiguous()
+        if self.way == "mm" or not len(rows):
+            return torch.mm(rows, self.g.T, out=out)
+        if self.way == "onednn":
+            return torch.ops.mkldnn._linear_pointwise(rows, self.g, None, "none", [None], "")
+        return F.linear(rows.to_mkldnn(), self.g_mkldnn).to_dense()
 
 
 def matmul_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b.T`` in float32; on the CPU by oneDNN where torch has it (both operands converted for this call)."""
-    a, b = a.float(), b.float()
-    b_onednn = _onednn(b) if len(a) else None
-    if b_onednn is None:
-        return a @ b.T
-    return F.linear(a.contiguous().to_mkldnn(), b_onednn).to_dense()
+    """``a @ b.T`` in float32; on the CPU by :class:`CpuGemm`."""
+    return a.float() @ b.float().T if a.is_cuda else CpuGemm(b)(a)
 
 
 class Similarity:
@@ -93,16 +132,17 @@ class Similarity:
         if mode not in MODES[1:]:
             raise ValueError(f"unknown similarity mode {mode!r}")
         self.mode, self.mm = mode, mm
-        self.g_onednn = None
+        self.cpu = None
         if mode == "split":
             hi, lo = self.split(gallery)
             self.g_hi, self.g_cross = hi, torch.cat([lo, hi], dim=1)  # pairs with [hi | lo] of the queries
         elif mode == "fp16":
             self.g = gallery.half()
-        else:
+        elif gallery.is_cuda:
             self.g = gallery.float()
-            self.g_onednn = _onednn(self.g)
-        self.takes_out = mode == "fp32" and self.g_onednn is None  # whether __call__ writes into ``out``
+        else:
+            self.cpu = CpuGemm(gallery)
+        self.takes_out = mode == "fp32" and (self.cpu is None or self.cpu.takes_out)  # __call__ writes into ``out``
 
     @staticmethod
     def split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,9 +155,7 @@ class Similarity:
         """``out``: a float32 (Q, G) buffer for ``torch.mm``'s fp32 product (reused, it spares the allocator's fresh
         pages); oneDNN returns a new tensor."""
         if self.mode == "fp32":
-            if self.g_onednn is not None and len(query):
-                return F.linear(query.float().contiguous().to_mkldnn(), self.g_onednn).to_dense()
-            return torch.mm(query.float(), self.g.T, out=out)
+            return torch.mm(query.float(), self.g.T, out=out) if self.cpu is None else self.cpu(query, out)
         if self.mode == "fp16":
             return self.mm(query.half(), self.g)
         hi, lo = self.split(query)

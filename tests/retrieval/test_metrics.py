@@ -233,26 +233,27 @@ def test_float16_similarity_equals_the_upcast_product():
     torch.testing.assert_close(similarity(a.float(), b.float()), s, rtol=0, atol=1e-5)
 
 
-def test_cpu_fp32_scores_by_onednn_equal_torch_mm_to_rounding(monkeypatch):
-    """The CPU's oneDNN GEMM against torch.mm and float64, and the torch.mm fallback writing into ``out``."""
+@pytest.mark.parametrize("way", ["onednn", "mkldnn", "mm"])
+def test_cpu_fp32_scores_equal_float64_to_a_gemms_rounding_every_way(monkeypatch, way):
+    """Each way the CPU multiplies (oneDNN's operator, the mkldnn layout, torch.mm) against float64; only torch.mm
+    writes into ``out``. Here the first way is picked: torch's x86 wheels carry oneDNN."""
     import reidcli.retrieval.similarity as sim
 
+    assert sim.cpu_gemm_way() == "onednn"
+    monkeypatch.setattr(sim, "cpu_gemm_way", lambda: way)
     rng = np.random.default_rng(3)
     a = torch.as_tensor(rng.normal(size=(300, 96)).astype(np.float32))
     b = torch.as_tensor(rng.normal(size=(500, 96)).astype(np.float32))
     exact = a.double() @ b.double().T
-    fast = sim.Similarity(b, "fp32")
-    assert fast.g_onednn is not None and not fast.takes_out  # torch's x86 wheels carry oneDNN
-    got = fast(a)
-    assert got.dtype == torch.float32 and got.shape == (300, 500)
-    mm_err = float((a @ b.T - exact).abs().max())
-    assert float((got - exact).abs().max()) <= 4 * mm_err + 1e-6
-    assert fast(a[:0]).shape == (0, 500)
-    monkeypatch.setattr(sim, "_onednn", lambda g: None)
-    plain = sim.Similarity(b, "fp32")
+    s = sim.Similarity(b, "fp32")
+    assert s.cpu.way == way and s.takes_out == (way == "mm")
     out = torch.empty(300, 500)
-    assert plain.takes_out and plain(a, out).data_ptr() == out.data_ptr()
-    assert torch.equal(out, a @ b.T)
+    got = s(a, out)
+    assert got.dtype == torch.float32 and got.shape == (300, 500) and got.is_contiguous()
+    assert float((got - exact).abs().max()) <= 4 * float((a @ b.T - exact).abs().max()) + 1e-6
+    assert (got.data_ptr() == out.data_ptr()) == (way == "mm")
+    assert s(a[:0]).shape == (0, 500)
+    torch.testing.assert_close(sim.matmul_t(a, b), got, rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("spread", [0.0, 12.0])
