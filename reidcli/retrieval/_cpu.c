@@ -12,6 +12,11 @@
    2. jaccard_rows — the re-ranking's sparse join: overlap[i, j] += min(a, b) for every query entry (i, k, a)
    and gallery entry (j, k, b) of the same column k, one query row per pass (its output row stays in cache).
 
+   3. knn_rows / knn_cols — the re-ranking's running k nearest neighbours: a block of distances folded into
+   sorted k-lists (and row maxima) along its rows, and along its columns for the rows after the block (the
+   matrix is symmetric), with no transposed copy and no top-k sort: sixteen values at a time are compared with
+   the list's worst, and the rare smaller one is inserted in place (ties keep the earlier candidate).
+
    Called from reidcli.retrieval (native.py) with tensors' addresses; the callers check dtypes, shapes and
    contiguity. The GIL is released, so that threads can work on row ranges side by side. */
 
@@ -163,6 +168,96 @@ static PyObject *jaccard(PyObject *self, PyObject *args) {
     Py_END_ALLOW_THREADS Py_RETURN_NONE;
 }
 
+#define SPAN 16
+
+/* Inserts (v, col) into an ascending k-list whose last value is above v; equal values keep their place first. */
+static inline void knn_insert(float *bd, int64_t *bi, int64_t k, float v, int64_t col) {
+    int64_t p = k - 1;
+    while (p > 0 && bd[p - 1] > v) {
+        bd[p] = bd[p - 1];
+        bi[p] = bi[p - 1];
+        p--;
+    }
+    bd[p] = v;
+    bi[p] = col;
+}
+
+/* Block rows [r0, r1) of d (rows ld apart, m values: candidates col0 …) into rows row0 + r of best/knn/row_max. */
+CLONES static void knn_fold_rows(const float *d, int64_t ld, int64_t m, int64_t col0, int64_t row0, int64_t k,
+                                 float *best, int64_t *knn, float *row_max, int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; r++) {
+        const float *v = d + r * ld;
+        float *bd = best + (row0 + r) * k;
+        int64_t *bi = knn + (row0 + r) * k;
+        float mx = row_max[row0 + r];
+        int64_t t = 0;
+        for (; t + SPAN <= m; t += SPAN) {
+            float lo = v[t], hi = v[t];
+            for (int u = 1; u < SPAN; u++) {
+                const float x = v[t + u];
+                lo = x < lo ? x : lo;
+                hi = x > hi ? x : hi;
+            }
+            mx = hi > mx ? hi : mx;
+            if (lo < bd[k - 1])
+                for (int u = 0; u < SPAN; u++)
+                    if (v[t + u] < bd[k - 1]) knn_insert(bd, bi, k, v[t + u], col0 + t + u);
+        }
+        for (; t < m; t++) {
+            mx = v[t] > mx ? v[t] : mx;
+            if (v[t] < bd[k - 1]) knn_insert(bd, bi, k, v[t], col0 + t);
+        }
+        row_max[row0 + r] = mx;
+    }
+}
+
+/* Columns [j0, j1) of d (c rows, ld apart: candidates col0 + r) into rows row0 + j of best/knn/row_max. */
+CLONES static int knn_fold_cols(const float *d, int64_t ld, int64_t c, int64_t col0, int64_t row0, int64_t k,
+                                float *best, int64_t *knn, float *row_max, int64_t j0, int64_t j1) {
+    const int64_t w = j1 - j0;
+    float *thr = malloc(sizeof(float) * (size_t)(w > 0 ? w : 1)); /* each column's list worst, contiguous */
+    if (!thr) return -1;
+    for (int64_t j = 0; j < w; j++) thr[j] = best[(row0 + j0 + j) * k + k - 1];
+    float *mx = row_max + row0 + j0;
+    for (int64_t r = 0; r < c; r++) {
+        const float *v = d + r * ld + j0;
+        for (int64_t t = 0; t < w; t += SPAN) {
+            const int64_t e = t + SPAN < w ? t + SPAN : w;
+            int any = 0;
+            for (int64_t j = t; j < e; j++) {
+                mx[j] = v[j] > mx[j] ? v[j] : mx[j];
+                any |= v[j] < thr[j];
+            }
+            if (any)
+                for (int64_t j = t; j < e; j++)
+                    if (v[j] < thr[j]) {
+                        float *bd = best + (row0 + j0 + j) * k;
+                        knn_insert(bd, knn + (row0 + j0 + j) * k, k, v[j], col0 + r);
+                        thr[j] = bd[k - 1];
+                    }
+        }
+    }
+    free(thr);
+    return 0;
+}
+
+static PyObject *knn(PyObject *self, PyObject *args) {
+    unsigned long long d, best, knn_idx, row_max;
+    long long ld, m, col0, row0, k, a0, a1;
+    int cols;
+    if (!PyArg_ParseTuple(args, "pKLLLLLKKKLL", &cols, &d, &ld, &m, &col0, &row0, &k, &best, &knn_idx, &row_max,
+                          &a0, &a1))
+        return NULL;
+    int rc = 0;
+    Py_BEGIN_ALLOW_THREADS if (cols) rc =
+        knn_fold_cols((const float *)(uintptr_t)d, ld, m, col0, row0, k, (float *)(uintptr_t)best,
+                      (int64_t *)(uintptr_t)knn_idx, (float *)(uintptr_t)row_max, a0, a1);
+    else knn_fold_rows((const float *)(uintptr_t)d, ld, m, col0, row0, k, (float *)(uintptr_t)best,
+                       (int64_t *)(uintptr_t)knn_idx, (float *)(uintptr_t)row_max, a0, a1);
+    Py_END_ALLOW_THREADS if (rc != 0) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"count_beats", count_beats, METH_VARARGS,
      "count_beats(scores, G, negate, pos_scores, pos_index, num_pos, P, r0, r1, out): addresses of contiguous "
@@ -170,6 +265,11 @@ static PyMethodDef methods[] = {
     {"jaccard_rows", jaccard, METH_VARARGS,
      "jaccard_rows(q_ptr, q_col, q_val, g_ptr, g_row, g_val, G, r0, r1, out): addresses of int64 (Q+1,), int64, "
      "float32 query entries by row, int64 (N+1,), int64, float32 gallery entries by column, float32 (Q, G) out."},
+    {"knn_fold", knn, METH_VARARGS,
+     "knn_fold(cols, d, ld, m, col0, row0, k, best, knn, row_max, a0, a1): a float32 block of distances (rows ld "
+     "apart) folded into ascending float32 (N, k) best, int64 (N, k) knn and float32 (N,) row_max: along block rows "
+     "a0..a1 (m values each, candidates col0 …) into rows row0 + r, or with cols along columns a0..a1 (m rows, "
+     "candidates col0 + r) into rows row0 + j."},
     {NULL, NULL, 0, NULL},
 };
 

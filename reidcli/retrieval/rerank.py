@@ -36,7 +36,9 @@ def _neighbours(x: torch.Tensor, k: int, num_query: int, chunk: int):
 
     The distance matrix is symmetric: each block of rows is computed against the columns from its own start on,
     and serves the rows after it through its transpose (half the GEMM). Every row keeps a running k nearest and
-    maximum, merged block by block."""
+    maximum, merged block by block: on the CPU by the compiled fold along the block's rows and columns (no
+    transposed copy, no top-k: 0.74 → 0.2 s at Market size), else by torch's top-k of each block and its
+    transpose."""
     n = x.shape[0]
     x_sq = (x * x).sum(1)
     best = torch.full((n, k), float("inf"), device=x.device)
@@ -52,18 +54,30 @@ def _neighbours(x: torch.Tensor, k: int, num_query: int, chunk: int):
         best[rows] = d
         knn[rows] = torch.cat([knn[rows], cols[j]], dim=1).gather(1, order)
 
+    mod = None if x.is_cuda else native.module()  # the compiled fold: no transposed copies, no top-k sorts
+    ptrs = (best.data_ptr(), knn.data_ptr(), row_max.data_ptr())
     for i in range(0, n, chunk):
         end = min(i + chunk, n)
-        d = _sq_dist(x[i:end], x[i:], x_sq[i:])  # (c, n − i): this block's rows against columns i…n
-        row_max[i:end] = torch.maximum(row_max[i:end], d.amax(1))
-        merge(slice(i, end), d, torch.arange(i, n, device=x.device))
-        if end < n:  # the same distances, seen from the rows after the block
-            t = d[:, end - i :].T.contiguous()
-            row_max[end:] = torch.maximum(row_max[end:], t.amax(1))
-            merge(slice(end, n), t, torch.arange(i, end, device=x.device))
+        d = _sq_dist(x[i:end], x[i:], x_sq[i:]).contiguous()  # (c, n − i): this block's rows against columns i…n
+        if mod is not None:
+            _fold(mod, False, d.data_ptr(), d.stride(0), n - i, i, i, k, ptrs, end - i)
+            if end < n:  # the same distances, seen from the rows after the block: along the columns
+                _fold(mod, True, d.data_ptr() + 4 * (end - i), d.stride(0), end - i, i, end, k, ptrs, n - end)
+        else:
+            row_max[i:end] = torch.maximum(row_max[i:end], d.amax(1))
+            merge(slice(i, end), d, torch.arange(i, n, device=x.device))
+            if end < n:  # the same distances, seen from the rows after the block
+                t = d[:, end - i :].T.contiguous()
+                row_max[end:] = torch.maximum(row_max[end:], t.amax(1))
+                merge(slice(end, n), t, torch.arange(i, end, device=x.device))
         if i < num_query:
             qg[i : min(end, num_query)] = d[: num_query - i, num_query - i :]
     return knn, best, row_max, qg.div_(row_max[:num_query, None])
+
+
+def _fold(mod, cols: bool, at: int, ld: int, m: int, col0: int, row0: int, k: int, ptrs, count: int) -> None:
+    """The compiled fold over ``count`` block rows (or columns), in ranges on torch's threads."""
+    native.over_rows(count, lambda a0, a1: mod.knn_fold(cols, at, ld, m, col0, row0, k, *ptrs, a0, a1))
 
 
 def _reciprocal(knn: torch.Tensor) -> torch.Tensor:

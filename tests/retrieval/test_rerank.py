@@ -91,3 +91,29 @@ def test_ranked_list_picture_after_reranking(tiny_data, tmp_path):
     for name, rerank in (("plain.png", None), ("rerank.png", EvalConfig(rerank=True, k1=5, k2=2))):
         write_ranked_lists(tmp_path / name, q, g, tiny_data, 3, 4, rerank)
         assert (tmp_path / name).stat().st_size > 2000
+
+
+@pytest.mark.parametrize("chunk", [64, 7])
+def test_compiled_neighbour_fold_equals_the_torch_top_k(monkeypatch, chunk):
+    """The compiled fold (rows and columns of each block, no transposed copy) against torch's top-k merges: the
+    same neighbours, distances and row maxima; with duplicated features (equal distances) the same distances."""
+    from reidcli.retrieval import native, rerank
+
+    assert native.available()  # the CPU kernels are built here (asserted with a compiler in test_metrics)
+    rng = np.random.default_rng(6)
+    q, _, _, g, _, _ = market_like(rng, num_query=30, num_gallery=170)
+    for dup in (False, True):
+        if dup:
+            g[100:140] = g[0:40]
+        x = torch.from_numpy(np.concatenate([q, g]))
+        compiled = rerank._neighbours(x, 21, 30, chunk)
+        with monkeypatch.context() as m:
+            m.setattr(rerank.native, "module", lambda: None)
+            plain = rerank._neighbours(x, 21, 30, chunk)
+        if not dup:
+            assert torch.equal(compiled[0], plain[0])
+        torch.testing.assert_close(compiled[1], plain[1], rtol=0, atol=1e-6)  # sorted distances
+        assert torch.equal(compiled[2], plain[2])  # row maxima
+        torch.testing.assert_close(compiled[3], plain[3])
+        d = x[compiled[0]] - x[:, None, :]  # the listed neighbours' own distances
+        torch.testing.assert_close((d * d).sum(-1), compiled[1], rtol=0, atol=1e-5)
