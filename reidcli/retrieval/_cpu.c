@@ -275,4 +275,14 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cpu", "The CPU's compiled retrieval kernels.", -1, methods};
 
-PyMODINIT_FUNC PyInit__cpu(void) { return PyModule_Create(&module); }
+/* Raised whenever a function's arguments change: native.py ignores a module built from older source. */
+#define CPU_KERNELS_ABI 1
+
+PyMODINIT_FUNC PyInit__cpu(void) {
+    PyObject *m = PyModule_Create(&module);
+    if (m && PyModule_AddIntConstant(m, "ABI", CPU_KERNELS_ABI) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -4,6 +4,7 @@ the threads that run them over row ranges. Every kernel has a torch fallback giv
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -12,11 +13,26 @@ import torch
 __all__ = ["module", "available", "over_rows"]
 
 
+ABI = 1  # the module's ABI constant this source expects (``CPU_KERNELS_ABI`` in _cpu.c)
+_STALE: list[int] = []  # the ABI of an out-of-date build found in this process (warned about once)
+
+
 def module():
-    """The compiled module, or None where it was not built (no C compiler at install time, or a source tree)."""
+    """The compiled module, or None where it was not built (no C compiler at install time, or a source tree) or was
+    built from older source (a ``git pull`` without reinstalling: warned about once, then ignored)."""
     try:
         from reidcli.retrieval import _cpu
     except ImportError:
+        return None
+    found = getattr(_cpu, "ABI", 0)
+    if found != ABI:
+        if not _STALE:
+            _STALE.append(found)
+            warnings.warn(
+                f"reidcli's compiled CPU kernels are out of date (ABI {found}, this source wants {ABI}); using the "
+                "torch fallbacks. Reinstall to rebuild them: pip install -e .",
+                stacklevel=2,
+            )
         return None
     return _cpu
 

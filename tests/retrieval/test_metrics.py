@@ -421,3 +421,22 @@ def test_scan_counting_without_the_compiled_module_is_refused_clearly(monkeypatc
         evaluate(query, gallery, EvalConfig(engine="torch", device="cpu", counting="scan"))
     auto = evaluate(query, gallery, EvalConfig(engine="torch", device="cpu")).metrics  # the torch counting
     assert auto.num_valid_queries > 0
+
+
+def test_an_out_of_date_compiled_module_is_ignored_with_one_warning(monkeypatch):
+    """A build from older source (a pull without reinstalling) must not be called with new arguments."""
+    import warnings
+
+    from reidcli.retrieval import _cpu, native
+
+    assert native.module() is _cpu and _cpu.ABI == native.ABI
+    monkeypatch.setattr(native, "_STALE", [])
+    monkeypatch.setattr(_cpu, "ABI", native.ABI - 1)
+    with pytest.warns(UserWarning, match="out of date"):
+        assert native.module() is None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert native.module() is None and not native.available()
+    assert not caught  # warned once per process
+    query, gallery = _splits(6)
+    assert evaluate(query, gallery, EvalConfig(engine="torch", device="cpu")).metrics.num_valid_queries > 0
