@@ -80,3 +80,26 @@ def test_cuda_graph_option_is_silent_on_the_cpu():
         warnings.simplefilter("error")
         a = embed_images(_model(), images, torch.device("cpu"), batch=2, cuda_graph=True)
     np.testing.assert_array_equal(a, embed_images(_model(), images, torch.device("cpu"), batch=2, cuda_graph=False))
+
+
+def test_cpu_extraction_runs_linear_layers_through_onednn_on_a_sharing_copy():
+    """The CPU's inference copy swaps every Linear for oneDNN's operator, shares all weights, leaves the model
+    itself untouched (it still trains), and embeds as the plain forward does."""
+    from reidcli.engine.extract import _cpu_inference_model, _OneDnnLinear
+
+    model = _model()
+    fast = _cpu_inference_model(model)
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    swapped = [m for m in fast.modules() if isinstance(m, _OneDnnLinear)]
+    assert linears and len(swapped) == len(linears) and not any(type(m) is torch.nn.Linear for m in fast.modules())
+    assert [p.data_ptr() for p in fast.parameters()] == [p.data_ptr() for p in model.parameters()]
+    images = np.random.default_rng(2).integers(0, 256, (5, 32, 16, 3), dtype=np.uint8)
+    feats = embed_images(model, images, torch.device("cpu"), batch=2, flip=True)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    model.eval()
+    with torch.no_grad():
+        f = model.forward_features(x)[:, 0] + model.forward_features(x.flip(3))[:, 0]
+    np.testing.assert_allclose(feats, torch.nn.functional.normalize(f, dim=1).numpy(), atol=1e-5)
+    model.train()
+    model.forward_features(x)[:, 0].sum().backward()  # the model's own layers keep autograd
+    assert all(m.weight.grad is not None for m in linears)
