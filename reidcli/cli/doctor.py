@@ -61,6 +61,15 @@ def _environment() -> list[tuple[str, str, str]]:
         rows.append(("CUDA", "ok", f"{torch.cuda.device_count()} GPU(s): {names}"))
     else:
         rows.append(("CUDA", "none", "no GPU visible: training and evaluation run on the CPU"))
+    from reidcli.retrieval import native
+    from reidcli.retrieval.similarity import cpu_gemm_way
+
+    if native.available():
+        rows.append(("CPU kernels", "ok", "compiled (exact rank counting scan, re-ranking's neighbour fold and join)"))
+    else:
+        rows.append(("CPU kernels", "none", "not built: torch fallbacks (same numbers, slower); reinstall with cc"))
+    gemm = {"onednn": "oneDNN operator", "mkldnn": "oneDNN (mkldnn layout)", "mm": "torch.mm (no oneDNN)"}
+    rows.append(("CPU GEMM", "ok", gemm[cpu_gemm_way()]))
     try:
         import faiss
 

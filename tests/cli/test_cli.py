@@ -1,4 +1,5 @@
 import json
+import shutil
 import subprocess
 import sys
 
@@ -179,6 +180,8 @@ def test_doctor_checks_data_and_run(tiny_data, tmp_path):
     assert r.returncode == 0, r.stderr
     checks = {c["check"]: c for c in json.loads(r.stdout)}
     assert checks["torch"]["status"] == "ok" and "GPU support" in checks["faiss"]["detail"]
+    built = "ok" if shutil.which("cc") or shutil.which("gcc") else "none"  # as test_scan_is_built_wherever_…
+    assert checks["CPU kernels"]["status"] == built and checks["CPU GEMM"]["detail"] == "oneDNN operator"
     assert "12 ids" in checks["dataset"]["detail"]
     r = run_cli("doctor", "--run", str(tmp_path / "nope"), "--json")
     assert r.returncode == 1
