@@ -130,37 +130,8 @@ def _inference_forward(model, device: torch.device, precision: str, compile_: bo
     return made
 
 
-class _OneDnnLinear(torch.nn.Module):
-    """A Linear layer's inference by oneDNN's operator, sharing the layer's weight and bias (CPU, no autograd)."""
-
-    def __init__(self, linear: torch.nn.Linear):
-        super().__init__()
-        self.weight, self.bias = linear.weight, linear.bias
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.weight, self.bias, "none", [None], "")
-
-
-def _cpu_inference_model(model):
-    """On the CPU: a copy of the module tree (sharing every parameter and buffer) whose Linear layers run through
-    oneDNN, 1.6–1.9× MKL's on 2 AMD EPYC cores (ViT-S/B forward), where torch has that operator; else the model."""
-    from reidcli.retrieval.similarity import cpu_gemm_way
-
-    if cpu_gemm_way() != "onednn":
-        return model
-    shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
-    m = copy.deepcopy(model, memo=shared)
-    for parent in list(m.modules()):
-        for name, child in parent.named_children():
-            if type(child) is torch.nn.Linear:
-                setattr(parent, name, _OneDnnLinear(child))
-    return m
-
-
 def _make_inference_forward(model, device: torch.device, precision: str, compile_: bool, graph: bool):
-    if device.type != "cuda" and not compile_:
-        m, dtype, autocast = _cpu_inference_model(model), torch.float32, False
-    elif device.type != "cuda" or precision == "fp32":
+    if device.type != "cuda" or precision == "fp32":  # the CPU: the model's Linear layers run through oneDNN
         m, dtype, autocast = model, torch.float32, False
     elif precision == "fp16":  # weights cast once; the whole forward in half precision, no per-op casts
         m, dtype, autocast = copy.deepcopy(model).half(), torch.float16, False

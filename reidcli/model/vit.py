@@ -13,6 +13,7 @@ from torch import nn
 from reidcli.errors import ConfigError
 from reidcli.model.attention import Block
 from reidcli.model.position import AbsolutePositionEmbedding, RelativePositionBias
+from reidcli.onednn import Linear
 
 __all__ = ["PE_CHOICES", "PRESETS", "ModelConfig", "ReIDOutput", "ViTReID", "build_model", "parameter_report"]
 
@@ -109,7 +110,7 @@ class ViTReID(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.bottleneck = nn.BatchNorm1d(dim)
         self.bottleneck.bias.requires_grad_(False)  # BNNeck: the shift stays zero
-        self.classifier = nn.Linear(dim, cfg.num_classes, bias=False) if cfg.num_classes else None
+        self.classifier = Linear(dim, cfg.num_classes, bias=False) if cfg.num_classes else None
         self._init_weights()
 
     def _init_weights(self) -> None:

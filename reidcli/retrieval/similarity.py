@@ -23,6 +23,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from reidcli.onednn import cpu_gemm_way, linear
+
 __all__ = ["MODES", "CpuGemm", "Similarity", "choose_mode", "cpu_gemm_way", "similarity", "matmul_t"]
 
 MODES = ("auto", "fp32", "fp16", "split")
@@ -67,36 +69,6 @@ def choose_mode(query: torch.Tensor, gallery: torch.Tensor, requested: str = "au
     return "split" if float(peak) <= 1.0 else "fp32"
 
 
-_ONEDNN_ERRORS = (RuntimeError, AttributeError, NotImplementedError, TypeError)
-
-
-@functools.cache
-def cpu_gemm_way() -> str:
-    """How the CPU multiplies float32 features, the first of these that runs here and matches ``torch.mm``:
-
-    - "onednn": oneDNN's linear operator on plain tensors (``torch.ops.mkldnn._linear_pointwise``, the one torch's
-      compiler emits for CPU linear layers): the gallery as it is, the scores written straight into a plain tensor;
-    - "mkldnn": the public ``mkldnn`` layout (``F.linear`` on ``to_mkldnn()`` tensors): a copy of the gallery, and
-      each product copied back (+20% at MSMT17 size);
-    - "mm": MKL's ``torch.mm`` (a torch without oneDNN).
-    """
-    a = torch.linspace(-1.0, 1.0, 8 * 16).view(8, 16)
-    b = torch.linspace(2.0, -2.0, 24 * 16).view(24, 16).sin()
-    ref = a @ b.T
-    ways = {
-        "onednn": lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [None], ""),
-        "mkldnn": lambda: F.linear(a.to_mkldnn(), b.to_mkldnn()).to_dense(),
-    }
-    for way, product in ways.items():
-        try:
-            got = product()
-        except _ONEDNN_ERRORS:
-            continue
-        if got.layout == torch.strided and torch.allclose(got, ref, rtol=0, atol=1e-5):
-            return way
-    return "mm"
-
-
 class CpuGemm:
     """``CpuGemm(gallery)(rows)`` → ``rows @ gallery.T`` in float32 on the CPU, the way :func:`cpu_gemm_way` picked;
     the gallery prepared once."""
@@ -116,7 +88,7 @@ class CpuGemm:
         if self.way == "mm" or not len(rows):
             return torch.mm(rows, self.g.T, out=out)
         if self.way == "onednn":
-            return torch.ops.mkldnn._linear_pointwise(rows, self.g, None, "none", [None], "")
+            return linear(rows, self.g)
         return F.linear(rows.to_mkldnn(), self.g_mkldnn).to_dense()
 
 

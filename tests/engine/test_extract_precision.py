@@ -82,24 +82,33 @@ def test_cuda_graph_option_is_silent_on_the_cpu():
     np.testing.assert_array_equal(a, embed_images(_model(), images, torch.device("cpu"), batch=2, cuda_graph=False))
 
 
-def test_cpu_extraction_runs_linear_layers_through_onednn_on_a_sharing_copy():
-    """The CPU's inference copy swaps every Linear for oneDNN's operator, shares all weights, leaves the model
-    itself untouched (it still trains), and embeds as the plain forward does."""
-    from reidcli.engine.extract import _cpu_inference_model, _OneDnnLinear
+def test_model_linear_layers_run_through_onednn_on_the_cpu_with_the_same_outputs_and_gradients():
+    """Every Linear of the model is reidcli.onednn.Linear (an nn.Linear): on the CPU in float32 its products go
+    through oneDNN, forward and input gradient; outputs and every gradient equal torch's own F.linear's."""
+    from reidcli.onednn import Linear, cpu_gemm_way
 
     model = _model()
-    fast = _cpu_inference_model(model)
-    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
-    swapped = [m for m in fast.modules() if isinstance(m, _OneDnnLinear)]
-    assert linears and len(swapped) == len(linears) and not any(type(m) is torch.nn.Linear for m in fast.modules())
-    assert [p.data_ptr() for p in fast.parameters()] == [p.data_ptr() for p in model.parameters()]
-    images = np.random.default_rng(2).integers(0, 256, (5, 32, 16, 3), dtype=np.uint8)
-    feats = embed_images(model, images, torch.device("cpu"), batch=2, flip=True)
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
-    model.eval()
-    with torch.no_grad():
-        f = model.forward_features(x)[:, 0] + model.forward_features(x.flip(3))[:, 0]
-    np.testing.assert_allclose(feats, torch.nn.functional.normalize(f, dim=1).numpy(), atol=1e-5)
-    model.train()
-    model.forward_features(x)[:, 0].sum().backward()  # the model's own layers keep autograd
-    assert all(m.weight.grad is not None for m in linears)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(type(m) is Linear for m in linears) and cpu_gemm_way() == "onednn"
+    x = torch.from_numpy(np.random.default_rng(2).standard_normal((5, 3, 32, 16)).astype(np.float32))
+
+    def run():
+        model.zero_grad()
+        out = model.forward_features(x)
+        out.square().mean().backward()
+        return out.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    fast, fast_grads = run()
+    plain = torch.nn.functional.linear
+    orig = Linear.forward
+    Linear.forward = lambda self, inp: plain(inp, self.weight, self.bias)
+    try:
+        ref, ref_grads = run()
+    finally:
+        Linear.forward = orig
+    torch.testing.assert_close(fast, ref, rtol=0, atol=1e-5)
+    assert len(fast_grads) == len(ref_grads) >= 3 * len(linears)  # the linears' weights and biases among them
+    for a, b in zip(fast_grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    images = np.random.default_rng(3).integers(0, 256, (4, 32, 16, 3), dtype=np.uint8)
+    assert np.isfinite(embed_images(model, images, torch.device("cpu"), batch=2)).all()
