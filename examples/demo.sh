@@ -2,7 +2,7 @@
 # Small from-scratch models keep a large shared component in the CLS feature before the BNNeck (cosines ≈ 0.999),
 # so the demo retrieves with the feature after it (--neck-feat after), as in Luo et al.'s BNNeck paper.
 # The main job on embedded synthetic data: generate → prepare → ablate (ape, rpe, both: train → extract → evaluate)
-# → extract → FAISS index → evaluate with ranked-list pictures. About 5 minutes on 2 CPU cores.
+# → extract → FAISS index → evaluate with ranked-list pictures. About 2.5 minutes on 2 CPU cores.
 set -euo pipefail
 OUT=${1:-demo}
 REID=${REID:-.venv/bin/reid}
