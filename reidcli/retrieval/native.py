@@ -4,6 +4,7 @@ the threads that run them over row ranges. Every kernel has a torch fallback giv
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -42,7 +43,9 @@ def available() -> bool:
     return module() is not None
 
 
-_POOL: list[ThreadPoolExecutor] = []  # one pool for every kernel's row ranges, sized to torch's CPU threads
+# one pool for every kernel's row ranges, sized to torch's CPU threads, with the process that made it: a forked
+# child inherits the pool object but not its threads, and must make its own
+_POOL: list[tuple[int, ThreadPoolExecutor]] = []
 
 
 def over_rows(num_rows: int, fn: Callable[[int, int], None], min_rows: int = 4) -> None:
@@ -52,7 +55,7 @@ def over_rows(num_rows: int, fn: Callable[[int, int], None], min_rows: int = 4) 
     if threads == 1:
         fn(0, num_rows)
         return
-    if not _POOL or _POOL[0]._max_workers != threads:
-        _POOL[:] = [ThreadPoolExecutor(threads, thread_name_prefix="reidcli-cpu")]
+    if not _POOL or _POOL[0][0] != os.getpid() or _POOL[0][1]._max_workers != threads:
+        _POOL[:] = [(os.getpid(), ThreadPoolExecutor(threads, thread_name_prefix="reidcli-cpu"))]
     step = math.ceil(num_rows / threads)
-    list(_POOL[0].map(lambda r0: fn(r0, min(num_rows, r0 + step)), range(0, num_rows, step)))
+    list(_POOL[0][1].map(lambda r0: fn(r0, min(num_rows, r0 + step)), range(0, num_rows, step)))

@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -440,3 +442,21 @@ def test_an_out_of_date_compiled_module_is_ignored_with_one_warning(monkeypatch)
     assert not caught  # warned once per process
     query, gallery = _splits(6)
     assert evaluate(query, gallery, EvalConfig(engine="torch", device="cpu")).metrics.num_valid_queries > 0
+
+
+def test_kernel_thread_pool_is_made_anew_in_another_process(monkeypatch):
+    """A forked child inherits the pool object but none of its threads: the pool remembers its process and a call
+    from another pid makes a new one (torch's own OpenMP threads after a fork are torch's matter)."""
+    from reidcli.retrieval import native
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    seen = []
+    native.over_rows(40, lambda r0, r1: seen.append((r0, r1)))
+    first = native._POOL[0]
+    assert sorted(seen) == [(0, 20), (20, 40)] and first[0] == os.getpid()
+    native.over_rows(40, lambda r0, r1: None)
+    assert native._POOL[0] is first  # reused within the process
+    monkeypatch.setattr(native.os, "getpid", lambda: first[0] + 1)
+    seen.clear()
+    native.over_rows(40, lambda r0, r1: seen.append((r0, r1)))
+    assert native._POOL[0] is not first and native._POOL[0][0] == first[0] + 1 and len(seen) == 2
