@@ -61,8 +61,8 @@ def _environment() -> list[tuple[str, str, str]]:
         rows.append(("CUDA", "ok", f"{torch.cuda.device_count()} GPU(s): {names}"))
     else:
         rows.append(("CUDA", "none", "no GPU visible: training and evaluation run on the CPU"))
+    from reidcli.onednn import cpu_gemm_way
     from reidcli.retrieval import native
-    from reidcli.retrieval.similarity import cpu_gemm_way
 
     if native.available():
         rows.append(("CPU kernels", "ok", "compiled (exact rank counting scan, re-ranking's neighbour fold and join)"))

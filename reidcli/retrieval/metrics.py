@@ -121,8 +121,8 @@ def positive_ranks(
     located by binary search: no histogram atomics, few host syncs), "count" (each such item's key searched among
     the positives', then one histogram: no sort; see :func:`_counted_beats`), or "auto": on the CPU the scan where
     it is built (see :func:`_use_scan`), else count; on a GPU the kernel, else sort, and count when many exact ties
-    make the sort's tie-break loop long. All are exact and give identical
-    ranks (the kernel's rows are padded wider with −1).
+    make the sort's tie-break loop long. All are exact and give identical ranks (the kernel's rows are padded
+    wider with −1).
     """
     if method not in COUNTING:
         raise ValueError(f"unknown counting method {method!r}")

@@ -23,7 +23,7 @@ __all__ = ["k_reciprocal_rerank"]
 
 def _sq_dist(a: torch.Tensor, b: torch.Tensor, b_sq: torch.Tensor) -> torch.Tensor:
     """Squared distances ``|a|² + |b|² − 2 a·b``: on a GPU one GEMM with the ``|b|²`` term as its bias; on the CPU
-    oneDNN's GEMM (1.9× MKL's there: see :mod:`reidcli.retrieval.similarity`), then the terms in place."""
+    oneDNN's GEMM (1.9× MKL's there: see :mod:`reidcli.onednn`), then the terms in place."""
     if a.is_cuda:
         return torch.addmm(b_sq[None, :], a, b.T, alpha=-2.0).add_((a * a).sum(1, keepdim=True)).clamp_min_(0.0)
     d = matmul_t(a, b).mul_(-2.0).add_(b_sq[None, :])
@@ -170,14 +170,14 @@ def _jaccard_overlap(v: torch.Tensor, num_query: int, pair_budget: int = 1 << 24
     counts = torch.bincount(gc, minlength=n)
     starts = counts.cumsum(0) - counts
     overlap = torch.zeros(num_query, n - num_query, device=v.device)
-    if not v.is_cuda and native.available():  # the compiled join: one query row's pairs per pass, 15× the torch one
+    mod = None if v.is_cuda else native.module()
+    if mod is not None:  # the compiled join: one query row's pairs per pass, 7× the torch one
         q_ptr = torch.zeros(num_query + 1, dtype=torch.long)
         q_ptr[1:] = torch.bincount(qr, minlength=num_query).cumsum(0)  # coalesced: entries sorted by row
         g_ptr = torch.zeros(n + 1, dtype=torch.long)
         g_ptr[1:] = counts.cumsum(0)
         q_col, q_val, g_row, g_val = qc.contiguous(), qv.float().contiguous(), gr.contiguous(), gv.float().contiguous()
         ptrs = [t.data_ptr() for t in (q_ptr, q_col, q_val, g_ptr, g_row, g_val)]
-        mod = native.module()
         native.over_rows(num_query, lambda r0, r1: mod.jaccard_rows(*ptrs, n - num_query, r0, r1, overlap.data_ptr()))
         return overlap
     matches = counts[qc]
