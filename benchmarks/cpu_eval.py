@@ -62,6 +62,10 @@ TRAINED = 2.3  # feature noise giving mAP ≈ 0.89, mINP ≈ 0.38: a trained Mar
 WEAK = 3.0  # mAP ≈ 0.32: positives spread through the gallery, the counting's worst regime
 
 
+# evaluators from features (similarity included) and their engine: ours_faiss is `reid evaluate`'s default
+FROM_FEATURES = {"ours_full": "torch", "ours_faiss": "faiss"}
+
+
 def timed(fn, reps: int = 3) -> tuple[float, object]:
     best, out = float("inf"), None
     for _ in range(reps):
@@ -83,13 +87,15 @@ def one(who: str, noise: float, peer_dir: str | None) -> dict:
     evaluation runs (cold memory), and the best of three more (warm)."""
     q, g = market_like(3368, 15913, 750, noise=noise)
     dist = 2 - 2 * torch.from_numpy(q.feats) @ torch.from_numpy(g.feats).T
-    if who.startswith("ours_") and who != "ours_full":  # ours_count: the torch fallback where the scan isn't built;
+    if (
+        who.startswith("ours_") and who not in FROM_FEATURES
+    ):  # ours_count: the torch fallback where the scan isn't built;
         # ours_sort: the sorted keys (the CPU's counting two versions ago)
         fn = lambda: ours_from_distmat(dist, q, g, who[5:])  # noqa: E731
     elif who == "ours":  # the default ("auto": the compiled scan where it is built)
         fn = lambda: ours_from_distmat(dist, q, g)  # noqa: E731
-    elif who == "ours_full":  # features in, similarity included; evaluate's own clock (no tensor conversion)
-        fn = lambda: evaluate(q, g, EvalConfig(engine="torch", device="cpu"))  # noqa: E731
+    elif who in FROM_FEATURES:  # features in, similarity included; evaluate's own clock (no tensor conversion)
+        fn = lambda: evaluate(q, g, EvalConfig(engine=FROM_FEATURES[who], device="cpu"))  # noqa: E731
     else:
         sys.path.insert(0, peer_dir)
         import rank_cy
@@ -100,8 +106,8 @@ def one(who: str, noise: float, peer_dir: str | None) -> dict:
     for _ in range(4):
         t = time.perf_counter()
         out = fn()
-        times.append(out.seconds if who == "ours_full" else time.perf_counter() - t)
-    mAP = out.metrics.mAP if who == "ours_full" else float(out[1]) if who == "torchreid" else out.mAP
+        times.append(out.seconds if who in FROM_FEATURES else time.perf_counter() - t)
+    mAP = out.metrics.mAP if who in FROM_FEATURES else float(out[1]) if who == "torchreid" else out.mAP
     res = {"first_s": times[0], "best_s": min(times[1:]), "mAP": mAP}
     if who.startswith("ours"):
         from reidcli.retrieval.metrics import scan_available
@@ -113,7 +119,7 @@ def one(who: str, noise: float, peer_dir: str | None) -> dict:
 def market(peer_dir: str | None, noise: float) -> dict:
     """Each evaluator in its own process, so none inherits another's warmed-up allocator."""
     res = {}
-    for who in ("ours", "ours_count", "ours_sort", "ours_full") + (("torchreid",) if peer_dir else ()):
+    for who in ("ours", "ours_count", "ours_sort", "ours_full", "ours_faiss") + (("torchreid",) if peer_dir else ()):
         cmd = [sys.executable, "-m", "benchmarks.cpu_eval", "--one", who, "--noise", str(noise)]
         cmd += ["--peer-dir", peer_dir] if peer_dir else []
         res[who] = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
@@ -124,11 +130,12 @@ def market(peer_dir: str | None, noise: float) -> dict:
 
 
 def big(nq: int, ng: int, ids: int, distractors: int = 0, noise: float = TRAINED) -> dict:
+    """Both engines on one large case, the torch engine first (its peak memory is the one reported)."""
     q, g = market_like(nq, ng, ids, seed=1, noise=noise)
     g = with_distractors(g, distractors)
     t = time.perf_counter()
     out = evaluate(q, g, EvalConfig(engine="torch", device="cpu"))
-    return {
+    res = {
         "size": [nq, len(g.pids)],
         "seconds": out.seconds,
         "wall_s": time.perf_counter() - t,
@@ -136,6 +143,13 @@ def big(nq: int, ng: int, ids: int, distractors: int = 0, noise: float = TRAINED
         "mINP": out.metrics.mINP,
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
     }
+    faiss_out = evaluate(q, g, EvalConfig(engine="faiss", device="cpu"))
+    res["faiss_engine"] = {
+        "seconds": faiss_out.seconds,
+        "mAP": faiss_out.metrics.mAP,
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+    }
+    return res
 
 
 def rerank_market(noise: float = WEAK) -> dict:

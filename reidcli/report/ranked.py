@@ -43,7 +43,7 @@ def write_ranked_lists(
 def _reranked_lists(query: FeatureSplit, gallery: FeatureSplit, rows: np.ndarray, top_k: int, cfg) -> np.ndarray:
     import torch
 
-    from reidcli.retrieval.evaluate import resolve_device
+    from reidcli.retrieval.evaluate import best_first, resolve_device
     from reidcli.retrieval.rerank import k_reciprocal_rerank
 
     dev = resolve_device(cfg.device)
@@ -51,4 +51,4 @@ def _reranked_lists(query: FeatureSplit, gallery: FeatureSplit, rows: np.ndarray
     g = torch.from_numpy(np.asarray(gallery.feats, dtype=np.float32)).to(dev)
     dist = k_reciprocal_rerank(q, g, cfg.k1, cfg.k2, cfg.lambda_value)
     k = min(top_k, len(gallery))
-    return dist[torch.from_numpy(rows).to(dev)].topk(k, dim=1, largest=False).indices.cpu().numpy()
+    return best_first(dist[torch.from_numpy(rows).to(dev)], k, descending=False).cpu().numpy()

@@ -433,12 +433,20 @@ def ranks_from_lists(
     g_pids: torch.Tensor,
     g_camids: torch.Tensor,
     groups: GalleryGroups | None = None,
+    scores: torch.Tensor | None = None,
 ) -> tuple[QueryRanks, torch.Tensor]:
     """Ranks of positives from ranked lists (Q, K) of gallery indices (−1 = empty slot).
 
     Returns the ranks found and a (Q,) mask of *complete* queries, whose every positive is in its list; the
     others must be completed by :func:`positive_ranks` (counting over the whole gallery).
+
+    ``scores`` (Q, K), the lists' scores, make ties exact: FAISS's heaps put equal scores in descending id order
+    and may cut a run of equal scores at a full list's end, keeping higher rows. With the scores each list is
+    reordered by (score descending, gallery row ascending), the protocol's rule, and a query with a positive tied
+    to its full list's last score is left to counting, since an equal item of a lower row may have been cut.
     """
+    if scores is not None:
+        lists, scores = _tie_order(lists, scores)
     q = lists.shape[0]
     filled = lists >= 0
     idx = lists.clamp_min(0)
@@ -454,7 +462,24 @@ def ranks_from_lists(
     rows = torch.arange(q, device=lists.device)[:, None].expand_as(pos)
     keep = pos & (slot < ranks.shape[1])
     ranks[rows[keep], slot[keep]] = rank_in_valid[keep]
-    return QueryRanks(ranks[:, :p_max], num_pos_total, num_valid), found == num_pos_total
+    complete = found == num_pos_total
+    if scores is not None and lists.shape[1] < len(g_pids):
+        full = lists[:, -1] >= 0
+        complete &= ~(pos & (scores == scores[:, -1:]) & full[:, None]).any(1)
+    return QueryRanks(ranks[:, :p_max], num_pos_total, num_valid), complete
+
+
+def _tie_order(lists: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row by score descending, then gallery row ascending; empty slots (−1) last. Rows already strictly
+    descending (no equal scores: the usual case) are returned as they are."""
+    scores = scores.float()
+    if bool((scores[:, 1:] < scores[:, :-1]).all()):
+        return lists, scores
+    empty = lists < 0
+    # one int64 key a slot, unique in its row: 32 bits of descending score order, then 31 bits of gallery row
+    key = (2**32 - 1 - _ordered_bits(scores)) * 2**31 + lists.clamp(0, 2**31 - 1)
+    order = torch.where(empty, torch.iinfo(torch.int64).max, key).argsort(dim=1)
+    return lists.gather(1, order), scores.gather(1, order)
 
 
 def chance_average_precision(num_pos: torch.Tensor, num_valid: torch.Tensor) -> torch.Tensor:

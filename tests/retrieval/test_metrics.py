@@ -114,6 +114,77 @@ def test_faiss_lists_plus_counting_equal_torch(depth):
     assert b.engine == "faiss" and not b.metrics.approximate
 
 
+def _exact_tie_splits(seed=5, collapsed=False):
+    """Features whose inner products are exact in float32 in any summation order (quarters, 16-d), with many
+    duplicate gallery rows: every GEMM gives the same scores, with exact ties everywhere."""
+    rng = np.random.default_rng(seed)
+    q, qp, qc, g, gp, gc = market_like(rng, num_query=50, num_gallery=300)
+    q, g = np.round(q * 4) / 4, np.round(g * 4) / 4
+    g[150:250] = g[0:100]
+    if collapsed:
+        q[:], g[:] = q[0], q[0]
+    return FeatureSplit(q.astype(np.float32), qp, qc), FeatureSplit(g.astype(np.float32), gp, gc)
+
+
+@pytest.mark.parametrize("collapsed", [False, True])
+@pytest.mark.parametrize("depth", [1, 3, 10, 40, 300])
+def test_faiss_engine_breaks_exact_ties_by_gallery_order(depth, collapsed, tmp_path):
+    """FAISS's heaps order equal scores by descending id and may cut a tie at the list's end: the lists are
+    reordered by (score, gallery row) and a positive tied with the list's last score is counted instead."""
+    from reidcli.retrieval.index import IndexConfig, build_index
+
+    query, gallery = _exact_tie_splits(collapsed=collapsed)
+    scores = query.feats.astype(np.float64) @ gallery.feats.T.astype(np.float64)
+    _, mAP, mINP, _ = eval_market1501(-scores, query.pids, gallery.pids, query.camids, gallery.camids)
+    cfg = EvalConfig(engine="faiss", depth=depth, device="cpu")
+    on_the_fly = evaluate(query, gallery, cfg)
+    built = evaluate(query, gallery, cfg, build_index(gallery.feats, IndexConfig(kind="flat")))
+    torch_engine = evaluate(query, gallery, EvalConfig(engine="torch", device="cpu"))
+    for out in (on_the_fly, built, torch_engine):
+        assert abs(out.metrics.mAP - mAP) < 1e-9 and abs(out.metrics.mINP - mINP) < 1e-9
+        assert out.metrics.cmc == torch_engine.metrics.cmc
+
+
+@pytest.mark.parametrize("depth", [2, 10, 40])
+def test_lists_from_faiss_search_with_their_scores_give_the_counted_ranks(depth):
+    """The path GPU FAISS and IVF indexes take: index.search's lists (FAISS's tie order) reordered by their
+    scores; every query they call complete has exactly the counted ranks."""
+    import faiss
+
+    from reidcli.retrieval.metrics import ranks_from_lists
+
+    query, gallery = _exact_tie_splits(seed=9)
+    index = faiss.IndexFlatIP(gallery.feats.shape[1])
+    index.add(gallery.feats)
+    values, lists = index.search(query.feats, depth)
+    t = [torch.as_tensor(a) for a in (query.pids, query.camids, gallery.pids, gallery.camids)]
+    found, complete = ranks_from_lists(torch.from_numpy(lists), *t, scores=torch.from_numpy(values))
+    counted = positive_ranks(torch.as_tensor(query.feats @ gallery.feats.T), *t, method="count")
+    assert 0 < int(complete.sum()) < len(complete)  # both kinds of query occur
+    for row in complete.nonzero()[:, 0].tolist():
+        n = int(counted.num_pos[row])
+        assert found.ranks[row, :n].tolist() == counted.ranks[row, :n].tolist(), row
+
+
+def test_lists_in_faiss_tie_order_are_reordered_and_a_cut_tie_is_counted():
+    import faiss
+
+    from reidcli.retrieval.metrics import ranks_from_lists
+
+    gallery = np.ones((4, 2), dtype=np.float32)  # four equal scores: rows 0 neg, 1 pos, 2 neg, 3 pos
+    t = [torch.tensor(a) for a in ([1], [0], [2, 1, 3, 1], [0, 1, 0, 2])]
+    index = faiss.IndexFlatIP(2)
+    index.add(gallery)
+    values, lists = index.search(np.ones((1, 2), dtype=np.float32), 4)
+    raw, _ = ranks_from_lists(torch.from_numpy(lists), *t)
+    fixed, complete = ranks_from_lists(torch.from_numpy(lists), *t, scores=torch.from_numpy(values))
+    assert lists[0].tolist() == [3, 2, 1, 0] and raw.ranks.tolist() == [[0, 2]]  # FAISS: equal scores, high id first
+    assert fixed.ranks.tolist() == [[1, 3]] and complete.tolist() == [True]  # gallery order: neg, pos, neg, pos
+    values, lists = index.search(np.ones((1, 2), dtype=np.float32), 3)  # the tie is cut: one equal item left out
+    _, complete = ranks_from_lists(torch.from_numpy(lists), *t, scores=torch.from_numpy(values))
+    assert complete.tolist() == [False]
+
+
 def test_chunking_does_not_change_results(monkeypatch):
     import reidcli.retrieval.evaluate as ev
 
@@ -460,3 +531,14 @@ def test_kernel_thread_pool_is_made_anew_in_another_process(monkeypatch):
     seen.clear()
     native.over_rows(40, lambda r0, r1: seen.append((r0, r1)))
     assert native._POOL[0] is not first and native._POOL[0][0] == first[0] + 1 and len(seen) == 2
+
+
+def test_picture_lists_keep_gallery_order_for_equal_scores():
+    from reidcli.retrieval.evaluate import ranked_lists
+
+    g = np.tile(np.array([[0.6, 0.8]], dtype=np.float32), (40, 1))
+    g[7] = [1.0, 0.0]  # the one best item
+    ids = np.arange(40)
+    query = FeatureSplit(np.array([[1.0, 0.0]], dtype=np.float32), ids[:1], ids[:1])
+    lists = ranked_lists(query, FeatureSplit(g, ids, ids), 6)
+    assert lists.tolist() == [[7, 0, 1, 2, 3, 4]]
