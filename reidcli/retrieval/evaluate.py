@@ -193,6 +193,11 @@ def _faiss_ranks(query, gallery, cfg, index, tensors, chunk) -> tuple[list[Query
     )
 
     q, qp, qc, g, gp, gc = tensors
+    if index is not None and (index.ntotal != len(gp) or index.d != g.shape[1]):
+        raise FormatError(
+            f"the index holds {index.ntotal} vectors of {index.d} dimensions but the gallery {len(gp)} of "
+            f"{g.shape[1]}; rebuild it with 'reid index' from these features"
+        )
     groups = GalleryGroups(gp, gc)
     if q.device.type == "cpu" and faiss_gpu_count() == 0:
         vectors = g if index is None else flat_vectors(index)

@@ -87,6 +87,13 @@ def test_flat_index_equals_brute_force_and_reloads(feats, tmp_path):
     save_index(index, path, index_meta(IndexConfig(), str(feats), "gallery", g.feats, g.pids))
     again, meta = load_index(path, g.feats, g.pids)
     assert meta["exact"] and again.ntotal == 600
+    # the reloaded index's own vectors are searched: the same metrics as the torch engine
+    by_index = evaluate(q, g, EvalConfig(engine="faiss", depth=5), again).metrics
+    by_torch = evaluate(q, g, EvalConfig(engine="torch")).metrics
+    assert by_index.mAP == pytest.approx(by_torch.mAP, abs=1e-6) and by_index.cmc == pytest.approx(by_torch.cmc)
+    half = FeatureSplit(g.feats[:300], g.pids[:300], g.camids[:300])
+    with pytest.raises(FormatError, match="600 vectors of 32 dimensions but the gallery 300"):
+        evaluate(q, half, EvalConfig(engine="faiss"), again)
     with pytest.raises(FormatError, match="other features"):
         load_index(path, g.feats[::-1].copy(), g.pids)
     with pytest.raises(FormatError, match="600×32"):
