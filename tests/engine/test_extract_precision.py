@@ -84,12 +84,14 @@ def test_cuda_graph_option_is_silent_on_the_cpu():
 
 def test_model_linear_layers_run_through_onednn_on_the_cpu_with_the_same_outputs_and_gradients():
     """Every Linear of the model is reidcli.onednn.Linear (an nn.Linear): on the CPU in float32 its products go
-    through oneDNN, forward and input gradient; outputs and every gradient equal torch's own F.linear's."""
-    from reidcli.onednn import Linear, cpu_gemm_way
+    through oneDNN, forward, input gradient and weight gradient (transposed operands read in place); outputs and every
+    gradient equal torch's own F.linear's."""
+    from reidcli.onednn import Linear, _transposed_operands_ok, cpu_gemm_way
 
     model = _model()
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     assert linears and all(type(m) is Linear for m in linears) and cpu_gemm_way() == "onednn"
+    assert _transposed_operands_ok()
     x = torch.from_numpy(np.random.default_rng(2).standard_normal((5, 3, 32, 16)).astype(np.float32))
 
     def run():
