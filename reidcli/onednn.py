@@ -31,19 +31,20 @@ def cpu_gemm_way() -> str:
     """
     a = torch.linspace(-1.0, 1.0, 8 * 16).view(8, 16)
     b = torch.linspace(2.0, -2.0, 24 * 16).view(24, 16).sin()
-    ref = a @ b.T
     ways = {
         "onednn": lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [None], ""),
         "mkldnn": lambda: F.linear(a.to_mkldnn(), b.to_mkldnn()).to_dense(),
     }
-    for way, product in ways.items():
-        try:
-            got = product()
-        except _ERRORS:
-            continue
-        if got.layout == torch.strided and torch.allclose(got, ref, rtol=0, atol=1e-5):
-            return way
-    return "mm"
+    return next((way for way, product in ways.items() if _agrees(product, a @ b.T)), "mm")
+
+
+def _agrees(product, ref: torch.Tensor) -> bool:
+    """Whether ``product()`` runs here and gives a plain tensor equal to ``ref`` (float32 rounding apart)."""
+    try:
+        got = product()
+    except _ERRORS:
+        return False
+    return got.layout == torch.strided and torch.allclose(got, ref, rtol=0, atol=1e-5)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -75,11 +76,7 @@ def _transposed_operands_ok() -> bool:
         return False
     a = torch.linspace(-1.0, 1.0, 37 * 24).view(37, 24).cos()
     b = torch.linspace(2.0, -2.0, 37 * 16).view(37, 16).sin()
-    try:
-        got = torch.ops.mkldnn._linear_pointwise(a.t(), b.t(), None, "none", [None], "")
-    except _ERRORS:
-        return False
-    return got.layout == torch.strided and torch.allclose(got, a.t() @ b, rtol=0, atol=1e-5)
+    return _agrees(lambda: torch.ops.mkldnn._linear_pointwise(a.t(), b.t(), None, "none", [None], ""), a.t() @ b)
 
 
 def _weight_grad(grad2: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:

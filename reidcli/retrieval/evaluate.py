@@ -211,7 +211,7 @@ def _faiss_ranks(query, gallery, cfg, index, tensors, chunk) -> tuple[list[Query
     found, complete = ranks_from_lists(
         torch.from_numpy(lists).to(q.device), qp, qc, gp, gc, groups, torch.from_numpy(values).to(q.device)
     )
-    parts = [QueryRanks(found.ranks[complete], found.num_pos[complete], found.num_valid[complete])]
+    parts = _select_rows([found], complete)
     tail = complete.logical_not().nonzero()[:, 0]
     if len(tail):
         parts += _count_all(q, qp, qc, g, gp, gc, chunk, cfg, rows=tail, groups=groups)
@@ -235,7 +235,7 @@ def _flat_search(q, qp, qc, g, gp, gc, chunk: int, cfg: EvalConfig, groups: Gall
         found, complete = ranks_from_lists(
             torch.from_numpy(lists), qp_b, qc_b, gp, gc, groups, torch.from_numpy(values)
         )
-        parts.append(QueryRanks(found.ranks[complete], found.num_pos[complete], found.num_valid[complete]))
+        parts += _select_rows([found], complete)
         tail = complete.logical_not()
         num_tail = int(tail.sum())
         if 4 * num_tail > len(tail):  # many: count the block in place rather than copy most of its rows

@@ -475,10 +475,8 @@ def _tie_order(lists: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor,
     scores = scores.float()
     if bool((scores[:, 1:] < scores[:, :-1]).all()):
         return lists, scores
-    empty = lists < 0
-    # one int64 key a slot, unique in its row: 32 bits of descending score order, then 31 bits of gallery row
-    key = (2**32 - 1 - _ordered_bits(scores)) * 2**31 + lists.clamp(0, 2**31 - 1)
-    order = torch.where(empty, torch.iinfo(torch.int64).max, key).argsort(dim=1)
+    key = _rank_keys(scores, lists).masked_fill(lists < 0, torch.iinfo(torch.int64).min)  # unique in its row
+    order = key.argsort(dim=1, descending=True)
     return lists.gather(1, order), scores.gather(1, order)
 
 
