@@ -24,8 +24,10 @@ __all__ = ["top_patches", "patch_embedding", "relation_vectors", "rp_triplet"]
 
 
 def top_patches(cls_feat: torch.Tensor, tokens: torch.Tensor, n: int) -> torch.Tensor:
-    """Indices (B, n) of the patch tokens most cosine-similar to the CLS token, most similar first."""
-    sim = torch.einsum("bd,bnd->bn", F.normalize(cls_feat.float(), dim=-1), F.normalize(tokens.float(), dim=-1))
+    """Indices (B, n) of the patch tokens most cosine-similar to the CLS token, most similar first (in float32, also
+    under autocast)."""
+    with torch.autocast(tokens.device.type, enabled=False):
+        sim = torch.einsum("bd,bnd->bn", F.normalize(cls_feat.float(), dim=-1), F.normalize(tokens.float(), dim=-1))
     return sim.topk(min(n, tokens.shape[1]), dim=1).indices
 
 

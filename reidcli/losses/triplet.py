@@ -9,11 +9,15 @@ __all__ = ["pairwise_distance", "hardest_pairs", "batch_hard_triplet"]
 
 
 def pairwise_distance(x: torch.Tensor) -> torch.Tensor:
-    """Euclidean distances (B, B) of rows of x (B, D), computed in float32 and clamped before the sqrt."""
-    x = x.float()
-    sq = x.pow(2).sum(1)
-    d2 = (sq[:, None] + sq[None, :] - 2 * x @ x.T).clamp_min(1e-12)
-    return d2.sqrt()
+    """Euclidean distances (B, B) of rows of x (B, D), computed in float32 and clamped before the sqrt.
+
+    Outside autocast: in bf16 the product ``x xᵀ`` would lose the small differences between large squared norms
+    that decide the hardest pairs (a ViT step's update differed from fp32's by 9% instead of CE's 0.6%)."""
+    with torch.autocast(x.device.type, enabled=False):
+        x = x.float()
+        sq = x.pow(2).sum(1)
+        d2 = (sq[:, None] + sq[None, :] - 2 * x @ x.T).clamp_min(1e-12)
+        return d2.sqrt()
 
 
 def hardest_pairs(dist: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,6 +29,21 @@ def test_triplet_without_positives_is_zero_not_nan():
     loss.backward()
 
 
+def test_distances_and_patch_ranking_stay_float32_under_bf16_autocast():
+    """Autocast would run their products in bf16: distances between features with a large shared component then
+    lose the differences that pick the hardest pairs. Under autocast they equal the float32 results exactly."""
+    gen = torch.Generator().manual_seed(0)
+    x = 10 + 0.01 * torch.randn(8, 64, generator=gen)
+    tokens = 10 + 0.01 * torch.randn(8, 12, 64, generator=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        dist, top = pairwise_distance(x), top_patches(x, tokens, 4)
+        sq = x.pow(2).sum(1)
+        unguarded = (sq[:, None] + sq[None, :] - 2 * x @ x.T).clamp_min(1e-12).sqrt()  # the product in bf16
+    assert dist.dtype == torch.float32 and torch.equal(dist, pairwise_distance(x))
+    assert torch.equal(top, top_patches(x, tokens, 4))
+    assert unguarded.dtype == torch.float32 and (unguarded - dist).abs().max() > 1.0  # distances are ≈ 0.11
+
+
 def test_loss_spec_parsing():
     assert parse_loss_spec("rp-triplet") == ("ce", "triplet", "rp-triplet")
     assert parse_loss_spec("triplet+ce") == ("ce", "triplet")
