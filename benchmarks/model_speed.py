@@ -1,11 +1,13 @@
 """Training-step and inference images/s per positional encoding, on CPU or GPU.
 
     python benchmarks/model_speed.py [--preset vit_base] [--batch 64] [--image-size 256x128] [--compile]
-        [--out benchmarks/results/model_speed_<device>.json]
+        [--precision auto,bf16,fp32] [--out benchmarks/results/model_speed_<device>.json]
 
-On CUDA the step runs under bf16 autocast, and for ``rpe``/``both`` (and ``ape``) it is also run with SDPA restricted
-to the fused kernels: if the bias did not reach the memory-efficient kernel, that run raises instead of silently
-taking the math path. Defaults on CPU are small (vit_tiny, batch 16) so the script finishes in a minute.
+``--precision`` as ``reid train``'s (auto: bf16 autocast on CUDA, fp32 on the CPU); several, comma-separated, are
+measured in turn for each --pe. On CUDA the step runs under bf16 autocast by default, and for ``rpe``/``both``
+(and ``ape``) it is also run with SDPA restricted to the fused kernels: if the bias did not reach the
+memory-efficient kernel, that run raises instead of silently taking the math path. Defaults on CPU are small
+(vit_tiny, batch 16) so the script finishes in a minute.
 """
 
 from __future__ import annotations
@@ -51,13 +53,18 @@ def fused_only(dev: torch.device, with_bias: bool):
     return sdpa_kernel(backends)
 
 
-def measure(pe: str, cfg: ModelConfig, batch: int, dev: torch.device, compile_: bool, steps: int) -> dict:
+def measure(
+    pe: str, cfg: ModelConfig, batch: int, dev: torch.device, compile_: bool, steps: int, precision: str = "auto"
+) -> dict:
+    from reidcli.engine.train import train_precision
+
     model = ViTReID(ModelConfig(**{**cfg.to_dict(), "pe": pe, "num_classes": 751})).to(dev)
     opt = torch.optim.SGD(model.parameters(), lr=0.008, momentum=0.9)
     x = torch.randn(batch, 3, *cfg.image_size, device=dev)
     y = torch.randint(0, 751, (batch,), device=dev)
     fwd = torch.compile(model) if compile_ else model
-    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
+    precision = train_precision(precision, dev)
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
     def step():
         with autocast:
@@ -77,6 +84,7 @@ def measure(pe: str, cfg: ModelConfig, batch: int, dev: torch.device, compile_: 
         "pe": pe,
         "batch": batch,
         "compile": compile_,
+        "precision": precision,
         "train_img_s": batch / _timeit(step, dev, warm=5 if compile_ else 2, reps=steps),
         "infer_img_s": batch / _timeit(infer, dev, warm=2, reps=steps),
     }
@@ -95,6 +103,7 @@ def main() -> None:
     ap.add_argument("--pe", default=",".join(PE_CHOICES))
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--precision", default="auto")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -102,11 +111,17 @@ def main() -> None:
     batch = args.batch or (64 if dev.type == "cuda" else 16)
     h, w = (int(v) for v in args.image_size.split("x"))
     cfg = ModelConfig.from_preset(preset, image_size=(h, w))
-    rows = [measure(pe, cfg, batch, dev, args.compile, args.steps) for pe in args.pe.split(",")]
+    rows = [
+        measure(pe, cfg, batch, dev, args.compile, args.steps, precision)
+        for pe in args.pe.split(",")
+        for precision in args.precision.split(",")
+    ]
     name = torch.cuda.get_device_name() if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     result = {"device": name, "torch": torch.__version__, "preset": preset, "image_size": [h, w], "rows": rows}
     for r in rows:
-        print(f"{r['pe']:7s} train {r['train_img_s']:9.1f} img/s   infer {r['infer_img_s']:9.1f} img/s")
+        print(
+            f"{r['pe']:7s} {r['precision']:5s} train {r['train_img_s']:9.1f} img/s  infer {r['infer_img_s']:9.1f} img/s"
+        )
     out = Path(args.out or f"benchmarks/results/model_speed_{dev.type}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

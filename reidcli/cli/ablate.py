@@ -29,6 +29,7 @@ from reidcli.cli.options import (
     RpFormOpt,
     StrideOpt,
     TopNOpt,
+    TrainPrecisionOpt,
     WarmupOpt,
     WeightDecayOpt,
     parse_list,
@@ -63,6 +64,7 @@ def ablate(
     init: Annotated[Path | None, typer.Option(help="timm-format ViT weights every run starts from.")] = None,
     perturb: Annotated[float, typer.Option(help="Query misalignment for the robustness column (0: off).")] = 0.1,
     device: DeviceOpt = "auto",
+    precision: TrainPrecisionOpt = "auto",
     dry_run: Annotated[bool, typer.Option(help="Print the plan (and which runs are reused) and exit.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -106,6 +108,7 @@ def ablate(
         weight_decay=weight_decay,
         warmup_epochs=warmup_epochs,
         device=device,
+        precision=precision,
         init=str(init) if init else None,
     )
     cfg = AblationConfig(

@@ -70,6 +70,7 @@ def _environment() -> list[tuple[str, str, str]]:
         rows.append(("CPU kernels", "none", "not built: torch fallbacks (same numbers, slower); reinstall with cc"))
     gemm = {"onednn": "oneDNN operator", "mkldnn": "oneDNN (mkldnn layout)", "mm": "torch.mm (no oneDNN)"}
     rows.append(("CPU GEMM", "ok", gemm[cpu_gemm_way()]))
+    rows.append(_cpu_bf16())
     try:
         import faiss
 
@@ -78,6 +79,19 @@ def _environment() -> list[tuple[str, str, str]]:
     except ImportError:
         rows.append(("faiss", "FAIL", "not installed: run 'make install'"))
     return rows
+
+
+def _cpu_bf16() -> tuple[str, str, str]:
+    """Whether the CPU multiplies bf16 in hardware (then ``--precision bf16`` pays off), from its flags."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ("CPU bf16", "unknown", "no /proc/cpuinfo: compare --precision bf16 with fp32 on a few batches")
+    flags = {f for line in text.splitlines() if line.startswith(("flags", "Features")) for f in line.split()}
+    found = sorted(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+    if found:
+        return ("CPU bf16", "ok", f"{', '.join(found)}: --precision bf16 runs ViT-S/B ~1.5x faster than fp32")
+    return ("CPU bf16", "none", "no bf16 instructions (software conversion): keep the CPU's default fp32")
 
 
 def _check_data(path: Path, _data) -> list[tuple[str, str, str]]:

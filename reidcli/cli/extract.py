@@ -21,8 +21,11 @@ def extract(
     dtype: Annotated[str, typer.Option(help="Stored dtype: float32, or float16 (half the size).")] = "float32",
     device: DeviceOpt = "auto",
     precision: Annotated[
-        str, typer.Option(help="GPU forward precision: fp16, bf16 (autocast) or fp32; the CPU runs fp32.")
-    ] = "fp16",
+        str,
+        typer.Option(
+            help="Forward precision: auto (GPU fp16, CPU fp32), fp16 (GPU), bf16 (autocast; CPU too, ~1.6x) or fp32."
+        ),
+    ] = "auto",
     compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the forward (large splits).")] = False,
     cuda_graph: Annotated[
         bool, typer.Option(help="GPU: replay each batch as one CUDA graph (eager launches if capture fails).")
@@ -36,6 +39,8 @@ def extract(
       reid extract --run runs/rpe --data data/market1501.h5 --out feats/rpe.h5
 
       reid extract --run runs/rpe --data data/market1501.h5 --out feats/rpe16.h5 --dtype float16 --no-flip
+
+      reid extract --run runs/rpe --data data/market1501.h5 --out feats/rpe.h5 --device cpu --precision bf16
     """
     from reidcli.engine.extract import ExtractConfig, extract_features
 

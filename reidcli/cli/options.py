@@ -34,6 +34,9 @@ DropPathOpt = Annotated[float, typer.Option(help="Stochastic depth rate.")]
 TopNOpt = Annotated[int, typer.Option(help="Patches used by patch-triplet / rp-triplet.")]
 RpFormOpt = Annotated[str, typer.Option(help="rp-triplet form: stable (default) or raw (the seed's).")]
 NeckFeatOpt = Annotated[str, typer.Option(help="Test feature: before or after the BNNeck.")]
+TrainPrecisionOpt = Annotated[
+    str, typer.Option(help="auto (GPU bf16 autocast, CPU fp32), bf16 (CPU too: ~1.5x for ViT-S) or fp32.")
+]
 
 
 def parse_size(text: str) -> tuple[int, int]:

@@ -29,6 +29,7 @@ from reidcli.cli.options import (
     RpFormOpt,
     StrideOpt,
     TopNOpt,
+    TrainPrecisionOpt,
     WarmupOpt,
     WeightDecayOpt,
     parse_size,
@@ -102,6 +103,7 @@ def train(
     neck_feat: NeckFeatOpt = "before",
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     device: DeviceOpt = "auto",
+    precision: TrainPrecisionOpt = "auto",
     compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
     compile_mode: Annotated[
         str, typer.Option(help="torch.compile mode: default, reduce-overhead, max-autotune-no-cudagraphs.")
@@ -160,6 +162,7 @@ def train(
         warmup_epochs=warmup_epochs,
         seed=seed,
         device=device,
+        precision=precision,
         compile=compile_,
         compile_mode=compile_mode,
         cuda_graph=cuda_graph,

@@ -30,11 +30,20 @@ from reidcli.losses.combined import LossConfig, compute_losses
 from reidcli.model.vit import ModelConfig, ViTReID, parameter_report
 from reidcli.retrieval.evaluate import resolve_device
 
-__all__ = ["COMPILE_MODES", "TrainConfig", "TrainResult", "train", "lr_at"]
+__all__ = ["COMPILE_MODES", "TRAIN_PRECISIONS", "TrainConfig", "TrainResult", "train", "train_precision", "lr_at"]
 
 log = logging.getLogger(__name__)
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
+TRAIN_PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def train_precision(precision: str, device: torch.device) -> str:
+    """The step's precision: ``auto`` is bf16 autocast on CUDA and fp32 on the CPU. bf16 on the CPU uses its bf16
+    instructions where it has them: 1.4-1.65x fp32 for a ViT-S/16 step on the test machine's AVX-512 cores."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
 
 
 @dataclass(frozen=True)
@@ -55,7 +64,7 @@ class TrainConfig:
     min_lr_factor: float = 0.002  # cosine floor as a fraction of lr (TransReID)
     seed: int = 0
     device: str = "auto"
-    bf16: bool = True  # autocast on CUDA only
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on the CPU; bf16 or fp32 on either
     compile: bool = False
     compile_mode: str = "default"  # default, reduce-overhead (torch's CUDA graphs), max-autotune-no-cudagraphs
     cuda_graph: bool = True  # on one CUDA GPU: the whole step (augmentation to optimizer) is one CUDA graph, replayed
@@ -76,6 +85,8 @@ class TrainConfig:
             raise ConfigError(f"unknown --optimizer {self.optimizer!r}; use sgd or adamw")
         if self.lr <= 0:
             raise ConfigError("--lr must be positive")
+        if self.precision not in TRAIN_PRECISIONS:
+            raise ConfigError(f"unknown --precision {self.precision!r}; choose one of {', '.join(TRAIN_PRECISIONS)}")
         if self.compile_mode not in COMPILE_MODES:
             raise ConfigError(f"unknown --compile-mode {self.compile_mode!r}; choose one of {', '.join(COMPILE_MODES)}")
         if self.cuda_graph and self.compile and self.compile_mode == "reduce-overhead":
@@ -94,6 +105,8 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
         d = dict(d)
+        if "bf16" in d:  # config.json before --precision: bf16 autocast on CUDA only, i.e. "auto"
+            d["precision"] = "auto" if d.pop("bf16") else "fp32"
         d["model"] = ModelConfig.from_dict(d["model"])
         d["loss"] = LossConfig(**d["loss"])
         aug = dict(d["augment"])
@@ -269,7 +282,7 @@ def _make_step(state: _State, cfg: TrainConfig, device: torch.device):
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
     if cfg.compile:
         model = torch.compile(model, mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
-    autocast = device.type == "cuda" and cfg.bf16
+    autocast = train_precision(cfg.precision, device) == "bf16"
     params = [p for p in state.model.parameters() if p.requires_grad]
 
     def step(x: torch.Tensor, y: torch.Tensor, epoch: float | torch.Tensor) -> tuple[dict, torch.Tensor, dict]:
@@ -491,7 +504,7 @@ def _quick_eval(model: ViTReID, cfg: TrainConfig, device: torch.device) -> dict:
     from reidcli.engine.extract import embed_dataset
     from reidcli.retrieval.evaluate import EvalConfig, evaluate
 
-    feats = embed_dataset(model, cfg.data, ("query", "gallery"), device=device)
+    feats = embed_dataset(model, cfg.data, ("query", "gallery"), device=device, precision=cfg.precision)
     out = evaluate(feats["query"], feats["gallery"], EvalConfig(engine="torch", device=str(device)))
     return {"eval_mAP": out.metrics.mAP, "eval_rank1": out.metrics.cmc[0]}
 

@@ -79,6 +79,9 @@ def _config_hash(cfg: TrainConfig) -> str:
     d = cfg.to_dict()
     d.pop("run_dir")
     d.pop("device")
+    if d["precision"] == "auto":  # keyed as before --precision existed, so earlier ablation folders are still reused
+        del d["precision"]
+        d["bf16"] = True
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -116,7 +119,7 @@ def _run_variant(v: Variant, cfg: AblationConfig, on_step) -> dict:
 
     device = resolve_device(v.train.device)
     model, _, _ = load_run_model(v.run_dir, device)
-    feats = embed_dataset(model, v.train.data, ("query", "gallery"), device, flip=cfg.flip)
+    feats = embed_dataset(model, v.train.data, ("query", "gallery"), device, flip=cfg.flip, precision=v.train.precision)
     write_features(v.run_dir / "features.h5", feats, {"dataset_file": str(v.train.data), "flip": int(cfg.flip)})
     metrics = evaluate(feats["query"], feats["gallery"], EvalConfig(engine="torch", device=str(device))).metrics
     row = {
@@ -161,7 +164,9 @@ def _shifted_map(model, v: Variant, cfg: AblationConfig, gallery, device) -> flo
     dy, dx = int(round(cfg.perturb * h)), int(round(cfg.perturb * w))
     shifted = np.zeros_like(q.images)
     shifted[:, dy:, dx:] = q.images[:, : h - dy, : w - dx]
-    feats = FeatureSplit(embed_images(model, shifted, device, flip=cfg.flip), q.pids, q.camids)
+    feats = FeatureSplit(
+        embed_images(model, shifted, device, flip=cfg.flip, precision=v.train.precision), q.pids, q.camids
+    )
     return evaluate(feats, gallery, EvalConfig(engine="torch", device=str(device))).metrics.mAP
 
 

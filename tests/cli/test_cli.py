@@ -2,7 +2,9 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
+import h5py
 import pytest
 
 from tests.conftest import TINY_MODEL, run_cli
@@ -130,6 +132,23 @@ def test_end_to_end_pipeline_learns(tmp_path):
     assert json.loads(plain.stdout)["mAP"] == torch_res["mAP"]  # the CPU's GEMM is fp32 either way
     bad = run_cli("evaluate", str(tmp_path / "f.h5"), "--similarity", "tf32")
     assert bad.returncode == 1 and "unknown similarity mode 'tf32'" in bad.stderr and "Traceback" not in bad.stderr
+    # the CPU's bf16 forward: recorded as such, retrieval as good as fp32's (the default, also recorded)
+    r = run_cli(
+        "extract",
+        "--run",
+        str(tmp_path / "run"),
+        "--data",
+        str(h5),
+        "--out",
+        str(tmp_path / "b.h5"),
+        "--precision",
+        "bf16",
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    bf16 = json.loads(run_cli("evaluate", str(tmp_path / "b.h5"), "--json").stdout)
+    assert abs(bf16["mAP"] - res["mAP"]) < 0.02 and bf16["mAP"] != res["mAP"]
+    with h5py.File(tmp_path / "b.h5") as f, h5py.File(tmp_path / "f.h5") as g:
+        assert (f.attrs["precision"], g.attrs["precision"]) == ("bf16", "fp32")
 
 
 def test_print_model_seed_figures(tiny_data):
@@ -182,6 +201,8 @@ def test_doctor_checks_data_and_run(tiny_data, tmp_path):
     assert checks["torch"]["status"] == "ok" and "GPU support" in checks["faiss"]["detail"]
     built = "ok" if shutil.which("cc") or shutil.which("gcc") else "none"  # as test_scan_is_built_wherever_…
     assert checks["CPU kernels"]["status"] == built and checks["CPU GEMM"]["detail"] == "oneDNN operator"
+    has_bf16 = any(f in Path("/proc/cpuinfo").read_text() for f in ("avx512_bf16", "amx_bf16"))
+    assert checks["CPU bf16"]["status"] == ("ok" if has_bf16 else "none")  # this x86 machine: avx512_bf16
     assert "12 ids" in checks["dataset"]["detail"]
     r = run_cli("doctor", "--run", str(tmp_path / "nope"), "--json")
     assert r.returncode == 1

@@ -1,10 +1,10 @@
-"""Extraction options: precisions (CUDA-only ones fall back to fp32 on the CPU), compiled forward, padding."""
+"""Extraction options: precisions (fp16 falls back to fp32 on the CPU, bf16 runs there), compiled forward, padding."""
 
 import numpy as np
 import pytest
 import torch
 
-from reidcli.engine.extract import embed_images
+from reidcli.engine.extract import embed_images, resolve_precision
 from reidcli.errors import ConfigError
 from reidcli.model.vit import ModelConfig, ViTReID
 
@@ -37,6 +37,22 @@ def test_flip_is_the_mean_of_image_and_mirror():
 def test_unknown_precision_is_a_config_error():
     with pytest.raises(ConfigError, match="unknown precision"):
         embed_images(_model(), np.zeros((1, 32, 16, 3), np.uint8), torch.device("cpu"), precision="int8")
+
+
+def test_cpu_precisions_fp32_by_default_bf16_on_request():
+    model = _model()
+    images = np.random.default_rng(2).integers(0, 256, (6, 32, 16, 3), dtype=np.uint8)
+    cpu = torch.device("cpu")
+    fp32 = embed_images(model, images, cpu, precision="fp32")
+    for same in ("auto", "fp16"):  # CPUs have no fast float16 products: fp16 means fp32 there
+        np.testing.assert_array_equal(embed_images(model, images, cpu, precision=same), fp32)
+    bf16 = embed_images(model, images, cpu, precision="bf16")
+    assert bf16.dtype == np.float32 and not np.array_equal(bf16, fp32)
+    np.testing.assert_allclose(np.linalg.norm(bf16, axis=1), 1.0, atol=1e-5)
+    assert (bf16 * fp32).sum(1).min() > 0.999
+    cuda = torch.device("cuda")
+    assert [resolve_precision(p, cuda) for p in ("auto", "fp16", "bf16", "fp32")] == ["fp16", "fp16", "bf16", "fp32"]
+    assert [resolve_precision(p, cpu) for p in ("auto", "fp16", "bf16", "fp32")] == ["fp32", "fp32", "bf16", "fp32"]
 
 
 def test_staged_batches_keep_order_and_padding_with_a_helper_thread():
