@@ -80,6 +80,16 @@ def test_changed_options_do_not_reuse_runs(tiny_data, tmp_path):
     assert {v.run_dir for v in a}.isdisjoint({v.run_dir for v in b})
 
 
+def test_run_keys_made_before_precision_existed_still_match():
+    """Ablation folders are keyed by a hash of the resolved config; adding ``--precision`` (default auto) must not
+    re-key them. The literal is what commit 5b81d0b, before the option, computed for this config."""
+    from reidcli.report.ablate import _config_hash
+
+    cfg = TrainConfig(data="d.h5", run_dir="r")
+    assert _config_hash(cfg) == "b559588e37"
+    assert _config_hash(replace(cfg, precision="bf16")) != _config_hash(replace(cfg, precision="fp32")) != "b559588e37"
+
+
 def test_cli_dry_run_and_table(tiny_data, tmp_path):
     out = tmp_path / "abl"
     args = ("ablate", "--data", str(tiny_data), "--out", str(out), "--pe", "none,ape", "--epochs", "1", *TINY)
