@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp
+from timm.layers import DropPath
+from timm.layers import Mlp as TimmMlp
 from torch import nn
 
-from reidcli.onednn import Linear
+from reidcli.onednn import Linear, linear_gelu
 
-__all__ = ["Attention", "Block"]
+__all__ = ["Attention", "Block", "Mlp"]
 
 
 class Attention(nn.Module):
@@ -36,6 +37,21 @@ class Attention(nn.Module):
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, d)))
 
 
+class Mlp(TimmMlp):
+    """timm's Mlp (same parameter names) on oneDNN Linear layers; without gradients (extraction, evaluation) ``fc1``
+    and its exact GELU run as one oneDNN operator on the CPU."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__(dim, hidden, act_layer=nn.GELU)
+        self.fc1, self.fc2 = Linear(dim, hidden), Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() or self.act.approximate != "none":
+            return super().forward(x)
+        x = self.drop1(linear_gelu(x, self.fc1.weight, self.fc1.bias))
+        return self.drop2(self.fc2(self.norm(x)))
+
+
 class Block(nn.Module):
     """Pre-norm transformer block on timm's Mlp and DropPath."""
 
@@ -44,8 +60,7 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, heads)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
-        self.mlp.fc1, self.mlp.fc2 = (Linear(f.in_features, f.out_features) for f in (self.mlp.fc1, self.mlp.fc2))
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -130,3 +130,28 @@ def test_model_linear_layers_run_through_onednn_on_the_cpu_with_the_same_outputs
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     images = np.random.default_rng(3).integers(0, 256, (4, 32, 16, 3), dtype=np.uint8)
     assert np.isfinite(embed_images(model, images, torch.device("cpu"), batch=2)).all()
+
+
+def test_inference_fuses_fc1_and_gelu_with_the_same_features():
+    """Without gradients each MLP's fc1 and exact GELU are one oneDNN operator on the CPU; the forward equals the
+    unfused one (timm's Mlp.forward), and with gradients the unfused path (which keeps the pre-activation) runs."""
+    from unittest import mock
+
+    import reidcli.model.attention as attention
+    import reidcli.onednn as onednn
+    from reidcli.model.attention import Mlp
+
+    model = _model().eval()
+    assert onednn._gelu_post_op_ok()
+    x = torch.from_numpy(np.random.default_rng(4).standard_normal((3, 3, 32, 16)).astype(np.float32))
+    with mock.patch.object(attention, "linear_gelu", wraps=onednn.linear_gelu) as fused:
+        with torch.no_grad():
+            fast = model.forward_features(x)
+        assert fused.call_count == model.cfg.depth
+        with mock.patch.object(Mlp, "forward", lambda self, h: super(Mlp, self).forward(h)), torch.no_grad():
+            plain = model.forward_features(x)
+        fused.reset_mock()
+        with_grad = model.forward_features(x)
+        assert fused.call_count == 0 and with_grad.requires_grad
+    torch.testing.assert_close(fast, plain, rtol=0, atol=1e-6)
+    torch.testing.assert_close(with_grad.detach(), plain, rtol=0, atol=1e-6)
