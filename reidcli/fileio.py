@@ -8,10 +8,12 @@ import hashlib
 import json
 import os
 import secrets
+import signal
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_path", "write_json_atomic", "sha256_file"]
+__all__ = ["atomic_path", "atomic_paths", "write_json_atomic", "sha256_file"]
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -37,25 +39,60 @@ def atomic_path(final: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     file or the complete new one, never a half-written file. The name is registered before the file exists, so
     even an interruption between the two is cleaned up at exit.
     """
-    final = Path(final)
+    with atomic_paths((final, suffix)) as (tmp,):
+        yield tmp
+
+
+@contextlib.contextmanager
+def atomic_paths(*targets: tuple[str | os.PathLike, str]) -> Iterator[list[Path]]:
+    """:func:`atomic_path` for files that belong together, given as ``(final, suffix)``: one temporary path each,
+    all renamed into place at the end with SIGINT/SIGTERM held back, so a signal cannot land between the renames
+    (it is handled right after them); an exception before that removes every temporary file."""
+    tmps = []
+    try:
+        for final, suffix in targets:
+            tmps.append(_claim(Path(final), suffix))
+        yield tmps
+        with _signals_deferred():
+            for tmp, (final, _) in zip(tmps, targets, strict=True):
+                os.chmod(tmp, 0o666 & ~_UMASK)  # created 0600; finished files get the usual permissions
+                os.replace(tmp, final)
+    except BaseException:
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        _LIVE.difference_update(tmps)
+
+
+def _claim(final: Path, suffix: str) -> Path:
+    """A new, empty temporary file beside ``final``, registered (for cleanup at exit) before it exists."""
     final.parent.mkdir(parents=True, exist_ok=True)
     while True:
         tmp_path = final.parent / f".{final.name}.{secrets.token_hex(6)}{suffix}.tmp"
         _LIVE.add(tmp_path)
         try:
             os.close(os.open(tmp_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
-            break
+            return tmp_path
         except FileExistsError:  # another writer's name (2⁻⁴⁸ odds): draw again
             _LIVE.discard(tmp_path)
+        except BaseException:
+            _LIVE.discard(tmp_path)
+            tmp_path.unlink(missing_ok=True)
+            raise
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM held pending for the block (main thread, POSIX); their handlers run when it ends."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
-        yield tmp_path
-        os.chmod(tmp_path, 0o666 & ~_UMASK)  # created 0600; finished files get the usual permissions
-        os.replace(tmp_path, final)
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
+        yield
     finally:
-        _LIVE.discard(tmp_path)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def write_json_atomic(path: str | os.PathLike, obj: object) -> None:

@@ -40,3 +40,45 @@ def test_a_writer_interrupted_outside_its_except_is_cleaned_up_at_exit(tmp_path)
     assert not tmp.exists() and not final.exists()
     cm.gen.close()  # the suspended writer, closed late, finds nothing left to remove
     assert tmp not in fileio._LIVE
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_files_that_belong_together_are_renamed_together_even_when_a_signal_lands_between(tmp_path, monkeypatch):
+    """A SIGTERM arriving while the first of two files is renamed waits until the second is in place too; an
+    exception before the renames removes both temporary files and keeps the old pair."""
+    import signal
+
+    from reidcli.fileio import atomic_paths
+
+    a, b = tmp_path / "index.faiss", tmp_path / "index.faiss.json"
+    a.write_text("old a")
+    b.write_text("old b")
+    with pytest.raises(RuntimeError), atomic_paths((a, ".faiss"), (b, "")) as (ta, tb):
+        ta.write_text("new a")
+        raise RuntimeError("failed before the renames")
+    assert (a.read_text(), b.read_text()) == ("old a", "old b") and sorted(tmp_path.iterdir()) == [a, b]
+
+    replace = os.replace
+    renamed = []
+
+    def replace_then_signal(src, dst):
+        replace(src, dst)
+        renamed.append(dst)
+        if len(renamed) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # lands between the two renames
+
+    def on_term(signum, frame):
+        raise _Stop(f"signal after {len(renamed)} renames")
+
+    monkeypatch.setattr(os, "replace", replace_then_signal)
+    old_handler = signal.signal(signal.SIGTERM, on_term)
+    try:
+        with pytest.raises(_Stop, match="signal after 2 renames"), atomic_paths((a, ".faiss"), (b, "")) as (ta, tb):
+            ta.write_text("new a")
+            tb.write_text("new b")
+    finally:
+        signal.signal(signal.SIGTERM, old_handler)
+    assert (a.read_text(), b.read_text()) == ("new a", "new b") and sorted(tmp_path.iterdir()) == [a, b]

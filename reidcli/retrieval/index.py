@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from reidcli.errors import ConfigError, FormatError
-from reidcli.fileio import atomic_path, sha256_file, write_json_atomic
+from reidcli.fileio import atomic_paths, sha256_file
 
 __all__ = [
     "IndexConfig",
@@ -154,12 +154,12 @@ def save_index(index, path: str | Path, meta: dict) -> None:
     """``path`` (.faiss) and ``path`` + ``.json`` (provenance: features file, split, digest, kind), atomically."""
     faiss = _faiss()
     path = Path(path)
-    with atomic_path(path, suffix=".faiss") as tmp:
+    # both renamed together, signals held back between them; the hash still ties the two files together, so even
+    # a crash (SIGKILL, power loss) between the renames is detected on loading
+    with atomic_paths((path, ".faiss"), (Path(str(path) + ".json"), "")) as (tmp, tmp_meta):
         faiss.write_index(index, str(tmp))
-        file_hash = sha256_file(tmp)  # ties the two files together: a crash between the renames is detected
-    write_json_atomic(
-        Path(str(path) + ".json"), {"format": "reidcli.index", "version": 1, **meta, "index_sha256": file_hash}
-    )
+        meta = {"format": "reidcli.index", "version": 1, **meta, "index_sha256": sha256_file(tmp)}
+        tmp_meta.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
 
 def load_index(path: str | Path, feats: np.ndarray | None = None, pids: np.ndarray | None = None):
