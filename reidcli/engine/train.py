@@ -206,6 +206,10 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def _save(state: _State, files: RunFiles) -> None:
+    # metrics first: interrupted between the two, the checkpoint is the previous epoch's and resuming drops the
+    # newer metrics row (it keeps rows up to the checkpoint's epoch) and trains that epoch again; the other order
+    # would lose the row of an epoch the checkpoint holds
+    write_metrics(files.metrics, state.metrics)
     save_checkpoint(
         files.checkpoint,
         {
@@ -217,7 +221,6 @@ def _save(state: _State, files: RunFiles) -> None:
             "epoch": state.epoch,
         },
     )
-    write_metrics(files.metrics, state.metrics)
 
 
 def train(

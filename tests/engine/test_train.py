@@ -56,6 +56,32 @@ def test_resume_continues_the_same_trajectory(tiny_data, tmp_path):
         assert [m[key] for m in straight.metrics] == [m[key] for m in resumed.metrics]
 
 
+@pytest.mark.parametrize("fails", ["write_metrics", "save_checkpoint"])
+def test_a_kill_between_the_checkpoint_and_the_metrics_loses_no_epoch(fails, tiny_data, tmp_path, monkeypatch):
+    """Epoch 2's save is cut after its first file or before it: resuming gives the uninterrupted run's metrics
+    rows, each epoch once (the checkpoint is never newer than the metrics)."""
+    import reidcli.engine.train as engine
+
+    straight = train(_cfg(tiny_data, tmp_path / "a"))
+    real = getattr(engine, fails)
+
+    def cut(path, payload):
+        epoch = payload["epoch"] if isinstance(payload, dict) else len(payload)
+        if epoch == 2:
+            raise Stop
+        real(path, payload)
+
+    monkeypatch.setattr(engine, fails, cut)
+    with pytest.raises(Stop):
+        train(_cfg(tiny_data, tmp_path / "b"))
+    monkeypatch.setattr(engine, fails, real)
+    resumed = train(_cfg(tiny_data, tmp_path / "b"), resume=True)
+    assert [m["epoch"] for m in resumed.metrics] == [1, 2]
+    assert [m["loss"] for m in resumed.metrics] == [m["loss"] for m in straight.metrics]
+    on_disk = [json.loads(line) for line in RunFiles(tmp_path / "b").metrics.read_text().splitlines()]
+    assert [m["loss"] for m in on_disk] == [m["loss"] for m in straight.metrics]
+
+
 def test_run_folder_contents(tiny_data, tmp_path):
     result = train(_cfg(tiny_data, tmp_path / "r", epochs=1))
     files = RunFiles(result.run_dir)
