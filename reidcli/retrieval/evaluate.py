@@ -121,8 +121,26 @@ def _count_all(q, qp, qc, g, gp, gc, chunk: int, cfg: EvalConfig, rows=None, gro
     groups = groups or GalleryGroups(gp, gc)
     parts = []
     for sel, block in _score_blocks(q, g, chunk, cfg, rows):
-        parts += ranks_in_blocks(block, qp[sel], qc[sel], gp, gc, groups, method=cfg.counting)
+        ids = _ids(sel, len(qp), qp.device)
+        parts += _label(ranks_in_blocks(block, qp[sel], qc[sel], gp, gc, groups, method=cfg.counting), ids)
     return parts
+
+
+def _ids(sel, total: int, device) -> torch.Tensor:
+    """The query rows a block selector (a slice or a tensor of rows) stands for."""
+    if isinstance(sel, slice):
+        return torch.arange(sel.start, min(sel.stop, total), device=device)
+    return sel
+
+
+def _label(parts: list[QueryRanks], ids: torch.Tensor) -> list[QueryRanks]:
+    """Consecutive parts labelled with the query rows ``ids`` they cover, in order (for per-query results)."""
+    out, start = [], 0
+    for part in parts:
+        n = len(part.num_pos)
+        out.append(part.at(ids[start : start + n]))
+        start += n
+    return out
 
 
 def _check(query: FeatureSplit, gallery: FeatureSplit) -> None:
@@ -160,8 +178,11 @@ def evaluate(query: FeatureSplit, gallery: FeatureSplit, cfg: EvalConfig, index=
         parts = [
             part
             for i in range(0, len(qp), chunk)
-            for part in ranks_in_blocks(
-                dist[i : i + chunk], qp[i : i + chunk], qc[i : i + chunk], gp, gc, groups, True, cfg.counting
+            for part in _label(
+                ranks_in_blocks(
+                    dist[i : i + chunk], qp[i : i + chunk], qc[i : i + chunk], gp, gc, groups, True, cfg.counting
+                ),
+                _ids(slice(i, i + chunk), len(qp), qp.device),
             )
         ]
         engine = "torch+rerank"
@@ -211,7 +232,7 @@ def _faiss_ranks(query, gallery, cfg, index, tensors, chunk) -> tuple[list[Query
     found, complete = ranks_from_lists(
         torch.from_numpy(lists).to(q.device), qp, qc, gp, gc, groups, torch.from_numpy(values).to(q.device)
     )
-    parts = _select_rows([found], complete)
+    parts = _select_rows([found.at(torch.arange(len(qp), device=qp.device))], complete)
     tail = complete.logical_not().nonzero()[:, 0]
     if len(tail):
         parts += _count_all(q, qp, qc, g, gp, gc, chunk, cfg, rows=tail, groups=groups)
@@ -231,18 +252,20 @@ def _flat_search(q, qp, qc, g, gp, gc, chunk: int, cfg: EvalConfig, groups: Gall
     parts = []
     for sel, block in _score_blocks(q, g, chunk, cfg):
         values, lists = top_k(block.numpy())
-        qp_b, qc_b = qp[sel], qc[sel]
+        qp_b, qc_b, ids = qp[sel], qc[sel], _ids(sel, len(qp), qp.device)
         found, complete = ranks_from_lists(
             torch.from_numpy(lists), qp_b, qc_b, gp, gc, groups, torch.from_numpy(values)
         )
-        parts += _select_rows([found], complete)
+        parts += _select_rows([found.at(ids)], complete)
         tail = complete.logical_not()
         num_tail = int(tail.sum())
         if 4 * num_tail > len(tail):  # many: count the block in place rather than copy most of its rows
-            parts += _select_rows(ranks_in_blocks(block, qp_b, qc_b, gp, gc, groups, method=cfg.counting), tail)
+            counted = ranks_in_blocks(block, qp_b, qc_b, gp, gc, groups, method=cfg.counting)
+            parts += _select_rows(_label(counted, ids), tail)
         elif num_tail:
             rows = tail.nonzero()[:, 0]
-            parts += ranks_in_blocks(block[rows], qp_b[rows], qc_b[rows], gp, gc, groups, method=cfg.counting)
+            counted = ranks_in_blocks(block[rows], qp_b[rows], qc_b[rows], gp, gc, groups, method=cfg.counting)
+            parts += _label(counted, ids[rows])
     return parts
 
 
@@ -252,7 +275,7 @@ def _select_rows(parts: list[QueryRanks], mask: torch.Tensor) -> list[QueryRanks
     for part in parts:
         m = mask[start : start + len(part.num_pos)]
         start += len(part.num_pos)
-        out.append(QueryRanks(part.ranks[m], part.num_pos[m], part.num_valid[m]))
+        out.append(part.take(m))
     return out
 
 

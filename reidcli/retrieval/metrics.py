@@ -16,7 +16,7 @@ GPU a Triton kernel does it all. All count exactly, ties by gallery row, and giv
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -48,6 +48,16 @@ class QueryRanks:
     ranks: torch.Tensor  # (Q, P) int64
     num_pos: torch.Tensor  # (Q,) int64
     num_valid: torch.Tensor  # (Q,) int64: gallery items left after removing junk
+    rows: torch.Tensor | None = None  # (Q,) int64: the query rows these are (None: not tracked)
+
+    def at(self, rows: torch.Tensor) -> QueryRanks:
+        """The same ranks, labelled with the query rows they belong to."""
+        return QueryRanks(self.ranks, self.num_pos, self.num_valid, rows)
+
+    def take(self, mask: torch.Tensor) -> QueryRanks:
+        """The rows where ``mask`` is true, labels kept."""
+        rows = None if self.rows is None else self.rows[mask]
+        return QueryRanks(self.ranks[mask], self.num_pos[mask], self.num_valid[mask], rows)
 
 
 @dataclass(frozen=True)
@@ -59,6 +69,9 @@ class MetricResult:
     num_queries: int
     chance_mAP: float  # expected mAP of a uniformly random ranking of the same gallery
     approximate: bool = False
+    # per query row, where every part was labelled: "positives", "first_hit_rank" (1-based), "AP", "INP" (NaN for a
+    # query without positives); not in to_dict (that is the summary)
+    per_query: dict[str, np.ndarray] | None = field(default=None, compare=False, repr=False)
 
     def to_dict(self) -> dict:
         return {
@@ -495,9 +508,16 @@ def summarize(parts: list[QueryRanks], max_rank: int = 50, approximate: bool = F
     cmc = torch.zeros(max_rank, dtype=torch.float64)
     ap_sum = inp_sum = chance_sum = 0.0
     n_valid = 0
+    labelled = bool(parts) and all(p.rows is not None for p in parts)
+    if labelled:
+        per_query = {k: np.full(num_queries, np.nan) for k in ("first_hit_rank", "AP", "INP")}
+        per_query["positives"] = np.full(num_queries, -1, np.int64)
     for part in parts:
         all_pos = part.num_pos.cpu()  # small tensors: one copy each, then host arithmetic (no GPU launches)
         ok = all_pos > 0
+        if labelled:
+            rows = part.rows.cpu().numpy()
+            per_query["positives"][rows] = all_pos.numpy()
         if not bool(ok.any()):
             continue
         ranks = part.ranks.cpu()[ok].double()
@@ -513,9 +533,15 @@ def summarize(parts: list[QueryRanks], max_rank: int = 50, approximate: bool = F
         chance_sum += float(chance_average_precision(npos, part.num_valid.cpu()[ok]).sum())
         inp_sum += float(inp.sum())
         n_valid += int(ok.sum())
+        if labelled:
+            for key, value in (("first_hit_rank", first + 1), ("AP", ap), ("INP", inp)):
+                per_query[key][rows[ok.numpy()]] = value.numpy()
+    if labelled and (per_query["positives"] < 0).any():  # the parts' rows add up to Q: a gap means a duplicate
+        raise AssertionError("the ranked parts do not cover each query row once")  # a bookkeeping bug, not input
+    per_query = per_query if labelled else None
     if n_valid == 0:
         nan = float("nan")
-        return MetricResult(nan, nan, [nan] * max_rank, 0, num_queries, nan, approximate)
+        return MetricResult(nan, nan, [nan] * max_rank, 0, num_queries, nan, approximate, per_query)
     return MetricResult(
         ap_sum / n_valid,
         inp_sum / n_valid,
@@ -524,4 +550,5 @@ def summarize(parts: list[QueryRanks], max_rank: int = 50, approximate: bool = F
         num_queries,
         chance_sum / n_valid,
         approximate,
+        per_query,
     )

@@ -5,11 +5,12 @@ import sys
 from pathlib import Path
 
 import h5py
+import pandas as pd
 import pytest
 
 from tests.conftest import TINY_MODEL, run_cli
 
-COMMANDS = ("prepare", "train", "extract", "index", "evaluate", "ablate", "doctor")
+COMMANDS = ("prepare", "train", "extract", "index", "evaluate", "compare", "ablate", "doctor")
 
 
 def test_help_lists_commands_without_importing_torch():
@@ -126,6 +127,10 @@ def test_end_to_end_pipeline_learns(tmp_path):
     assert res["mAP"] > 5 * res["chance_mAP"], res
     assert (tmp_path / "eval" / "ranked_lists.png").stat().st_size > 5000
     assert json.loads((tmp_path / "eval" / "results.json").read_text())["mAP"] == res["mAP"]
+    per_query = pd.read_csv(tmp_path / "eval" / "per_query.csv")
+    assert len(per_query) == res["num_queries"] and per_query["AP"].notna().sum() == res["num_valid_queries"]
+    assert abs(per_query["AP"].mean() - res["mAP"]) < 1e-9 and (per_query["first_hit_rank"].dropna() >= 1).all()
+    assert per_query["path"].str.startswith("query/").all()
     torch_res = json.loads(run_cli("evaluate", str(tmp_path / "f.h5"), "--engine", "torch", "--json").stdout)
     assert abs(torch_res["mAP"] - res["mAP"]) < 1e-6
     plain = run_cli("evaluate", str(tmp_path / "f.h5"), "--engine", "torch", "--similarity", "fp32", "--json")
@@ -145,10 +150,16 @@ def test_end_to_end_pipeline_learns(tmp_path):
         "bf16",
     )
     assert r.returncode == 0, r.stderr[-2000:]
-    bf16 = json.loads(run_cli("evaluate", str(tmp_path / "b.h5"), "--json").stdout)
+    bf16 = json.loads(run_cli("evaluate", str(tmp_path / "b.h5"), "--json", "--out", str(tmp_path / "evalb")).stdout)
     assert abs(bf16["mAP"] - res["mAP"]) < 0.02 and bf16["mAP"] != res["mAP"]
     with h5py.File(tmp_path / "b.h5") as f, h5py.File(tmp_path / "f.h5") as g:
         assert (f.attrs["precision"], g.attrs["precision"]) == ("bf16", "fp32")
+    # the two evaluations compared query by query: their own mAPs, and a difference the bootstrap calls noise
+    r = run_cli("compare", str(tmp_path / "eval"), str(tmp_path / "evalb"), "--json")
+    assert r.returncode == 0, r.stderr
+    m_ap = json.loads(r.stdout)["metrics"][0]
+    assert m_ap["A"] == pytest.approx(res["mAP"], abs=1e-12) and m_ap["B"] == pytest.approx(bf16["mAP"], abs=1e-12)
+    assert m_ap["low"] <= m_ap["delta"] <= m_ap["high"] and m_ap["p"] > 0.05
 
 
 def test_print_model_seed_figures(tiny_data):

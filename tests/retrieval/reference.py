@@ -7,30 +7,47 @@ import numpy as np
 
 def eval_market1501(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50):
     """The Market-1501 protocol as torchreid's python evaluator, with a stable sort (ties by gallery order)."""
+    rows = per_query_market1501(distmat, q_pids, g_pids, q_camids, g_camids, max_rank)
+    valid = ~np.isnan(rows["AP"])
+    return (
+        rows["cmc"][valid].mean(0),
+        float(rows["AP"][valid].mean()),
+        float(rows["INP"][valid].mean()),
+        int(valid.sum()),
+    )
+
+
+def per_query_market1501(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50):
+    """Per query (NaN where it has no valid match): "AP", "INP", "first_hit_rank" (1-based), "positives", and its
+    0/1 "cmc" row."""
     num_q, num_g = distmat.shape
     indices = np.argsort(distmat, axis=1, kind="stable")
     matches = (g_pids[indices] == q_pids[:, np.newaxis]).astype(np.int32)
-    all_cmc, all_ap, all_inp = [], [], []
+    out = {k: np.full(num_q, np.nan) for k in ("AP", "INP", "first_hit_rank")}
+    out["positives"] = np.zeros(num_q, np.int64)
+    out["cmc"] = np.full((num_q, max_rank), np.nan)
     for q_idx in range(num_q):
         order = indices[q_idx]
         remove = (g_pids[order] == q_pids[q_idx]) & (g_camids[order] == q_camids[q_idx])
         raw_cmc = matches[q_idx][~remove]
+        out["positives"][q_idx] = raw_cmc.sum()
         if not np.any(raw_cmc):
             continue
         cmc = raw_cmc.cumsum()
         pos_idx = np.where(raw_cmc == 1)[0]
-        all_inp.append(cmc[pos_idx.max()] / (pos_idx.max() + 1.0))
+        out["INP"][q_idx] = cmc[pos_idx.max()] / (pos_idx.max() + 1.0)
+        out["first_hit_rank"][q_idx] = pos_idx.min() + 1
         cmc[cmc > 1] = 1
         full = np.zeros(max_rank)
         n = min(max_rank, len(cmc))
         full[:n] = cmc[:n]
         if len(cmc) < max_rank:
             full[n:] = cmc[-1]
-        all_cmc.append(full)
+        out["cmc"][q_idx] = full
         num_rel = raw_cmc.sum()
         tmp_cmc = raw_cmc.cumsum() / (np.arange(len(raw_cmc)) + 1.0)
-        all_ap.append((tmp_cmc * raw_cmc).sum() / num_rel)
-    return np.asarray(all_cmc).mean(0), float(np.mean(all_ap)), float(np.mean(all_inp)), len(all_ap)
+        out["AP"][q_idx] = (tmp_cmc * raw_cmc).sum() / num_rel
+    return out
 
 
 def re_ranking(q_g_dist, q_q_dist, g_g_dist, k1=20, k2=6, lambda_value=0.3):

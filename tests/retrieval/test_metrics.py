@@ -10,7 +10,7 @@ from reidcli.errors import ConfigError, FormatError
 from reidcli.retrieval.evaluate import EvalConfig, evaluate
 from reidcli.retrieval.features import FeatureSplit
 from reidcli.retrieval.metrics import positive_ranks, summarize
-from tests.retrieval.reference import eval_market1501, market_like
+from tests.retrieval.reference import eval_market1501, market_like, per_query_market1501
 
 
 def _eval_scores(scores, qp, qc, gp, gc, max_rank=50, method="count"):
@@ -183,6 +183,38 @@ def test_lists_in_faiss_tie_order_are_reordered_and_a_cut_tie_is_counted():
     values, lists = index.search(np.ones((1, 2), dtype=np.float32), 3)  # the tie is cut: one equal item left out
     _, complete = ranks_from_lists(torch.from_numpy(lists), *t, scores=torch.from_numpy(values))
     assert complete.tolist() == [False]
+
+
+@pytest.mark.parametrize("depth", [3, 60])
+@pytest.mark.parametrize("path", ["torch", "faiss on the fly", "faiss flat index", "faiss search lists", "rerank"])
+def test_per_query_results_equal_the_reference_row_for_row(path, depth, monkeypatch):
+    """Every engine path labels its ranked parts with their query rows (blocks of 16 here, lists of 3 or 60, the
+    counted tails of the FAISS paths in other orders): AP, INP, first hit and positives land on the right query."""
+    import reidcli.retrieval.evaluate as ev
+    import reidcli.retrieval.index as ix
+
+    # noise 0.5: at depth 3 most of a block's queries need counting, at depth 60 a few (both ways of counting tails)
+    query, gallery = _splits(6, num_query=70, num_gallery=400, noise=0.5)
+    monkeypatch.setattr(ev, "_chunk_rows", lambda *a: 16)
+    cfg = EvalConfig(engine="torch" if path == "torch" else "faiss", depth=depth, device="cpu", rerank=path == "rerank")
+    index = ix.build_index(gallery.feats, ix.IndexConfig(kind="flat")) if path == "faiss flat index" else None
+    if path == "faiss search lists":  # the path of GPU FAISS and IVF: index.search, then counting of the tails
+        monkeypatch.setattr(ix, "flat_vectors", lambda index: None)
+        index = ix.build_index(gallery.feats, ix.IndexConfig(kind="flat"))
+    if path == "rerank":
+        from reidcli.retrieval.rerank import k_reciprocal_rerank
+
+        dist = k_reciprocal_rerank(torch.from_numpy(query.feats), torch.from_numpy(gallery.feats), 20, 6, 0.3)
+        dist = dist.numpy()
+    else:
+        dist = -(query.feats.astype(np.float64) @ gallery.feats.T.astype(np.float64))
+    ref = per_query_market1501(dist, query.pids, gallery.pids, query.camids, gallery.camids)
+    got = evaluate(query, gallery, cfg, index).metrics
+    assert np.isnan(ref["AP"]).any() and not np.isnan(ref["AP"]).all()  # queries without a match occur
+    np.testing.assert_array_equal(got.per_query["positives"], ref["positives"])
+    for key in ("first_hit_rank", "AP", "INP"):
+        np.testing.assert_allclose(got.per_query[key], ref[key], rtol=0, atol=1e-9, err_msg=key)
+    assert got.mAP == pytest.approx(np.nanmean(got.per_query["AP"]), abs=1e-12)
 
 
 def test_chunking_does_not_change_results(monkeypatch):

@@ -1,0 +1,121 @@
+"""Paired comparison of two evaluations of the same queries (``per_query.csv`` from ``reid evaluate --out``).
+
+Two models evaluated on one query/gallery set differ query by query; a difference of mAP is only worth reporting
+if it survives resampling the queries. :func:`compare` gives each metric of A and B, their difference B − A, a
+95% percentile interval of that difference from a paired bootstrap over queries (the same resampled queries for
+both, as in Koehn 2004 for MT metrics), and the two-sided bootstrap p-value of "no difference".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from reidcli.errors import FormatError
+
+__all__ = ["PER_QUERY_COLUMNS", "read_per_query", "compare", "Comparison"]
+
+PER_QUERY_COLUMNS = ("query", "path", "pid", "camid", "positives", "first_hit_rank", "AP", "INP")
+_KEY = ("path", "pid", "camid", "positives")  # the same query against the same gallery has the same positives
+
+
+def read_per_query(path: str | Path) -> pd.DataFrame:
+    """A ``per_query.csv`` (or the ``reid evaluate --out`` folder holding one), checked for its columns."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "per_query.csv"
+    if not path.is_file():
+        raise FormatError(f"{path} not found; write it with 'reid evaluate FEATURES --out DIR' (DIR/per_query.csv)")
+    try:
+        table = pd.read_csv(path, keep_default_na=False, na_values={"first_hit_rank": [""], "AP": [""], "INP": [""]})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise FormatError(f"{path} is not a per-query CSV ({str(e).splitlines()[0]})") from None
+    missing = [c for c in PER_QUERY_COLUMNS if c not in table.columns]
+    if missing:
+        raise FormatError(f"{path} lacks the columns {', '.join(missing)}; write it with 'reid evaluate --out'")
+    return table
+
+
+@dataclass(frozen=True)
+class Comparison:
+    rows: list[dict]  # per metric: metric, A, B, delta, low, high, p
+    queries: int  # queries with a match, the ones the metrics average over
+    better: int  # queries whose AP is higher in B
+    worse: int
+    resamples: int
+
+    def to_dict(self) -> dict:
+        return {
+            "metrics": self.rows,
+            "queries": self.queries,
+            "b_better": self.better,
+            "b_worse": self.worse,
+            "resamples": self.resamples,
+        }
+
+
+def compare(a: pd.DataFrame, b: pd.DataFrame, resamples: int = 10_000, seed: int = 0) -> Comparison:
+    """mAP, Rank-1 and mINP of A and B over their valid queries, B − A with a paired-bootstrap 95% interval and
+    p-value. A and B must hold the same queries in the same order against the same gallery."""
+    if resamples < 100:
+        raise FormatError(f"--resamples {resamples} is too few for a 95% interval; use at least 1000")
+    if len(a) != len(b):
+        raise FormatError(
+            f"A has {len(a)} queries and B {len(b)}; evaluate both models on the same features' query split"
+        )
+    for col in _KEY:
+        differs = np.flatnonzero(a[col].to_numpy() != b[col].to_numpy())
+        if len(differs):
+            i = int(differs[0])
+            raise FormatError(
+                f"A and B differ at query row {i} ({col}: {a[col].iloc[i]!r} vs {b[col].iloc[i]!r}); compare "
+                "evaluations of the same query and gallery split"
+            )
+    valid = a["AP"].notna().to_numpy()
+    if not valid.any():
+        raise FormatError("no query has a match in these evaluations; nothing to compare")
+    per = {}
+    for name, t in (("A", a), ("B", b)):
+        per[name] = np.stack(
+            [
+                t["AP"].to_numpy(float)[valid],
+                (t["first_hit_rank"].to_numpy(float)[valid] == 1).astype(float),
+                t["INP"].to_numpy(float)[valid],
+            ]
+        )  # (3 metrics, queries)
+    diff = per["B"] - per["A"]
+    boot = _bootstrap_means(diff, resamples, seed)  # (resamples, 3)
+    rows = []
+    for k, metric in enumerate(("mAP", "Rank-1", "mINP")):
+        delta = float(diff[k].mean())
+        low, high = np.percentile(boot[:, k], [2.5, 97.5])
+        # two-sided: how often the resampled difference falls on the other side of zero (or on it)
+        p = 1.0 if delta == 0 else min(1.0, 2 * float(np.mean(boot[:, k] <= 0 if delta > 0 else boot[:, k] >= 0)))
+        rows.append(
+            {
+                "metric": metric,
+                "A": float(per["A"][k].mean()),
+                "B": float(per["B"][k].mean()),
+                "delta": delta,
+                "low": float(low),
+                "high": float(high),
+                "p": p,
+            }
+        )
+    return Comparison(rows, int(valid.sum()), int((diff[0] > 0).sum()), int((diff[0] < 0).sum()), resamples)
+
+
+def _bootstrap_means(diff: np.ndarray, resamples: int, seed: int, batch: int = 500) -> np.ndarray:
+    """(resamples, metrics) means of ``diff`` (metrics, n) over n queries drawn with replacement, drawn in batches
+    so memory stays at batch × n indices."""
+    rng = np.random.default_rng(seed)
+    n = diff.shape[1]
+    out = np.empty((resamples, diff.shape[0]))
+    for start in range(0, resamples, batch):
+        m = min(batch, resamples - start)
+        counts = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(m)])  # (m, n)
+        out[start : start + m] = counts @ diff.T / n
+    return out
