@@ -51,6 +51,7 @@ def evaluate(
       reid evaluate feats/rpe.h5 --rerank --out results/rpe --visualize 8
     """
     from reidcli.errors import ConfigError
+    from reidcli.report.compare import write_per_query
     from reidcli.retrieval.evaluate import EvalConfig
     from reidcli.retrieval.evaluate import evaluate as run_eval
     from reidcli.retrieval.features import read_features
@@ -80,7 +81,7 @@ def evaluate(
     report = {**result.metrics.to_dict(), "seconds": result.seconds, "engine": result.engine, "device": result.device}
     if out is not None:
         _write_results(out, report)
-        _write_per_query(out / "per_query.csv", splits["query"], result.metrics.per_query)
+        write_per_query(out / "per_query.csv", splits["query"], result.metrics.per_query)
         if visualize:
             _pictures(out, splits, data or attrs.get("dataset_file"), visualize, top_k, cfg if rerank else None)
     if json_out:
@@ -113,31 +114,6 @@ def _write_results(out: Path, report: dict) -> None:
     flat.update({f"rank{r}": report["cmc"][r - 1] for r in (1, 5, 10, 20) if r <= len(report["cmc"])})
     with atomic_path(out / "results.csv", suffix=".csv") as tmp:
         pd.DataFrame([flat]).to_csv(tmp, index=False)
-
-
-def _write_per_query(path: Path, query, per_query: dict | None) -> None:
-    """One row per query: its path, pid, camera, number of positives, first-hit rank (1-based), AP and INP (empty
-    for a query without a match) — for error analysis and paired comparisons of two models."""
-    import pandas as pd
-
-    from reidcli.fileio import atomic_path
-
-    if per_query is None:
-        return
-    table = pd.DataFrame(
-        {
-            "query": range(len(query)),
-            "path": query.paths if len(query.paths) == len(query) else [""] * len(query),
-            "pid": query.pids,
-            "camid": query.camids,
-            "positives": per_query["positives"],
-            "first_hit_rank": pd.array(per_query["first_hit_rank"], dtype="Int64"),
-            "AP": per_query["AP"],
-            "INP": per_query["INP"],
-        }
-    )
-    with atomic_path(path, suffix=".csv") as tmp:
-        table.to_csv(tmp, index=False)
 
 
 def _pictures(out: Path, splits, data, n: int, top_k: int, rerank) -> None:

@@ -107,6 +107,7 @@ def _run_variant(v: Variant, cfg: AblationConfig, on_step) -> dict:
     from reidcli.engine.extract import embed_dataset
     from reidcli.engine.train import train
     from reidcli.model.vit import parameter_report
+    from reidcli.report.compare import write_per_query
     from reidcli.retrieval.evaluate import EvalConfig, evaluate, resolve_device
     from reidcli.retrieval.features import write_features
 
@@ -122,6 +123,7 @@ def _run_variant(v: Variant, cfg: AblationConfig, on_step) -> dict:
     feats = embed_dataset(model, v.train.data, ("query", "gallery"), device, flip=cfg.flip, precision=v.train.precision)
     write_features(v.run_dir / "features.h5", feats, {"dataset_file": str(v.train.data), "flip": int(cfg.flip)})
     metrics = evaluate(feats["query"], feats["gallery"], EvalConfig(engine="torch", device=str(device))).metrics
+    write_per_query(v.run_dir / "per_query.csv", feats["query"], metrics.per_query)  # for 'reid compare RUN RUN'
     row = {
         "pe": v.pe,
         "loss": v.loss,

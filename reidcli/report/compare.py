@@ -16,10 +16,34 @@ import pandas as pd
 
 from reidcli.errors import FormatError
 
-__all__ = ["PER_QUERY_COLUMNS", "read_per_query", "compare", "Comparison"]
+__all__ = ["PER_QUERY_COLUMNS", "write_per_query", "read_per_query", "compare", "Comparison"]
 
 PER_QUERY_COLUMNS = ("query", "path", "pid", "camid", "positives", "first_hit_rank", "AP", "INP")
 _KEY = ("path", "pid", "camid", "positives")  # the same query against the same gallery has the same positives
+
+
+def write_per_query(path: str | Path, query, per_query: dict | None) -> None:
+    """``per_query.csv``: one row per query of the ``query`` split (a FeatureSplit): its path, pid, camera, number
+    of positives, first-hit rank (1-based), AP and INP (empty for a query without a match), written atomically.
+    Nothing when the evaluation kept no per-query results."""
+    from reidcli.fileio import atomic_path
+
+    if per_query is None:
+        return
+    table = pd.DataFrame(
+        {
+            "query": range(len(query)),
+            "path": query.paths if len(query.paths) == len(query) else [""] * len(query),
+            "pid": query.pids,
+            "camid": query.camids,
+            "positives": per_query["positives"],
+            "first_hit_rank": pd.array(per_query["first_hit_rank"], dtype="Int64"),
+            "AP": per_query["AP"],
+            "INP": per_query["INP"],
+        }
+    )
+    with atomic_path(path, suffix=".csv") as tmp:
+        table.to_csv(tmp, index=False)
 
 
 def read_per_query(path: str | Path) -> pd.DataFrame:

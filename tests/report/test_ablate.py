@@ -1,3 +1,4 @@
+import json
 import signal
 import subprocess
 import sys
@@ -67,6 +68,13 @@ def test_two_variants_two_seeds_then_full_reuse(tiny_data, tmp_path, monkeypatch
         "relation_vectors_rpe__ce-triplet.png",
         "ranked_ape__ce-triplet.png",
     } <= pictures
+    runs = pd.read_csv(tmp_path / "abl" / "runs.csv")  # each run's queries, for 'reid compare RUN RUN'
+    assert len(runs) == 4
+    for run, m_ap in zip(runs["run"], runs["mAP"], strict=True):
+        assert abs(pd.read_csv(Path(run) / "per_query.csv")["AP"].mean() - m_ap) < 1e-9
+    r = run_cli("compare", runs["run"].iloc[0], runs["run"].iloc[-1], "--json", "--resamples", "1000")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["metrics"][0]["A"] == pytest.approx(runs["mAP"].iloc[0], abs=1e-12)
 
     import reidcli.engine.train as engine
 
