@@ -84,15 +84,26 @@ def _claim(final: Path, suffix: str) -> Path:
 
 @contextlib.contextmanager
 def _signals_deferred() -> Iterator[None]:
-    """SIGINT and SIGTERM held pending for the block (main thread, POSIX); their handlers run when it ends."""
-    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+    """SIGINT and SIGTERM held for the block and handled when it ends, by their own handlers (in the main thread).
+
+    The handlers are swapped for ones that only take note: masking the signals would not do, as a process-directed
+    signal goes to any thread that does not mask it (torch's worker threads), and Python then runs the handler in
+    the main thread at once."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    pending: list[int] = []
+    held = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(sig) is not None:  # None: a handler installed outside Python, left alone
+            held[sig] = signal.signal(sig, lambda signum, frame: pending.append(signum))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for sig, handler in held.items():
+            signal.signal(sig, handler)
+        for sig in dict.fromkeys(pending):
+            signal.raise_signal(sig)  # its own handler runs now, as if it had arrived here
 
 
 def write_json_atomic(path: str | os.PathLike, obj: object) -> None:
