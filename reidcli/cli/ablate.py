@@ -163,6 +163,11 @@ def _print_summary(summary: list[dict], out: Path) -> None:
             ]
         )
     console.print(table)
+    if "ΔmAP" in cols:
+        console.print(
+            f"ΔmAP: against {summary[0]['variant']}, with a 95% paired-bootstrap interval over the queries "
+            "(the seeds' spread is the ± std)"
+        )
     console.print(f"tables: {out / 'results.csv'}, {out / 'results.md'}; pictures: {out / 'pictures'}")
 
 

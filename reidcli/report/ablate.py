@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 COLUMNS = [
     "variant",
     "mAP",
+    "ΔmAP",
     "Rank-1",
     "Rank-5",
     "Rank-10",
@@ -190,6 +191,25 @@ def summarize_runs(rows: list[dict]) -> list[dict]:
     return out
 
 
+def _paired_deltas(summary: list[dict], rows: list[dict], resamples: int = 10_000) -> None:
+    """Each variant's mAP minus the first variant's, with a 95% paired-bootstrap interval over the queries (seeds
+    paired by number, each query's AP averaged over them), from the runs' ``per_query.csv``: ``ΔmAP``,
+    ``ΔmAP low``, ``ΔmAP high`` in the summary rows. Skipped for runs made before those files were written."""
+    from reidcli.report.compare import compare_runs, read_per_query
+
+    runs: dict[tuple, dict] = {}
+    for r in rows:
+        runs.setdefault((r["pe"], r["loss"]), {})[r["seed"]] = Path(r["run"]) / "per_query.csv"
+    base = runs[(summary[0]["pe"], summary[0]["loss"])]
+    for row in summary[1:]:
+        mine = runs[(row["pe"], row["loss"])]
+        pairs = [(base[s], mine[s]) for s in mine if s in base]
+        if not pairs or not all(a.is_file() and b.is_file() for a, b in pairs):
+            continue
+        m_ap = compare_runs([(read_per_query(a), read_per_query(b)) for a, b in pairs], resamples).rows[0]
+        row.update({"ΔmAP": m_ap["delta"], "ΔmAP low": m_ap["low"], "ΔmAP high": m_ap["high"]})
+
+
 def run_ablation(
     cfg: AblationConfig,
     on_variant: Callable[[int, int, Variant], None] | None = None,
@@ -204,6 +224,7 @@ def run_ablation(
             on_variant(i, len(variants), v)
         rows.append(_run_variant(v, cfg, on_step))
     summary = summarize_runs(rows)
+    _paired_deltas(summary, rows)
     _write_tables(Path(cfg.out), summary, rows)
     _write_pictures(Path(cfg.out), variants)
     return summary
@@ -230,6 +251,8 @@ def format_cell(row: dict, col: str) -> str:
     if col in ("mAP", "Rank-1", "Rank-5", "Rank-10", "mINP", "mAP shifted"):
         std = row.get(col + " std", 0.0)
         return f"{100 * v:.1f} ± {100 * std:.1f}" if row.get("runs", 1) > 1 else f"{100 * v:.1f}"
+    if col == "ΔmAP":  # against the first variant, with its 95% paired-bootstrap interval over queries
+        return f"{100 * v:+.1f} [{100 * row['ΔmAP low']:+.1f}, {100 * row['ΔmAP high']:+.1f}]"
     if col == "PE share":
         return f"{100 * v:.2f}%"
     if col == "PE params":

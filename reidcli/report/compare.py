@@ -16,7 +16,7 @@ import pandas as pd
 
 from reidcli.errors import FormatError
 
-__all__ = ["PER_QUERY_COLUMNS", "write_per_query", "read_per_query", "compare", "Comparison"]
+__all__ = ["PER_QUERY_COLUMNS", "write_per_query", "read_per_query", "compare", "compare_runs", "Comparison"]
 
 PER_QUERY_COLUMNS = ("query", "path", "pid", "camid", "positives", "first_hit_rank", "AP", "INP")
 _KEY = ("path", "pid", "camid", "positives")  # the same query against the same gallery has the same positives
@@ -84,32 +84,19 @@ class Comparison:
 def compare(a: pd.DataFrame, b: pd.DataFrame, resamples: int = 10_000, seed: int = 0) -> Comparison:
     """mAP, Rank-1 and mINP of A and B over their valid queries, B − A with a paired-bootstrap 95% interval and
     p-value. A and B must hold the same queries in the same order against the same gallery."""
+    return compare_runs([(a, b)], resamples, seed)
+
+
+def compare_runs(pairs: list[tuple[pd.DataFrame, pd.DataFrame]], resamples: int = 10_000, seed: int = 0) -> Comparison:
+    """:func:`compare` over several (A, B) pairs of the same queries, e.g. one per training seed: each query's
+    metrics are averaged over the pairs, then the queries are resampled (the interval covers the choice of queries,
+    not of seeds: the seeds' spread is the ablation's ± std)."""
     if resamples < 100:
         raise FormatError(f"--resamples {resamples} is too few for a 95% interval; use at least 1000")
-    if len(a) != len(b):
-        raise FormatError(
-            f"A has {len(a)} queries and B {len(b)}; evaluate both models on the same features' query split"
-        )
-    for col in _KEY:
-        differs = np.flatnonzero(a[col].to_numpy() != b[col].to_numpy())
-        if len(differs):
-            i = int(differs[0])
-            raise FormatError(
-                f"A and B differ at query row {i} ({col}: {a[col].iloc[i]!r} vs {b[col].iloc[i]!r}); compare "
-                "evaluations of the same query and gallery split"
-            )
-    valid = a["AP"].notna().to_numpy()
-    if not valid.any():
-        raise FormatError("no query has a match in these evaluations; nothing to compare")
-    per = {}
-    for name, t in (("A", a), ("B", b)):
-        per[name] = np.stack(
-            [
-                t["AP"].to_numpy(float)[valid],
-                (t["first_hit_rank"].to_numpy(float)[valid] == 1).astype(float),
-                t["INP"].to_numpy(float)[valid],
-            ]
-        )  # (3 metrics, queries)
+    metrics = [_paired_metrics(a, b) for a, b in pairs]
+    if any(m[0].shape != metrics[0][0].shape for m in metrics):
+        raise FormatError("the pairs hold different queries; compare evaluations of one query and gallery split")
+    per = {name: np.mean([m[k] for m in metrics], axis=0) for k, name in enumerate(("A", "B"))}
     diff = per["B"] - per["A"]
     boot = _bootstrap_means(diff, resamples, seed)  # (resamples, 3)
     rows = []
@@ -129,7 +116,36 @@ def compare(a: pd.DataFrame, b: pd.DataFrame, resamples: int = 10_000, seed: int
                 "p": p,
             }
         )
-    return Comparison(rows, int(valid.sum()), int((diff[0] > 0).sum()), int((diff[0] < 0).sum()), resamples)
+    return Comparison(rows, diff.shape[1], int((diff[0] > 0).sum()), int((diff[0] < 0).sum()), resamples)
+
+
+def _paired_metrics(a: pd.DataFrame, b: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """(AP, Rank-1 hit, INP) × valid queries for A and for B, after checking they are the same queries."""
+    if len(a) != len(b):
+        raise FormatError(
+            f"A has {len(a)} queries and B {len(b)}; evaluate both models on the same features' query split"
+        )
+    for col in _KEY:
+        differs = np.flatnonzero(a[col].to_numpy() != b[col].to_numpy())
+        if len(differs):
+            i = int(differs[0])
+            raise FormatError(
+                f"A and B differ at query row {i} ({col}: {a[col].iloc[i]!r} vs {b[col].iloc[i]!r}); compare "
+                "evaluations of the same query and gallery split"
+            )
+    valid = a["AP"].notna().to_numpy()
+    if not valid.any():
+        raise FormatError("no query has a match in these evaluations; nothing to compare")
+    return tuple(
+        np.stack(
+            [
+                t["AP"].to_numpy(float)[valid],
+                (t["first_hit_rank"].to_numpy(float)[valid] == 1).astype(float),
+                t["INP"].to_numpy(float)[valid],
+            ]
+        )  # (3 metrics, queries)
+        for t in (a, b)
+    )
 
 
 def _bootstrap_means(diff: np.ndarray, resamples: int, seed: int, batch: int = 500) -> np.ndarray:

@@ -56,10 +56,15 @@ def test_two_variants_two_seeds_then_full_reuse(tiny_data, tmp_path, monkeypatch
         ):
             assert r[col] == r[col], col  # filled, not NaN
     assert summary[0]["PE params"] == (4 * 2 + 1) * 32 and summary[1]["PE params"] == 1 * 4 * (7 * 3 + 3)
+    # rpe against ape, query by query over both seeds: the difference of the mean mAPs, inside its interval
+    assert "ΔmAP" not in summary[0]
+    assert summary[1]["ΔmAP"] == pytest.approx(summary[1]["mAP"] - summary[0]["mAP"], abs=1e-12)
+    assert summary[1]["ΔmAP low"] <= summary[1]["ΔmAP"] <= summary[1]["ΔmAP high"]
     csv = pd.read_csv(tmp_path / "abl" / "results.csv")
     assert len(csv) == 2 and "mAP" in csv
     md = (tmp_path / "abl" / "results.md").read_text()
-    assert md.count("\n") == 4 and "| ape · ce+triplet |" in md
+    assert md.count("\n") == 4 and "| ape · ce+triplet |" in md and "| ΔmAP |" in md
+    assert f"| {100 * summary[1]['ΔmAP']:+.1f} [{100 * summary[1]['ΔmAP low']:+.1f}, " in md
     pictures = {p.name for p in (tmp_path / "abl" / "pictures").iterdir()}
     assert {
         "curves_ape__ce-triplet.png",
