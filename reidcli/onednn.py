@@ -53,22 +53,48 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 @functools.cache
-def _gelu_post_op_ok() -> bool:
-    """Whether oneDNN's exact (erf) GELU post-op runs here and gives ``F.gelu`` of the product."""
+def _gelu_post_op_ok(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether oneDNN's exact (erf) GELU post-op runs here on ``dtype`` operands and gives ``F.gelu`` of the product
+    (to float32 rounding; bf16: to bf16 rounding of the output)."""
     if cpu_gemm_way() != "onednn":
         return False
-    a = torch.linspace(-3.0, 3.0, 8 * 16).view(8, 16)
-    b = torch.linspace(2.0, -2.0, 24 * 16).view(24, 16).sin()
-    return _agrees(lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "gelu", [None], "none"), F.gelu(a @ b.T))
+    a = torch.linspace(-3.0, 3.0, 8 * 16).view(8, 16).to(dtype)
+    b = torch.linspace(2.0, -2.0, 24 * 16).view(24, 16).sin().to(dtype)
+    with torch.autocast("cpu", enabled=False):  # the first call may come from inside autocast
+        ref = F.gelu(a.float() @ b.float().T)
+        try:
+            got = torch.ops.mkldnn._linear_pointwise(a, b, None, "gelu", [None], "none")
+        except _ERRORS:
+            return False
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    return got.layout == torch.strided and got.dtype == dtype and torch.allclose(got.float(), ref, rtol=tol, atol=tol)
 
 
 def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``gelu(x @ weight.T + bias)`` (exact GELU), no autograd: one oneDNN operator for float32 CPU tensors, the GELU
-    applied while each output tile is still in cache (ViT-S/B MLP: the separate GELU pass was 12% of a CPU forward);
-    ``F.gelu(F.linear(...))`` anywhere else."""
+    """``gelu(x @ weight.T + bias)`` (exact GELU), no autograd: one oneDNN operator for CPU tensors, the GELU applied
+    while each output tile is still in cache (ViT-S/B MLP: the separate GELU pass was 12% of an fp32 CPU forward; in
+    bf16 it is slower still). float32, or under the CPU's bf16 autocast on bf16 operands cast here as autocast would
+    cast them; ``F.gelu(F.linear(...))`` anywhere else."""
+    op = torch.ops.mkldnn._linear_pointwise
     if _applies(x, weight) and _gelu_post_op_ok():
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight.contiguous(), bias, "gelu", [None], "none")
+        return op(x.contiguous(), weight.contiguous(), bias, "gelu", [None], "none")
+    if _cpu_bf16_autocast(x) and _gelu_post_op_ok(torch.bfloat16):
+
+        def bf16(t):
+            return None if t is None else t.to(torch.bfloat16).contiguous()
+
+        return op(bf16(x), bf16(weight), bf16(bias), "gelu", [None], "none")
     return F.gelu(F.linear(x, weight, bias))
+
+
+def _cpu_bf16_autocast(x: torch.Tensor) -> bool:
+    if x.device.type != "cpu" or not _autocast_on() or getattr(torch.compiler, "is_compiling", lambda: False)():
+        return False
+    try:
+        dtype = torch.get_autocast_dtype("cpu")
+    except (AttributeError, TypeError):  # torch < 2.4
+        dtype = torch.get_autocast_cpu_dtype()
+    return dtype == torch.bfloat16 and cpu_gemm_way() == "onednn"
 
 
 def _autocast_on() -> bool:

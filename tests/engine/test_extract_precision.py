@@ -155,3 +155,25 @@ def test_inference_fuses_fc1_and_gelu_with_the_same_features():
         assert fused.call_count == 0 and with_grad.requires_grad
     torch.testing.assert_close(fast, plain, rtol=0, atol=1e-6)
     torch.testing.assert_close(with_grad.detach(), plain, rtol=0, atol=1e-6)
+
+
+def test_bf16_autocast_inference_fuses_fc1_and_gelu_on_bf16_operands():
+    """Under the CPU's bf16 autocast the fused operator gets bf16 operands, cast as autocast would cast them: a bf16
+    output within bf16 rounding of autocast's own F.linear + F.gelu."""
+    from unittest import mock
+
+    import reidcli.onednn as onednn
+    from reidcli.model.attention import Mlp
+
+    assert onednn._gelu_post_op_ok(torch.bfloat16)
+    torch.manual_seed(0)
+    mlp = Mlp(32, 128).eval()
+    x = torch.randn(5, 7, 32)
+    op = torch.ops.mkldnn._linear_pointwise
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with mock.patch.object(torch.ops.mkldnn, "_linear_pointwise", wraps=op) as fused:
+            got = mlp(x)
+        assert any(c.args[3] == "gelu" and c.args[0].dtype == torch.bfloat16 for c in fused.call_args_list)
+        ref = super(Mlp, mlp).forward(x)
+    assert got.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), ref.float(), rtol=2e-2, atol=2e-2)
