@@ -19,7 +19,20 @@ __all__ = ["cpu_gemm_way", "linear", "linear_gelu", "Linear"]
 _ERRORS = (RuntimeError, AttributeError, NotImplementedError, TypeError)
 
 
-@functools.cache
+def _probe(fn):
+    """A once-per-process check (``functools.cache``), run outside autocast: its first call may come from inside
+    the CPU's bf16 autocast, which would turn the float32 reference products into bf16 ones."""
+
+    @functools.cache
+    @functools.wraps(fn)
+    def checked(*args):
+        with torch.autocast("cpu", enabled=False):
+            return fn(*args)
+
+    return checked
+
+
+@_probe
 def cpu_gemm_way() -> str:
     """How the CPU multiplies float32 matrices, the first of these that runs here and matches ``torch.mm``:
 
@@ -52,7 +65,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight.contiguous(), bias, "none", [None], "")
 
 
-@functools.cache
+@_probe
 def _gelu_post_op_ok(dtype: torch.dtype = torch.float32) -> bool:
     """Whether oneDNN's exact (erf) GELU post-op runs here on ``dtype`` operands and gives ``F.gelu`` of the product
     (to float32 rounding; bf16: to bf16 rounding of the output)."""
@@ -60,12 +73,11 @@ def _gelu_post_op_ok(dtype: torch.dtype = torch.float32) -> bool:
         return False
     a = torch.linspace(-3.0, 3.0, 8 * 16).view(8, 16).to(dtype)
     b = torch.linspace(2.0, -2.0, 24 * 16).view(24, 16).sin().to(dtype)
-    with torch.autocast("cpu", enabled=False):  # the first call may come from inside autocast
-        ref = F.gelu(a.float() @ b.float().T)
-        try:
-            got = torch.ops.mkldnn._linear_pointwise(a, b, None, "gelu", [None], "none")
-        except _ERRORS:
-            return False
+    ref = F.gelu(a.float() @ b.float().T)
+    try:
+        got = torch.ops.mkldnn._linear_pointwise(a, b, None, "gelu", [None], "none")
+    except _ERRORS:
+        return False
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     return got.layout == torch.strided and got.dtype == dtype and torch.allclose(got.float(), ref, rtol=tol, atol=tol)
 
@@ -112,7 +124,7 @@ def _applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return cpu_gemm_way() == "onednn"
 
 
-@functools.cache
+@_probe
 def _transposed_operands_ok() -> bool:
     """Whether oneDNN's operator takes transposed (column-major) operands in place and agrees with ``torch.mm``:
     then the weight gradient ``gradᵀ·x`` runs there without copies (1.2–1.9× MKL's ``torch.mm`` on the test machine's

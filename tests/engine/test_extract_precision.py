@@ -177,3 +177,21 @@ def test_bf16_autocast_inference_fuses_fc1_and_gelu_on_bf16_operands():
         ref = super(Mlp, mlp).forward(x)
     assert got.dtype == ref.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), ref.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_probes_first_made_inside_bf16_autocast_still_check_in_float32():
+    """In a fresh process whose first oneDNN use is under bf16 autocast (``reid extract --precision bf16``), the
+    once-per-process probes still compare against float32 products (they failed with a dtype error before)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\nfrom reidcli.model.attention import Mlp\nm = Mlp(32, 128).eval()\n"
+        "with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):\n    y = m(torch.randn(3, 5, 32))\n"
+        "from reidcli.onednn import _gelu_post_op_ok, _transposed_operands_ok, cpu_gemm_way\n"
+        "print(y.dtype, cpu_gemm_way(), _gelu_post_op_ok(), _gelu_post_op_ok(torch.bfloat16), "
+        "_transposed_operands_ok())"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["torch.bfloat16", "onednn", "True", "True", "True"]
