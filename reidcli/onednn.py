@@ -51,13 +51,14 @@ def cpu_gemm_way() -> str:
     return next((way for way, product in ways.items() if _agrees(product, a @ b.T)), "mm")
 
 
-def _agrees(product, ref: torch.Tensor) -> bool:
-    """Whether ``product()`` runs here and gives a plain tensor equal to ``ref`` (float32 rounding apart)."""
+def _agrees(product, ref: torch.Tensor, rtol: float = 0.0, atol: float = 1e-5) -> bool:
+    """Whether ``product()`` runs here and gives a plain tensor equal to the float32 ``ref`` (float32 rounding
+    apart, or the tolerances given)."""
     try:
         got = product()
     except _ERRORS:
         return False
-    return got.layout == torch.strided and torch.allclose(got, ref, rtol=0, atol=1e-5)
+    return got.layout == torch.strided and torch.allclose(got.float(), ref, rtol=rtol, atol=atol)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -73,13 +74,9 @@ def _gelu_post_op_ok(dtype: torch.dtype = torch.float32) -> bool:
         return False
     a = torch.linspace(-3.0, 3.0, 8 * 16).view(8, 16).to(dtype)
     b = torch.linspace(2.0, -2.0, 24 * 16).view(24, 16).sin().to(dtype)
-    ref = F.gelu(a.float() @ b.float().T)
-    try:
-        got = torch.ops.mkldnn._linear_pointwise(a, b, None, "gelu", [None], "none")
-    except _ERRORS:
-        return False
     tol = 1e-5 if dtype == torch.float32 else 2e-2
-    return got.layout == torch.strided and got.dtype == dtype and torch.allclose(got.float(), ref, rtol=tol, atol=tol)
+    fused = lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "gelu", [None], "none")  # noqa: E731
+    return _agrees(fused, F.gelu(a.float() @ b.float().T), rtol=tol, atol=tol)
 
 
 def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -100,13 +97,17 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 
 def _cpu_bf16_autocast(x: torch.Tensor) -> bool:
-    if x.device.type != "cpu" or not _autocast_on() or getattr(torch.compiler, "is_compiling", lambda: False)():
+    if x.device.type != "cpu" or not _autocast_on() or _compiling():
         return False
     try:
         dtype = torch.get_autocast_dtype("cpu")
     except (AttributeError, TypeError):  # torch < 2.4
         dtype = torch.get_autocast_cpu_dtype()
     return dtype == torch.bfloat16 and cpu_gemm_way() == "onednn"
+
+
+def _compiling() -> bool:
+    return getattr(torch.compiler, "is_compiling", lambda: False)()
 
 
 def _autocast_on() -> bool:
@@ -119,7 +120,7 @@ def _autocast_on() -> bool:
 def _applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
         return False
-    if getattr(torch.compiler, "is_compiling", lambda: False)() or _autocast_on():
+    if _compiling() or _autocast_on():
         return False
     return cpu_gemm_way() == "onednn"
 

@@ -6,6 +6,7 @@ and an interrupted ablation resumes: finished runs (``DONE``) are read back, a r
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -197,6 +198,7 @@ def _paired_deltas(summary: list[dict], rows: list[dict], resamples: int = 10_00
     ``ΔmAP low``, ``ΔmAP high`` in the summary rows. Skipped for runs made before those files were written."""
     from reidcli.report.compare import compare_runs, read_per_query
 
+    read = functools.cache(read_per_query)  # the first variant's files serve every comparison: read them once
     runs: dict[tuple, dict] = {}
     for r in rows:
         runs.setdefault((r["pe"], r["loss"]), {})[r["seed"]] = Path(r["run"]) / "per_query.csv"
@@ -206,7 +208,7 @@ def _paired_deltas(summary: list[dict], rows: list[dict], resamples: int = 10_00
         pairs = [(base[s], mine[s]) for s in mine if s in base]
         if not pairs or not all(a.is_file() and b.is_file() for a, b in pairs):
             continue
-        m_ap = compare_runs([(read_per_query(a), read_per_query(b)) for a, b in pairs], resamples).rows[0]
+        m_ap = compare_runs([(read(a), read(b)) for a, b in pairs], resamples).rows[0]
         row.update({"ΔmAP": m_ap["delta"], "ΔmAP low": m_ap["low"], "ΔmAP high": m_ap["high"]})
 
 
