@@ -13,7 +13,9 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_path", "atomic_paths", "write_json_atomic", "sha256_file"]
+from reidcli.errors import ConfigError
+
+__all__ = ["atomic_path", "atomic_paths", "write_json_atomic", "sha256_file", "os_error_text"]
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -67,7 +69,12 @@ def atomic_paths(*targets: tuple[str | os.PathLike, str]) -> Iterator[list[Path]
 
 def _claim(final: Path, suffix: str) -> Path:
     """A new, empty temporary file beside ``final``, registered (for cleanup at exit) before it exists."""
-    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.is_dir():
+        raise ConfigError(f"{final} is a folder; pass the path of a file to write, e.g. {final / ('NAME' + suffix)}")
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot write {final}: {os_error_text(e)}; choose another path") from e
     while True:
         tmp_path = final.parent / f".{final.name}.{secrets.token_hex(6)}{suffix}.tmp"
         _LIVE.add(tmp_path)
@@ -76,6 +83,9 @@ def _claim(final: Path, suffix: str) -> Path:
             return tmp_path
         except FileExistsError:  # another writer's name (2⁻⁴⁸ odds): draw again
             _LIVE.discard(tmp_path)
+        except OSError as e:  # no permission, a read-only or full file system
+            _LIVE.discard(tmp_path)
+            raise ConfigError(f"cannot write {final}: {e.strerror or e}; choose another path") from e
         except BaseException:
             _LIVE.discard(tmp_path)
             tmp_path.unlink(missing_ok=True)
@@ -104,6 +114,13 @@ def _signals_deferred() -> Iterator[None]:
             signal.signal(sig, handler)
         for sig in dict.fromkeys(pending):
             signal.raise_signal(sig)  # its own handler runs now, as if it had arrived here
+
+
+def os_error_text(e: OSError) -> str:
+    """``'Not a directory: a/b'``: what the system said, and the path it said it of (a rename's target)."""
+    path = e.filename2 if e.filename2 is not None else e.filename
+    reason = e.strerror or type(e).__name__
+    return f"{reason}: {path}" if path is not None else reason
 
 
 def write_json_atomic(path: str | os.PathLike, obj: object) -> None:

@@ -32,6 +32,7 @@ from reidcli.cli.options import (
     TrainPrecisionOpt,
     WarmupOpt,
     WeightDecayOpt,
+    check_out_folder,
     parse_list,
     parse_size,
 )
@@ -111,8 +112,10 @@ def ablate(
         precision=precision,
         init=str(init) if init else None,
     )
+    losses = tuple(parse_list(loss))
+    out = check_out_folder(out)
     cfg = AblationConfig(
-        out=str(out), template=template, pes=pes, losses=tuple(parse_list(loss)), seeds=seed_list, perturb=perturb
+        out=str(out), template=template, pes=pes, losses=losses, seeds=seed_list, perturb=perturb
     ).validate()
     if dry_run:
         _print_plan(plan(cfg), json_out)

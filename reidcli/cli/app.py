@@ -82,6 +82,13 @@ def main() -> None:
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
+    except OSError as e:  # the file system said no: a file where a folder is expected, permissions, a full disk
+        if debug:
+            raise
+        from reidcli.fileio import os_error_text
+
+        print(f"Error: {os_error_text(e)}; check that path (and the free disk space)", file=sys.stderr)
+        sys.exit(1)
     except Exception as e:  # noqa: BLE001 — the boundary: a bug still gets one line, the traceback with --debug
         if debug:
             raise

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from reidcli.cli.console import err, print_json, print_table
-from reidcli.cli.options import DeviceOpt, JsonOpt
+from reidcli.cli.options import DeviceOpt, JsonOpt, check_out_folder
 
 
 def evaluate(
@@ -56,8 +56,12 @@ def evaluate(
     from reidcli.retrieval.evaluate import evaluate as run_eval
     from reidcli.retrieval.features import read_features
 
+    if visualize < 0:
+        raise ConfigError(f"--visualize {visualize}: give a number of queries (0: no pictures)")
     if visualize and out is None:
         raise ConfigError("--visualize needs --out DIR for the pictures")
+    if out is not None:
+        check_out_folder(out)
     cfg = EvalConfig(
         engine=engine,
         depth=depth,

@@ -9,7 +9,7 @@ import typer
 
 from reidcli.errors import ConfigError
 
-__all__ = ["JsonOpt", "DeviceOpt", "DataOpt", "parse_size", "parse_list"]
+__all__ = ["JsonOpt", "DeviceOpt", "DataOpt", "check_out_folder", "parse_size", "parse_list"]
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
@@ -48,6 +48,16 @@ def parse_size(text: str) -> tuple[int, int]:
     if h < 1 or w < 1:
         raise ConfigError(f"size {text!r} must be positive")
     return h, w
+
+
+def check_out_folder(path: Path) -> Path:
+    """``--out`` of a command that writes a folder: fail before any work if it, or a folder above it, is a file."""
+    for part in (path, *path.parents):
+        if part.exists():
+            if not part.is_dir():
+                raise ConfigError(f"--out {path}: {part} is a file, not a folder; choose another --out")
+            break
+    return path
 
 
 def parse_list(text: str) -> list[str]:

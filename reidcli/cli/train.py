@@ -11,7 +11,6 @@ import typer
 from reidcli.cli.console import err, print_json, print_table, progress
 from reidcli.cli.options import (
     BatchOpt,
-    DataOpt,
     DepthOpt,
     DeviceOpt,
     DimOpt,
@@ -32,8 +31,10 @@ from reidcli.cli.options import (
     TrainPrecisionOpt,
     WarmupOpt,
     WeightDecayOpt,
+    check_out_folder,
     parse_size,
 )
+from reidcli.errors import ConfigError
 
 PeOpt = Annotated[str, typer.Option(help="Positional encoding: none, ape, sincos, rpe or both.")]
 LossOpt = Annotated[str, typer.Option(help="'+'-joined losses: ce, triplet, patch-triplet, rp-triplet.")]
@@ -75,8 +76,12 @@ def dataset_image_size(data: Path) -> tuple[int, int]:
 
 
 def train(
-    data: DataOpt,
+    ctx: typer.Context,
     out: Annotated[Path, typer.Option(help="Run folder (config, checkpoints, metrics, weights, curves).")],
+    data: Annotated[
+        Path | None,
+        typer.Option("--data", help="Dataset HDF5 from 'reid prepare' (with --resume: the run's own by default)."),
+    ] = None,
     pe: PeOpt = "ape",
     loss: LossOpt = "ce+triplet",
     preset: PresetOpt = "vit_base",
@@ -118,7 +123,10 @@ def train(
     init: Annotated[Path | None, typer.Option(help="timm-format ViT weights (.pth / .safetensors).")] = None,
     pretrained: Annotated[str | None, typer.Option(help="timm model name to fetch weights from (online).")] = None,
     eval_every: Annotated[int, typer.Option(help="Evaluate on query/gallery every N epochs (0: never).")] = 0,
-    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(help="Continue the run in --out from its last checkpoint, with the options in its config.json."),
+    ] = False,
     print_model: Annotated[bool, typer.Option(help="Print the parameter summary and exit.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -131,10 +139,21 @@ def train(
       reid train --data data/market1501.h5 --out runs/both-rp --pe both --loss rp-triplet --init vit_base_lup.pth
 
       reid train --data demo/synthetic.h5 --out runs/tiny --preset vit_tiny --dim 96 --depth 4 --epochs 10
+
+      reid train --out runs/rpe --resume                 # the run's own options, from its config.json
+
+      reid train --out runs/rpe --resume --epochs 160    # a longer run (the cosine schedule stretches)
     """
     from reidcli.engine.train import TrainConfig
     from reidcli.losses.combined import LossConfig
 
+    if resume and (out / "config.json").is_file() and not print_model:
+        cfg = resumed_config(out, given_options(ctx))
+        _report(run_training(cfg, resume), out, json_out)
+        return
+    if data is None:
+        raise ConfigError("--data is missing: pass the dataset HDF5 from 'reid prepare'")
+    check_out_folder(out)
     size = parse_size(image_size) if image_size else dataset_image_size(data)
     mcfg = model_options(pe, preset, dim, depth, heads, patch_size, stride, size, drop_path, neck_feat)
     if print_model:
@@ -170,7 +189,10 @@ def train(
         pretrained=pretrained,
         eval_every=eval_every,
     ).validate()
-    result = run_training(cfg, resume)
+    _report(run_training(cfg, resume), out, json_out)
+
+
+def _report(result, out: Path, json_out: bool) -> None:
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
         return
     last = result.metrics[-1] if result.metrics else {}
@@ -179,6 +201,67 @@ def train(
         return
     rows = [(k_, v) for k_, v in last.items()]
     print_table(f"trained {out} ({result.epochs_done} epochs)", ["metric", "last epoch"], rows)
+
+
+# Command-line options → fields of the saved config they set (for --resume).
+_MODEL_OPTIONS = {o: o for o in ("pe", "dim", "depth", "heads", "patch_size", "stride", "drop_path", "neck_feat")}
+_LOSS_OPTIONS = {"loss": "spec"} | {
+    o: o for o in ("label_smoothing", "margin", "top_n", "rp_form", "rp_weight", "patch_weight")
+}
+_RUN_OPTIONS = {"compile_": "compile"} | {
+    o: o
+    for o in (
+        "data",
+        "epochs",
+        "batch",
+        "k",
+        "optimizer",
+        "lr",
+        "weight_decay",
+        "warmup_epochs",
+        "seed",
+        "device",
+        "precision",
+        "compile_mode",
+        "cuda_graph",
+        "init",
+        "pretrained",
+        "eval_every",
+    )
+}
+
+
+def given_options(ctx: typer.Context) -> dict:
+    """The options typed on the command line (or set in the environment), not those left at their defaults."""
+    return {
+        name: value
+        for name, value in ctx.params.items()
+        if (source := ctx.get_parameter_source(name)) is not None and source.name in ("COMMANDLINE", "ENVIRONMENT")
+    }
+
+
+def resumed_config(out: Path, given: dict):
+    """The run's own config.json with the given options on top; the engine refuses those that change the
+    trajectory (model, loss, batch, optimiser, schedule, seed) and takes the rest (epochs, device, precision…)."""
+    from dataclasses import replace
+
+    from reidcli.engine.checkpoint import read_run_config
+    from reidcli.engine.train import TrainConfig
+    from reidcli.model.vit import ModelConfig
+
+    saved = TrainConfig.from_dict(read_run_config(out))
+    model = {f: given[o] for o, f in _MODEL_OPTIONS.items() if o in given}
+    if "preset" in given:
+        base = ModelConfig.from_preset(given["preset"])
+        model = {"dim": base.dim, "depth": base.depth, "heads": base.heads, **model}
+    if "image_size" in given:
+        model["image_size"] = parse_size(given["image_size"])
+    loss = {f: given[o] for o, f in _LOSS_OPTIONS.items() if o in given}
+    run = {f: given[o] for o, f in _RUN_OPTIONS.items() if o in given}
+    run |= {f: str(run[f]) for f in ("data", "init") if run.get(f) is not None}
+    return replace(
+        saved, model=replace(saved.model, **model), loss=replace(saved.loss, **loss), run_dir=str(out), **run
+    ).validate()
 
 
 def run_training(cfg, resume: bool):

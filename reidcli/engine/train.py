@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import time
@@ -104,7 +105,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
-        d = dict(d)
+        d = {k: v for k, v in d.items() if k in _FIELDS}  # config.json adds dataset, num_train_ids, world_size
         if "bf16" in d:  # config.json before --precision: bf16 autocast on CUDA only, i.e. "auto"
             d["precision"] = "auto" if d.pop("bf16") else "fp32"
         d["model"] = ModelConfig.from_dict(d["model"])
@@ -113,6 +114,51 @@ class TrainConfig:
         aug["erase_area"] = tuple(aug["erase_area"])
         d["augment"] = AugmentConfig(**aug)
         return cls(**d)
+
+
+_FIELDS = {f for f in TrainConfig.__dataclass_fields__} | {"bf16"}
+# What --resume may change: where and how the steps run, and how long (a longer run stretches the cosine schedule
+# from the checkpoint on). Everything else sets the trajectory and must stay the run's own.
+RESUME_FREE = frozenset(
+    {
+        "data",
+        "run_dir",
+        "epochs",
+        "device",
+        "precision",
+        "compile",
+        "compile_mode",
+        "cuda_graph",
+        "init",
+        "pretrained",
+        "eval_every",
+        "check_every",
+    }
+)
+
+
+def trajectory_changes(saved: TrainConfig, cfg: TrainConfig) -> list[str]:
+    """The trajectory options of ``cfg`` that differ from the run's ``saved`` ones, as ``--flag saved (given new)``."""
+    a, b = saved.to_dict(), cfg.to_dict()
+    a["model"].pop("num_classes"), b["model"].pop("num_classes")  # set from the dataset at build time
+    flat_a, flat_b = _flatten(a), _flatten(b)
+    return [
+        f"--{_flag(key)} {flat_a[key]} (given {flat_b[key]})"
+        for key in flat_a
+        if key.split(".")[0] not in RESUME_FREE and flat_a[key] != flat_b.get(key)
+    ]
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _flag(key: str) -> str:
+    name = {"loss.spec": "loss", "model.image_size": "image-size"}.get(key, key.split(".", 1)[-1])
+    return name.replace("_", "-")
 
 
 @dataclass(frozen=True)
@@ -166,14 +212,16 @@ class _State:
     metrics: list[dict] = field(default_factory=list)
 
 
-def _build(cfg: TrainConfig, num_classes: int, device: torch.device) -> _State:
+def _build(cfg: TrainConfig, num_classes: int, device: torch.device, initial_weights: bool = True) -> _State:
+    """The model, optimiser and sampler generator; ``initial_weights`` loads ``--init``/``--pretrained`` (not when a
+    checkpoint is restored next: a resumed ``--pretrained`` run needs no hub access)."""
     torch.manual_seed(cfg.seed)
     model = ViTReID(replace(cfg.model, num_classes=num_classes))
-    if cfg.init:
+    if initial_weights and cfg.init:
         from reidcli.model.weights import load_init_weights, load_state_file
 
         load_init_weights(model, load_state_file(cfg.init))
-    elif cfg.pretrained:
+    elif initial_weights and cfg.pretrained:
         from reidcli.model.weights import load_pretrained
 
         load_pretrained(model, cfg.pretrained)
@@ -199,9 +247,26 @@ def _restore(state: _State, files: RunFiles) -> None:
     state.metrics = [r for r in _read_jsonl(files.metrics) if r["epoch"] <= state.epoch]
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    import json
+def _check_same_trajectory(cfg: TrainConfig, files: RunFiles) -> None:
+    if not files.config.is_file():
+        return
+    saved = TrainConfig.from_dict(json.loads(files.config.read_text()))
+    changes = trajectory_changes(saved, cfg)
+    if changes:
+        raise ConfigError(
+            f"{files.root} was trained with {', '.join(changes)}; --resume continues a run with its own options "
+            "(leave those out), or train into a new --out"
+        )
+    if saved.epochs != cfg.epochs:
+        log.info(
+            "resuming %s with --epochs %d (was %d): the cosine schedule now spans the new length",
+            files.root,
+            cfg.epochs,
+            saved.epochs,
+        )
 
+
+def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
@@ -238,9 +303,11 @@ def train(
     attrs, train_split = _train_split(cfg)
     pids, labels = np.unique(train_split.pids, return_inverse=True)
     sampler = PKSampler(labels, cfg.batch // cfg.k, cfg.k, info.rank, info.world)
-    state = _build(cfg, len(pids), device)
+    restoring = resume and files.checkpoint.exists()
+    state = _build(cfg, len(pids), device, initial_weights=not restoring)
     state.dist = info
-    if resume and files.checkpoint.exists():
+    if restoring:
+        _check_same_trajectory(cfg, files)
         _restore(state, files)
     if info.main:
         files.root.mkdir(parents=True, exist_ok=True)

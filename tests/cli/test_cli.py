@@ -205,6 +205,11 @@ def test_train_option_errors(tiny_data, tmp_path, args, message):
     assert not (tmp_path / "r").exists()
 
 
+def test_train_out_under_a_file(tiny_data):
+    r = run_cli("train", "--data", str(tiny_data), "--out", f"{tiny_data}/run", *TINY_MODEL)
+    assert r.returncode == 1 and f"{tiny_data} is a file, not a folder" in r.stderr and r.stderr.count("\n") == 1
+
+
 def test_doctor_checks_data_and_run(tiny_data, tmp_path):
     r = run_cli("doctor", "--data", str(tiny_data), "--json")
     assert r.returncode == 0, r.stderr

@@ -165,3 +165,25 @@ def test_exploding_gradient_stops_the_run(tiny_data, tmp_path):
     with pytest.raises(TrainingError, match="gradient norm exploded .* in epoch 1"):
         train(_cfg(tiny_data, tmp_path / "g", max_grad_norm=1e-6))
     assert not RunFiles(tmp_path / "g").checkpoint.exists()
+
+
+def test_trajectory_changes_name_the_options_resume_keeps(tmp_path):
+    from reidcli.engine.train import trajectory_changes
+
+    saved = _cfg("d.h5", tmp_path)
+    free = replace(saved, data="elsewhere.h5", epochs=9, device="cuda", precision="bf16", compile=True, eval_every=3)
+    assert trajectory_changes(saved, free) == []
+    model = replace(saved.model, pe="ape", image_size=(128, 64), num_classes=7)  # num_classes: set at build
+    loss = replace(saved.loss, spec="ce", rp_form="raw")
+    changed = replace(saved, model=model, loss=loss, lr=0.1, seed=3)
+    assert trajectory_changes(saved, changed) == [
+        "--pe both (given ape)",
+        "--image-size (64, 32) (given (128, 64))",
+        "--loss ce+triplet+rp-triplet (given ce)",
+        "--rp-form stable (given raw)",
+        "--lr 0.001 (given 0.1)",
+        "--seed 0 (given 3)",
+    ]
+    # config.json's extra keys and an old file's `bf16` read back
+    d = {**saved.to_dict(), "dataset": "synthetic", "num_train_ids": 12, "world_size": 1}
+    assert TrainConfig.from_dict(d) == saved

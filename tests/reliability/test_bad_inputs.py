@@ -84,7 +84,27 @@ def test_resume_with_another_pe_is_refused(tiny_data, ape_run, tmp_path):
         "cpu",
         "--resume",
     )
-    assert r.returncode == 1 and "trained with other model options" in r.stderr
+    assert r.returncode == 1 and "was trained with --pe ape (given rpe)" in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_resume_takes_the_runs_own_options(tiny_data, ape_run, tmp_path):
+    """`reid train --out RUN --resume --epochs 2`: model, loss, batch and optimiser come from config.json."""
+    run = tmp_path / "copy"
+    shutil.copytree(ape_run, run)
+    before = json.loads((run / "config.json").read_text())
+    r = run_cli("train", "--out", str(run), "--resume", "--epochs", "2")
+    assert r.returncode == 0, r.stderr
+    after = json.loads((run / "config.json").read_text())
+    assert after == {**before, "epochs": 2, "run_dir": str(run)}
+    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    r = run_cli("train", "--out", str(run), "--resume", "--lr", "0.5", "--batch", "32")
+    assert r.returncode == 1 and "--batch 16 (given 32), --lr 0.008 (given 0.5)" in r.stderr
+
+
+def test_train_without_data_names_the_option(tmp_path):
+    r = run_cli("train", "--out", str(tmp_path / "new"), "--resume")
+    assert r.returncode == 1 and "--data is missing" in r.stderr
 
 
 def test_run_folder_whose_weights_do_not_fit_its_config(tiny_data, ape_run, tmp_path):

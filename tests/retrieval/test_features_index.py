@@ -121,3 +121,28 @@ def test_bad_index_options(feats):
         build_index(s["gallery"].feats, IndexConfig(kind="ivfpq", m=5))
     with pytest.raises(ConfigError, match="unknown index kind"):
         build_index(s["gallery"].feats, IndexConfig(kind="hnsw"))
+
+
+def _cli_error(*args) -> str:
+    from tests.conftest import run_cli
+
+    r = run_cli(*args)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 or r.stderr.startswith("notice"), r.stderr
+    return r.stderr.strip().splitlines()[-1]
+
+
+def test_output_paths_of_the_wrong_kind_fail_before_any_work(feats, tmp_path):
+    """A file output named by a folder, a folder output under a file, a negative picture count: one line, exit 1,
+    nothing written (evaluation would take minutes at scale; the check comes first)."""
+    folder = tmp_path / "somewhere"
+    folder.mkdir()
+    assert "is a folder; pass the path of a file to write, e.g." in _cli_error("index", str(feats), "--out", str(folder))
+    assert list(folder.iterdir()) == []
+    message = _cli_error("evaluate", str(feats), "--out", str(feats / "results"))
+    assert f"{feats} is a file, not a folder" in message
+    message = _cli_error("evaluate", str(feats), "--out", str(tmp_path / "r"), "--visualize", "-1")
+    assert "--visualize -1" in message and not (tmp_path / "r").exists()
+    # an unwritable place: the system's reason and the path, not a temporary file's name
+    message = _cli_error("index", str(feats), "--out", "/proc/reidcli-test.faiss")
+    assert message.startswith("Error: cannot write /proc/reidcli-test.faiss:") and ".tmp" not in message
