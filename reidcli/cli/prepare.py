@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Annotated
@@ -60,10 +61,9 @@ def prepare(
 
 
 def _generate(root: Path, seed, ids, cameras, images_per_camera, difficulty, distractors, junk) -> None:
-    from reidcli.data.synthetic import SyntheticConfig, generate_synthetic
+    """Draw the synthetic dataset into ``root``, or reuse it there if the same options drew it (same bytes)."""
+    from reidcli.data.synthetic import MARKER, SyntheticConfig, generate_synthetic
 
-    if root.exists() and any(root.iterdir()):
-        raise DataError(f"{root} is not empty; synthetic data is written into an empty or new folder")
     cfg = SyntheticConfig(
         num_train_ids=ids,
         num_test_ids=ids,
@@ -75,6 +75,13 @@ def _generate(root: Path, seed, ids, cameras, images_per_camera, difficulty, dis
         seed=seed,
     )
     cfg.validate()
+    if root.exists() and any(root.iterdir()):
+        if _drawn_with(root / MARKER) == cfg.to_dict():
+            err.print(f"reusing the synthetic data in {root} (drawn with the same options)")
+            return
+        raise DataError(
+            f"{root} is not empty and holds no synthetic data drawn with these options; pass an empty or new --root"
+        )
     partial = root.with_name(f".{root.name}.partial")  # renamed into place only when complete
     shutil.rmtree(partial, ignore_errors=True)
     with err.status("drawing synthetic pedestrians"):
@@ -82,6 +89,13 @@ def _generate(root: Path, seed, ids, cameras, images_per_camera, difficulty, dis
     if root.exists():
         root.rmdir()
     partial.rename(root)
+
+
+def _drawn_with(marker: Path) -> dict | None:
+    try:
+        return json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def register(app: typer.Typer) -> None:

@@ -12,8 +12,9 @@ Everything is deterministic by seed: each image draws from its own generator see
 from __future__ import annotations
 
 import io
+import json
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,11 +22,13 @@ from PIL import Image, ImageFilter
 
 from reidcli.errors import ConfigError
 
-__all__ = ["SyntheticConfig", "generate_synthetic", "draw_person", "IMAGE_HW"]
+__all__ = ["SyntheticConfig", "generate_synthetic", "draw_person", "IMAGE_HW", "MARKER"]
 
 log = logging.getLogger(__name__)
 
 IMAGE_HW = (128, 64)  # Market-1501 crops
+MARKER = "synthetic.json"  # in the root: the options that drew it, so a rerun with the same ones reuses the folder
+GENERATOR_VERSION = 1  # raise when the drawing changes: folders drawn before are then drawn again, not reused
 PALETTE = np.array(
     [
         [200, 30, 30], [30, 60, 190], [30, 150, 50], [230, 200, 40], [240, 240, 240], [25, 25, 25],
@@ -47,6 +50,9 @@ class SyntheticConfig:
     num_distractors: int = 50  # pid 0000 in the gallery
     num_junk: int = 20  # pid -1 in the gallery
     seed: int = 0
+
+    def to_dict(self) -> dict:
+        return {"generator_version": GENERATOR_VERSION, **asdict(self)}
 
     def validate(self) -> None:
         if self.num_train_ids < 2 or self.num_test_ids < 2:
@@ -297,5 +303,6 @@ def generate_synthetic(root: str | Path, cfg: SyntheticConfig) -> dict[str, int]
     for i in range(cfg.num_junk):
         cam = i % cfg.num_cameras
         put("bounding_box_test", -1, cam, i, _image(cfg, -1, cam, i))
+    (root / MARKER).write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
     log.info("synthetic Market-1501 layout written to %s: %s", root, counts)
     return counts

@@ -206,26 +206,22 @@ def test_cli_prepare_errors_are_one_line_exit_1(tmp_path):
 
 
 def test_cli_synthetic(tmp_path):
-    r = run_cli(
-        "prepare",
-        "synthetic",
-        "--root",
-        str(tmp_path / "syn"),
-        "--out",
-        str(tmp_path / "s.h5"),
-        "--ids",
-        "3",
-        "--image-size",
-        "32x16",
-        "--distractors",
-        "1",
-        "--junk",
-        "1",
-        "--images-per-camera",
-        "1",
-        "--json",
-    )
+    small = ("--ids", "3", "--distractors", "1", "--junk", "1", "--images-per-camera", "1")
+    syn = ("prepare", "synthetic", "--root", str(tmp_path / "syn"))
+    r = run_cli(*syn, "--out", str(tmp_path / "s.h5"), *small, "--image-size", "32x16", "--json")
     assert r.returncode == 0, r.stderr
     assert '"split": "train"' in r.stdout
-    r = run_cli("prepare", "synthetic", "--root", str(tmp_path / "syn"), "--out", str(tmp_path / "t.h5"))
-    assert r.returncode == 1 and "not empty" in r.stderr
+    images = sorted((tmp_path / "syn").rglob("*.jpg"))
+    stamps = [p.stat().st_mtime_ns for p in images]
+    # the same options again (another image size): the folder is reused, not drawn again
+    r = run_cli(*syn, "--out", str(tmp_path / "t.h5"), *small, "--image-size", "64x32")
+    assert r.returncode == 0 and "reusing the synthetic data" in r.stderr, r.stderr
+    assert [p.stat().st_mtime_ns for p in sorted((tmp_path / "syn").rglob("*.jpg"))] == stamps
+    with h5py.File(tmp_path / "t.h5") as h5:
+        assert list(h5.attrs["image_size"]) == [64, 32] and len(h5["train/pids"]) == len(
+            [p for p in images if p.parent.name == "bounding_box_train"]
+        )
+    # other options, or a folder of something else: refused, nothing touched
+    r = run_cli(*syn, "--out", str(tmp_path / "u.h5"), *small, "--seed", "1")
+    assert r.returncode == 1 and "holds no synthetic data drawn with these options" in r.stderr
+    assert not (tmp_path / "u.h5").exists()
