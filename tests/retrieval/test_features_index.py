@@ -137,7 +137,8 @@ def test_output_paths_of_the_wrong_kind_fail_before_any_work(feats, tmp_path):
     nothing written (evaluation would take minutes at scale; the check comes first)."""
     folder = tmp_path / "somewhere"
     folder.mkdir()
-    assert "is a folder; pass the path of a file to write, e.g." in _cli_error("index", str(feats), "--out", str(folder))
+    message = _cli_error("index", str(feats), "--out", str(folder))
+    assert "is a folder; pass the path of a file to write, e.g." in message
     assert list(folder.iterdir()) == []
     message = _cli_error("evaluate", str(feats), "--out", str(feats / "results"))
     assert f"{feats} is a file, not a folder" in message
