@@ -74,6 +74,7 @@ def evaluate(
         similarity=similarity,
     ).validate()
     attrs, splits = read_features(features)
+    images = _picture_source(data, attrs) if visualize else None  # checked before the work, not after
     built = _load_index(index, splits["gallery"]) if index else None
     result = run_eval(splits["query"], splits["gallery"], cfg, built)
     if result.engine.startswith("faiss") and not json_out:
@@ -87,7 +88,7 @@ def evaluate(
         _write_results(out, report)
         write_per_query(out / "per_query.csv", splits["query"], result.metrics.per_query)
         if visualize:
-            _pictures(out, splits, data or attrs.get("dataset_file"), visualize, top_k, cfg if rerank else None)
+            _pictures(out, splits, images, visualize, top_k, cfg if rerank else None)
     if json_out:
         print_json(report)
         return
@@ -120,13 +121,22 @@ def _write_results(out: Path, report: dict) -> None:
         pd.DataFrame([flat]).to_csv(tmp, index=False)
 
 
-def _pictures(out: Path, splits, data, n: int, top_k: int, rerank) -> None:
+def _picture_source(data: Path | None, attrs: dict) -> Path:
+    """The dataset file whose images the pictures show: --data, else the one the features file names."""
     from reidcli.errors import ConfigError
+
+    source = data or attrs.get("dataset_file")
+    if not source:
+        raise ConfigError("--visualize needs the dataset images: pass --data FILE (the dataset HDF5)")
+    if not Path(source).is_file():
+        raise ConfigError(f"--visualize needs the dataset images, but {source} is not there; pass --data FILE")
+    return Path(source)
+
+
+def _pictures(out: Path, splits, data: Path, n: int, top_k: int, rerank) -> None:
     from reidcli.report.ranked import write_ranked_lists
 
-    if not data:
-        raise ConfigError("pictures need the dataset images: pass --data FILE")
-    write_ranked_lists(out / "ranked_lists.png", splits["query"], splits["gallery"], Path(data), n, top_k, rerank)
+    write_ranked_lists(out / "ranked_lists.png", splits["query"], splits["gallery"], data, n, top_k, rerank)
 
 
 def register(app: typer.Typer) -> None:

@@ -144,6 +144,8 @@ def test_output_paths_of_the_wrong_kind_fail_before_any_work(feats, tmp_path):
     assert f"{feats} is a file, not a folder" in message
     message = _cli_error("evaluate", str(feats), "--out", str(tmp_path / "r"), "--visualize", "-1")
     assert "--visualize -1" in message and not (tmp_path / "r").exists()
+    message = _cli_error("evaluate", str(feats), "--out", str(tmp_path / "r"), "--visualize", "2")
+    assert "--visualize needs the dataset images: pass --data" in message and not (tmp_path / "r").exists()
     # an unwritable place: the system's reason and the path, not a temporary file's name
     message = _cli_error("index", str(feats), "--out", "/proc/reidcli-test.faiss")
     assert message.startswith("Error: cannot write /proc/reidcli-test.faiss:") and ".tmp" not in message
