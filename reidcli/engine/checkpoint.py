@@ -54,6 +54,12 @@ def write_metrics(path: Path, rows: list[dict]) -> None:
         tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
 
 
+def read_metrics(path: str | Path) -> list[dict]:
+    """The rows of a ``metrics.jsonl`` (one per epoch); none if the file is not there yet."""
+    path = Path(path)
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
 def read_run_config(run: str | Path) -> dict:
     files = RunFiles(run)
     if not files.config.is_file():
@@ -86,4 +92,4 @@ def load_run_model(run: str | Path, device: torch.device | str = "cpu"):
     return model.to(device).eval(), config, source
 
 
-__all__ += ["write_metrics", "read_run_config", "write_json_atomic"]
+__all__ += ["write_metrics", "read_metrics", "read_run_config", "write_json_atomic"]

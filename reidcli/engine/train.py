@@ -20,6 +20,7 @@ from reidcli.data.store import read_dataset
 from reidcli.engine.checkpoint import (
     RunFiles,
     load_checkpoint,
+    read_metrics,
     save_checkpoint,
     save_weights,
     write_json_atomic,
@@ -244,7 +245,7 @@ def _restore(state: _State, files: RunFiles) -> None:
     if "cuda_rng" in ckpt and torch.cuda.is_available():
         torch.cuda.set_rng_state(ckpt["cuda_rng"])
     state.epoch = int(ckpt["epoch"])
-    state.metrics = [r for r in _read_jsonl(files.metrics) if r["epoch"] <= state.epoch]
+    state.metrics = [r for r in read_metrics(files.metrics) if r["epoch"] <= state.epoch]
 
 
 def _check_same_trajectory(cfg: TrainConfig, files: RunFiles) -> None:
@@ -264,10 +265,6 @@ def _check_same_trajectory(cfg: TrainConfig, files: RunFiles) -> None:
             cfg.epochs,
             saved.epochs,
         )
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
 def _save(state: _State, files: RunFiles) -> None:

@@ -229,6 +229,7 @@ def run_ablation(
     _paired_deltas(summary, rows)
     _write_tables(Path(cfg.out), summary, rows)
     _write_pictures(Path(cfg.out), variants)
+    _write_summary_picture(Path(cfg.out), summary, rows)
     return summary
 
 
@@ -285,3 +286,17 @@ def _write_pictures(out: Path, variants: list[Variant]) -> None:
             variant_pictures(v, out / "pictures")
         except Exception as e:  # noqa: BLE001 — a picture must never fail a finished ablation
             log.warning("pictures for %s failed: %s", v.label, e)
+
+
+def _write_summary_picture(out: Path, summary: list[dict], rows: list[dict]) -> None:
+    """``pictures/summary.png``: the table's mAP, Rank-1 and ΔmAP as bars and intervals, and the loss curves."""
+    from reidcli.engine.checkpoint import RunFiles, read_metrics
+    from reidcli.report.plots import plot_ablation_summary
+
+    curves: dict[str, list[list[dict]]] = {}
+    for r in rows:
+        curves.setdefault(f"{r['pe']} · {r['loss']}", []).append(read_metrics(RunFiles(r["run"]).metrics))
+    try:
+        plot_ablation_summary(summary, curves, out / "pictures" / "summary.png")
+    except Exception as e:  # noqa: BLE001 — a picture must never fail a finished ablation
+        log.warning("the summary picture failed: %s", e)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from reidcli.engine.checkpoint import RunFiles, load_run_model
+from reidcli.engine.checkpoint import RunFiles, load_run_model, read_metrics
 from reidcli.report.plots import _plt, _save, plot_ape_similarity, plot_rpe_bias, plot_training_curves
 
 __all__ = ["variant_pictures", "plot_relation_vectors"]
@@ -20,7 +19,7 @@ def variant_pictures(variant, out: Path) -> list[Path]:
     tag = f"{variant.pe}__{variant.loss.replace('+', '-')}"
     model, _, _ = load_run_model(files.root, "cpu")
     written = []
-    metrics = [json.loads(line) for line in files.metrics.read_text().splitlines() if line.strip()]
+    metrics = read_metrics(files.metrics)
     written.append(out / f"curves_{tag}.png")
     plot_training_curves(metrics, written[-1], title=variant.label)
     grid = model.cfg.grid

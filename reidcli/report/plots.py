@@ -8,7 +8,7 @@ import numpy as np
 
 from reidcli.fileio import atomic_path
 
-__all__ = ["plot_training_curves", "plot_ranked_lists", "plot_ape_similarity", "plot_rpe_bias"]
+__all__ = ["plot_training_curves", "plot_ranked_lists", "plot_ape_similarity", "plot_rpe_bias", "plot_ablation_summary"]
 
 
 def _plt():
@@ -114,3 +114,48 @@ def plot_rpe_bias(tables: np.ndarray, grid: tuple[int, int], path: str | Path, t
                 ax.set_title(f"h{head}", fontsize=7)
     fig.suptitle(title or "RPE bias by offset (centre = same patch)", fontsize=9)
     _save(fig, path)
+
+
+def plot_ablation_summary(summary: list[dict], curves: dict[str, list[list[dict]]], path: str | Path) -> None:
+    """An ablation in one picture: each variant's mAP and Rank-1 (± std over seeds), its ΔmAP against the first
+    variant with the 95% paired-bootstrap interval over queries, and every variant's training loss (mean over seeds)
+    on one axis, with the evaluation mAP during training when the runs recorded it (``--eval-every``)."""
+    plt = _plt()
+    labels = [r["variant"] for r in summary]
+    y = np.arange(len(labels))[::-1]  # first variant on top
+    with_eval = any(m and "eval_mAP" in m[-1] for runs in curves.values() for m in runs)
+    fig, axes = plt.subplots(1, 3 + with_eval, figsize=(4.6 * (3 + with_eval), 0.5 * len(labels) + 2.4))
+    for offset, metric, colour in ((0.2, "mAP", "tab:blue"), (-0.2, "Rank-1", "tab:orange")):
+        values = [100 * r[metric] for r in summary]
+        errors = [100 * r.get(metric + " std", 0.0) for r in summary]
+        axes[0].barh(y + offset, values, height=0.38, xerr=errors, color=colour, label=metric, capsize=3)
+    axes[0].set(yticks=y, yticklabels=labels, xlabel="%", title="mAP and Rank-1 (± std over seeds)")
+    axes[0].legend(fontsize=8, loc="lower right")
+    for yi, r in zip(y, summary, strict=True):
+        if "ΔmAP" in r:
+            d, lo, hi = (100 * r[k] for k in ("ΔmAP", "ΔmAP low", "ΔmAP high"))
+            axes[1].errorbar(d, yi, xerr=[[d - lo], [hi - d]], fmt="o", color="tab:blue", capsize=4)
+    axes[1].axvline(0, color="grey", linewidth=1)
+    axes[1].set(yticks=y, yticklabels=labels, ylim=(y.min() - 0.5, y.max() + 0.5), xlabel="mAP points")
+    axes[1].set_title(f"ΔmAP vs {labels[0]} (95% paired bootstrap)", fontsize=9)
+    for label in labels:
+        _mean_curve(axes[2], curves.get(label, []), "loss", label)
+        if with_eval:
+            _mean_curve(axes[3], curves.get(label, []), "eval_mAP", label, marker="o")
+    axes[2].set(title="training loss (mean over seeds)", xlabel="epoch")
+    axes[2].legend(fontsize=7)
+    if with_eval:
+        axes[3].set(title="evaluation mAP during training", xlabel="epoch")
+    _save(fig, path)
+
+
+def _mean_curve(ax, runs: list[list[dict]], key: str, label: str, marker: str | None = None) -> None:
+    """Plot ``key`` against the epoch, averaged over the runs (seeds) that recorded it at that epoch."""
+    by_epoch: dict[int, list[float]] = {}
+    for metrics in runs:
+        for m in metrics:
+            if key in m:
+                by_epoch.setdefault(m["epoch"], []).append(m[key])
+    if by_epoch:
+        epochs = sorted(by_epoch)
+        ax.plot(epochs, [np.mean(by_epoch[e]) for e in epochs], label=label, marker=marker)

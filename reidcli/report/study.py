@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
+from reidcli.engine.checkpoint import read_metrics
 from reidcli.report.plots import _plt, _save
 
 __all__ = ["plot_run_comparison", "rp_scale_experiment", "plot_scale_experiment"]
@@ -20,16 +20,11 @@ PANELS = (
 )
 
 
-def _metrics(run: Path) -> list[dict]:
-    path = run / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-
-
 def plot_run_comparison(runs: list[Path], path: Path) -> None:
     plt = _plt()
     fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
     for run in runs:
-        rows = _metrics(run)
+        rows = read_metrics(run / "metrics.jsonl")
         for ax, (key, title) in zip(axes.flat, PANELS, strict=True):
             pts = [(r["epoch"], r[key]) for r in rows if key in r]
             if pts:
@@ -54,7 +49,7 @@ def main(argv: list[str]) -> None:
             f"RPE norm {log['rpe_norm'][0]:.3f} -> {log['rpe_norm'][-1]:.3f}"
         )
     for r in runs:
-        rows = _metrics(Path(r))
+        rows = read_metrics(Path(r) / "metrics.jsonl")
         if rows:
             last = rows[-1]
             print(Path(r).name, {k: round(v, 4) for k, v in last.items() if isinstance(v, float)})

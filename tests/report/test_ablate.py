@@ -72,6 +72,7 @@ def test_two_variants_two_seeds_then_full_reuse(tiny_data, tmp_path, monkeypatch
         "rpe_bias_rpe__ce-triplet.png",
         "relation_vectors_rpe__ce-triplet.png",
         "ranked_ape__ce-triplet.png",
+        "summary.png",
     } <= pictures
     runs = pd.read_csv(tmp_path / "abl" / "runs.csv")  # each run's queries, for 'reid compare RUN RUN'
     assert len(runs) == 4
@@ -148,3 +149,23 @@ def test_killed_ablation_finishes_only_the_missing_runs(tiny_data, tmp_path):
     assert len(list(out.glob("runs/*/DONE"))) == 2
     assert (first_run / "model.safetensors").stat().st_mtime_ns == stamp  # reused, not retrained
     assert Path(out / "results.md").is_file()
+
+
+def test_summary_picture_panels(tmp_path):
+    """mAP/Rank-1 bars, ΔmAP intervals and loss curves; a fourth panel when the runs evaluated during training."""
+    from matplotlib.image import imread
+
+    from reidcli.report.plots import plot_ablation_summary
+
+    summary = [
+        {"variant": "ape · ce", "mAP": 0.30, "Rank-1": 0.40, "runs": 2, "mAP std": 0.01, "Rank-1 std": 0.02},
+        {"variant": "rpe · ce", "mAP": 0.20, "Rank-1": 0.30, "runs": 2, "ΔmAP": -0.1, "ΔmAP low": -0.12,
+         "ΔmAP high": -0.08},
+    ]  # fmt: skip
+    curves = {v["variant"]: [[{"epoch": e, "loss": 3.0 - e} for e in (1, 2)]] * 2 for v in summary}
+    plot_ablation_summary(summary, curves, tmp_path / "a.png")
+    curves["ape · ce"][0][-1]["eval_mAP"] = 0.3
+    plot_ablation_summary(summary, curves, tmp_path / "b.png")
+    a, b = imread(tmp_path / "a.png"), imread(tmp_path / "b.png")
+    assert a.shape[0] == b.shape[0] and b.shape[1] > 1.2 * a.shape[1]  # one more panel
+    assert a[..., :3].std() > 0.05  # something drawn, not a blank canvas
