@@ -127,25 +127,33 @@ def plot_ablation_summary(summary: list[dict], curves: dict[str, list[list[dict]
     fig, axes = plt.subplots(1, 3 + with_eval, figsize=(4.6 * (3 + with_eval), 0.5 * len(labels) + 2.4))
     for offset, metric, colour in ((0.2, "mAP", "tab:blue"), (-0.2, "Rank-1", "tab:orange")):
         values = [100 * r[metric] for r in summary]
-        errors = [100 * r.get(metric + " std", 0.0) for r in summary]
-        axes[0].barh(y + offset, values, height=0.38, xerr=errors, color=colour, label=metric, capsize=3)
-    axes[0].set(yticks=y, yticklabels=labels, xlabel="%", title="mAP and Rank-1 (± std over seeds)")
+        errors = [100 * r.get(metric + " std", 0.0) if r.get("runs", 1) > 1 else 0.0 for r in summary]
+        spread = {"xerr": errors, "capsize": 3} if any(errors) else {}  # one seed: no error bars
+        axes[0].barh(y + offset, values, height=0.38, color=colour, label=metric, **spread)
+    top = max(100 * max(r["mAP"], r["Rank-1"]) for r in summary)
+    axes[0].set(yticks=y, yticklabels=labels, xlabel="%", xlim=(0, 1.3 * top + 1e-9))  # room for the legend
+    axes[0].set_title("mAP and Rank-1 (± std over seeds)", fontsize=9)
     axes[0].legend(fontsize=8, loc="lower right")
     for yi, r in zip(y, summary, strict=True):
         if "ΔmAP" in r:
             d, lo, hi = (100 * r[k] for k in ("ΔmAP", "ΔmAP low", "ΔmAP high"))
             axes[1].errorbar(d, yi, xerr=[[d - lo], [hi - d]], fmt="o", color="tab:blue", capsize=4)
+            axes[1].annotate(f"{d:+.1f} [{lo:+.1f}, {hi:+.1f}]", (d, yi), xytext=(0, 7), textcoords="offset points",
+                             ha="center", fontsize=7)  # fmt: skip
     axes[1].axvline(0, color="grey", linewidth=1)
-    axes[1].set(yticks=y, yticklabels=labels, ylim=(y.min() - 0.5, y.max() + 0.5), xlabel="mAP points")
-    axes[1].set_title(f"ΔmAP vs {labels[0]} (95% paired bootstrap)", fontsize=9)
+    axes[1].annotate("reference", (0, y[0]), ha="center", va="center", fontsize=7, color="grey")
+    axes[1].set(yticks=y, yticklabels=[], ylim=(y.min() - 0.5, y.max() + 0.5), xlabel="mAP points")
+    axes[1].set_title(f"ΔmAP vs {labels[0]} (95% paired bootstrap over queries)", fontsize=9)
     for label in labels:
         _mean_curve(axes[2], curves.get(label, []), "loss", label)
         if with_eval:
             _mean_curve(axes[3], curves.get(label, []), "eval_mAP", label, marker="o")
-    axes[2].set(title="training loss (mean over seeds)", xlabel="epoch")
+    axes[2].set(xlabel="epoch")
+    axes[2].set_title("training loss (mean over seeds)", fontsize=9)
     axes[2].legend(fontsize=7)
     if with_eval:
-        axes[3].set(title="evaluation mAP during training", xlabel="epoch")
+        axes[3].set(xlabel="epoch")
+        axes[3].set_title("evaluation mAP during training", fontsize=9)
     _save(fig, path)
 
 
