@@ -43,7 +43,10 @@ def progress(label: str, total: int | None = None) -> Iterator[Callable[[int, in
 
 def fmt(v: object, digits: int = 4) -> str:
     if isinstance(v, float):
-        return "—" if math.isnan(v) else f"{v:.{digits}f}"
+        if math.isnan(v):
+            return "—"
+        # a late learning rate (1.6e-05) would print as 0.0000
+        return f"{v:.{digits - 1}e}" if 0 < abs(v) < 10 ** -(digits - 1) else f"{v:.{digits}f}"
     return str(v)
 
 

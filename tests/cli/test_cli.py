@@ -223,3 +223,9 @@ def test_doctor_checks_data_and_run(tiny_data, tmp_path):
     r = run_cli("doctor", "--run", str(tmp_path / "nope"), "--json")
     assert r.returncode == 1
     assert {c["check"]: c["status"] for c in json.loads(r.stdout)}["run"] == "FAIL"
+
+
+def test_table_numbers_keep_small_values_readable():
+    from reidcli.cli.console import fmt
+
+    assert [fmt(v) for v in (0.3241, 0.0, 1.6e-05, float("nan"), 3)] == ["0.3241", "0.0000", "1.600e-05", "—", "3"]
