@@ -34,6 +34,19 @@ DropPathOpt = Annotated[float, typer.Option(help="Stochastic depth rate.")]
 TopNOpt = Annotated[int, typer.Option(help="Patches used by patch-triplet / rp-triplet.")]
 RpFormOpt = Annotated[str, typer.Option(help="rp-triplet form: stable (default) or raw (the seed's).")]
 NeckFeatOpt = Annotated[str, typer.Option(help="Test feature: before or after the BNNeck.")]
+LabelSmoothingOpt = Annotated[float, typer.Option(help="CE label smoothing.")]
+MarginOpt = Annotated[float | None, typer.Option(help="Triplet margin (default: soft margin).")]
+RpWeightOpt = Annotated[float, typer.Option(help="rp-triplet weight.")]
+PatchWeightOpt = Annotated[float, typer.Option(help="patch-triplet weight.")]
+EvalEveryOpt = Annotated[int, typer.Option(help="Evaluate on query/gallery every N epochs (0: never).")]
+CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile the model.")]
+CudaGraphOpt = Annotated[
+    bool,
+    typer.Option(
+        "--cuda-graph/--no-cuda-graph",
+        help="On one GPU, replay the whole step as one CUDA graph (same results as eager steps, 1.5-1.8x faster).",
+    ),
+]
 TrainPrecisionOpt = Annotated[
     str, typer.Option(help="auto (GPU bf16 autocast, CPU fp32), bf16 (CPU too: ~1.5x for ViT-S) or fp32.")
 ]

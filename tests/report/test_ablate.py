@@ -114,6 +114,13 @@ def test_cli_dry_run_and_table(tiny_data, tmp_path):
     assert "none · ce+triplet" in r.stdout and "ape · ce+triplet" in r.stdout and "PE share" in r.stdout
     r = run_cli(*args, "--dry-run", "--json")
     assert r.stdout.count('"reuse"') == 2
+    # the loss weights and run options of `reid train` reach every run (and its key: not reused)
+    r = run_cli(*args, "--pe", "ape", "--label-smoothing", "0.1", "--rp-weight", "0.5", "--eval-every", "1", "--json")
+    assert r.returncode == 0, r.stderr
+    (run,) = [d for d in (out / "runs").iterdir() if json.loads((d / "config.json").read_text())["eval_every"] == 1]
+    config = json.loads((run / "config.json").read_text())
+    assert config["eval_every"] == 1 and config["loss"]["label_smoothing"] == 0.1 and config["loss"]["rp_weight"] == 0.5
+    assert "eval_mAP" in json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
 
 
 def test_killed_ablation_finishes_only_the_missing_runs(tiny_data, tmp_path):
