@@ -56,8 +56,11 @@ def evaluate(
     from reidcli.retrieval.evaluate import evaluate as run_eval
     from reidcli.retrieval.features import read_features
 
-    if visualize < 0:
-        raise ConfigError(f"--visualize {visualize}: give a number of queries (0: no pictures)")
+    if visualize < 0 or top_k < 1:
+        raise ConfigError(
+            f"--visualize {visualize} --top-k {top_k}: give a number of queries (0: no pictures) and of gallery images"
+            " per list (at least 1)"
+        )
     if visualize and out is None:
         raise ConfigError("--visualize needs --out DIR for the pictures")
     if out is not None:

@@ -50,12 +50,13 @@ def plot_training_curves(metrics: list[dict], path: str | Path, title: str = "")
 
 
 def plot_ranked_lists(
-    q_images: np.ndarray, g_images: np.ndarray, lists: np.ndarray, status: np.ndarray, path: str | Path, title: str = ""
+    q_images: np.ndarray, g_images: np.ndarray, status: np.ndarray, path: str | Path, title: str = ""
 ) -> None:
-    """One row per query: the query, then its top-k gallery images with green (match), red (wrong) or grey (junk,
-    same identity and camera, ignored by the protocol) borders."""
+    """One row per query: the query (``q_images`` (Q, H, W, 3)), then its top-k gallery images (``g_images``
+    (Q, k, H, W, 3)) with green (match), red (wrong) or grey (junk, same identity and camera, ignored by the protocol)
+    borders."""
     plt = _plt()
-    nq, k = lists.shape
+    nq, k = status.shape
     fig, axes = plt.subplots(nq, k + 1, figsize=(1.0 * (k + 1), 2.1 * nq), squeeze=False)
     colours = {1: (0.1, 0.7, 0.1), 0: (0.85, 0.1, 0.1), -1: (0.6, 0.6, 0.6)}
     for r in range(nq):
@@ -63,7 +64,7 @@ def plot_ranked_lists(
         axes[r, 0].set_title("query", fontsize=7)
         for c in range(k):
             ax = axes[r, c + 1]
-            img = g_images[lists[r, c]].astype(np.float32)
+            img = g_images[r, c].astype(np.float32)
             if status[r, c] == -1:
                 img = img * 0.4 + 150
             ax.imshow(img.clip(0, 255).astype(np.uint8))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from reidcli.data.store import read_dataset
+from reidcli.data.store import read_dataset, read_images
 from reidcli.errors import FormatError
 from reidcli.report.plots import plot_ranked_lists
 from reidcli.retrieval.evaluate import ranked_lists
@@ -22,22 +22,40 @@ def list_status(lists: np.ndarray, query: FeatureSplit, gallery: FeatureSplit, r
     return np.where(junk, -1, same.astype(int))
 
 
+QUERIES_PER_PAGE = 16  # rows of one picture; more queries go to numbered pages
+
+
 def write_ranked_lists(
     path: Path, query: FeatureSplit, gallery: FeatureSplit, data: Path, n: int, top_k: int, rerank=None
-) -> None:
-    """Ranked lists of ``n`` evenly spaced queries; ``rerank`` (an EvalConfig) draws the re-ranked lists."""
-    _, parts = read_dataset(data, ("query", "gallery"))
-    q_img, g_img = parts["query"], parts["gallery"]
-    if len(q_img) != len(query) or len(g_img) != len(gallery) or q_img.paths[:5] != query.paths[:5]:
+) -> list[Path]:
+    """Ranked lists of ``n`` evenly spaced queries; ``rerank`` (an EvalConfig) draws the re-ranked lists. Up to
+    :data:`QUERIES_PER_PAGE` queries go to ``path``; more to ``<stem>_01.png``, ``<stem>_02.png``, … Returns the
+    pictures written."""
+    _, parts = read_dataset(data, ("query", "gallery"), images=False)
+    if (
+        len(parts["query"]) != len(query)
+        or len(parts["gallery"]) != len(gallery)
+        or (parts["query"].paths[:5] != query.paths[:5])
+    ):
         raise FormatError(f"{data} does not hold the images these features were extracted from; pass the right --data")
-    rows = np.linspace(0, len(query) - 1, min(n, len(query))).astype(int)
+    rows = np.unique(np.linspace(0, len(query) - 1, min(n, len(query))).astype(int))
     if rerank is not None:  # re-ranking needs every query: the neighbourhoods are joint
         lists = _reranked_lists(query, gallery, rows, top_k, rerank)
     else:
         lists = ranked_lists(FeatureSplit(query.feats[rows], query.pids[rows], query.camids[rows]), gallery, top_k)
     status = list_status(lists, query, gallery, rows)
     title = f"top-{top_k} of {len(rows)} queries" + (" after k-reciprocal re-ranking" if rerank is not None else "")
-    plot_ranked_lists(q_img.images[rows], g_img.images, lists, status, path, title=title)
+    pages = range(0, len(rows), QUERIES_PER_PAGE)
+    written = []
+    for number, start in enumerate(pages, 1):
+        part = slice(start, start + QUERIES_PER_PAGE)
+        name = path if len(pages) == 1 else path.with_name(f"{path.stem}_{number:02d}{path.suffix}")
+        q_img = read_images(data, "query", rows[part])
+        g_img = read_images(data, "gallery", lists[part])  # (queries, top_k, H, W, 3)
+        page = f" (page {number}/{len(pages)})" if len(pages) > 1 else ""
+        plot_ranked_lists(q_img, g_img, status[part], name, title=title + page)
+        written.append(name)
+    return written
 
 
 def _reranked_lists(query: FeatureSplit, gallery: FeatureSplit, rows: np.ndarray, top_k: int, cfg) -> np.ndarray:

@@ -89,8 +89,20 @@ def test_ranked_list_picture_after_reranking(tiny_data, tmp_path):
 
     q, g = feats(parts["query"]), feats(parts["gallery"])
     for name, rerank in (("plain.png", None), ("rerank.png", EvalConfig(rerank=True, k1=5, k2=2))):
-        write_ranked_lists(tmp_path / name, q, g, tiny_data, 3, 4, rerank)
+        assert write_ranked_lists(tmp_path / name, q, g, tiny_data, 3, 4, rerank) == [tmp_path / name]
         assert (tmp_path / name).stat().st_size > 2000
+    # more queries than one picture holds: numbered pages, 16 queries each
+    pages = write_ranked_lists(tmp_path / "many.png", q, g, tiny_data, 20, 4)
+    assert [p.name for p in pages] == ["many_01.png", "many_02.png"] and not (tmp_path / "many.png").exists()
+    assert all(p.stat().st_size > 2000 for p in pages)
+
+
+def test_read_images_reads_just_the_rows_asked_in_their_order(tiny_data):
+    from reidcli.data.store import read_dataset, read_images
+
+    _, parts = read_dataset(tiny_data, ("gallery",))
+    rows = np.array([[5, 0, 5], [len(parts["gallery"]) - 1, 2, 1]])
+    np.testing.assert_array_equal(read_images(tiny_data, "gallery", rows), parts["gallery"].images[rows])
 
 
 @pytest.mark.parametrize("chunk", [64, 7])
