@@ -260,6 +260,10 @@ def resumed_config(out: Path, given: dict):
     loss = {f: given[o] for o, f in _LOSS_OPTIONS.items() if o in given}
     run = {f: given[o] for o, f in _RUN_OPTIONS.items() if o in given}
     run |= {f: str(run[f]) for f in ("data", "init") if run.get(f) is not None}
+    if "data" not in run and not Path(saved.data).is_file():
+        raise ConfigError(
+            f"the dataset of {out} ({saved.data}, from its config.json) is not there from here; pass --data FILE"
+        )
     return replace(
         saved, model=replace(saved.model, **model), loss=replace(saved.loss, **loss), run_dir=str(out), **run
     ).validate()

@@ -100,6 +100,12 @@ def test_resume_takes_the_runs_own_options(tiny_data, ape_run, tmp_path):
     assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     r = run_cli("train", "--out", str(run), "--resume", "--lr", "0.5", "--batch", "32")
     assert r.returncode == 1 and "--batch 16 (given 32), --lr 0.008 (given 0.5)" in r.stderr
+    # a dataset path that does not reach from here (config.json keeps it as given): named, with the fix
+    (run / "config.json").write_text(json.dumps({**after, "data": "moved.h5"}))
+    r = run_cli("train", "--out", str(run), "--resume", "--epochs", "3")
+    assert r.returncode == 1 and "(moved.h5, from its config.json) is not there from here; pass --data" in r.stderr
+    r = run_cli("train", "--out", str(run), "--resume", "--epochs", "3", "--data", str(tiny_data))
+    assert r.returncode == 0, r.stderr
 
 
 def test_train_without_data_names_the_option(tmp_path):
