@@ -266,7 +266,7 @@ def resumed_config(out: Path, given: dict):
         )
     return replace(
         saved, model=replace(saved.model, **model), loss=replace(saved.loss, **loss), run_dir=str(out), **run
-    ).validate()
+    ).validate(weights_file=False)  # the checkpoint's weights replace --init's: a moved --init file does not matter
 
 
 def run_training(cfg, resume: bool):

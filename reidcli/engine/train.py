@@ -76,7 +76,8 @@ class TrainConfig:
     max_grad_norm: float = 1e4  # larger gradient norms stop the run (divergence)
     check_every: int = 20  # steps between finiteness checks (each is a host sync)
 
-    def validate(self) -> TrainConfig:
+    def validate(self, weights_file: bool = True) -> TrainConfig:
+        """Check the options; ``weights_file``: that ``--init`` exists (not needed when a checkpoint is resumed)."""
         self.model.validate()
         self.loss.validate()
         if self.epochs < 1:
@@ -93,7 +94,7 @@ class TrainConfig:
             raise ConfigError(f"unknown --compile-mode {self.compile_mode!r}; choose one of {', '.join(COMPILE_MODES)}")
         if self.cuda_graph and self.compile and self.compile_mode == "reduce-overhead":
             raise ConfigError("--cuda-graph already captures the step; use it with --compile-mode default, or alone")
-        if self.init and not Path(self.init).is_file():
+        if weights_file and self.init and not Path(self.init).is_file():
             raise ConfigError(f"--init {self.init} not found; pass an existing .pth or .safetensors weights file")
         if "rp-triplet" in self.loss.names and self.model.pe == "none":
             raise ConfigError("rp-triplet needs position parameters; use --pe ape, rpe, both or sincos")
@@ -292,15 +293,15 @@ def train(
     on_step: Callable[[int, int], None] | None = None,
 ) -> TrainResult:
     """Train into ``cfg.run_dir``; with ``resume`` continue from its checkpoint on the same trajectory."""
-    cfg.validate()
     files = RunFiles(cfg.run_dir)
+    restoring = resume and files.checkpoint.exists()
+    cfg.validate(weights_file=not restoring)
     if files.checkpoint.exists() and not resume:
         raise ConfigError(f"{files.root} already holds a run; pass --resume to continue it or choose another --out")
     info, device = setup_distributed(resolve_device(cfg.device))
     attrs, train_split = _train_split(cfg)
     pids, labels = np.unique(train_split.pids, return_inverse=True)
     sampler = PKSampler(labels, cfg.batch // cfg.k, cfg.k, info.rank, info.world)
-    restoring = resume and files.checkpoint.exists()
     state = _build(cfg, len(pids), device, initial_weights=not restoring)
     state.dist = info
     if restoring:

@@ -187,3 +187,22 @@ def test_trajectory_changes_name_the_options_resume_keeps(tmp_path):
     # config.json's extra keys and an old file's `bf16` read back
     d = {**saved.to_dict(), "dataset": "synthetic", "num_train_ids": 12, "world_size": 1}
     assert TrainConfig.from_dict(d) == saved
+
+
+def test_resume_loads_no_initial_weights_and_needs_no_init_file(tiny_data, tmp_path, monkeypatch):
+    """The checkpoint's weights replace --init's: a resumed run neither reads the --init file (it may have moved)
+    nor asks the hub again for --pretrained ones (a resumed run works offline)."""
+    import reidcli.model.weights as weights
+    from reidcli.model.vit import ViTReID
+
+    init = tmp_path / "init.pth"
+    cfg = _cfg(tiny_data, tmp_path / "r", init=str(init), epochs=1)
+    torch.save(ViTReID(replace(cfg.model, num_classes=0)).state_dict(), init)
+    train(cfg)
+    init.unlink()
+    monkeypatch.setattr(weights, "load_state_file", lambda *a: pytest.fail("--init read again on resume"))
+    monkeypatch.setattr(weights, "load_pretrained", lambda *a: pytest.fail("hub asked again on resume"))
+    resumed = train(replace(cfg, epochs=2), resume=True)
+    assert [m["epoch"] for m in resumed.metrics] == [1, 2]
+    with pytest.raises(ConfigError, match="--init .* not found"):  # a new run still needs the file
+        train(replace(cfg, run_dir=str(tmp_path / "new")))
