@@ -309,7 +309,12 @@ def train(
         _restore(state, files)
     if info.main:
         files.root.mkdir(parents=True, exist_ok=True)
-        extra = {"dataset": attrs.get("name"), "num_train_ids": int(len(pids)), "world_size": info.world}
+        extra = {
+            "dataset": attrs.get("name"),
+            "num_train_ids": int(len(pids)),
+            "world_size": info.world,
+            "environment": _environment(cfg, device),
+        }
         model_dict = {**cfg.model.to_dict(), "num_classes": len(pids)}
         write_json_atomic(files.config, {**cfg.to_dict(), "model": model_dict, **extra})
     images = torch.from_numpy(train_split.images).to(device)  # uint8 (N, H, W, 3), resident for the whole run
@@ -330,6 +335,27 @@ def train(
         _finish(state, cfg, files)
     teardown_distributed(info)  # after a barrier: every rank has finished
     return TrainResult(files.root, state.epoch, state.metrics, parameter_report(state.model))
+
+
+def _environment(cfg: TrainConfig, device: torch.device) -> dict:
+    """What ran the run (the last start or resume), for reports: versions, device, the precision ``auto`` chose."""
+    import platform
+
+    import timm
+
+    from reidcli import __version__
+
+    env = {
+        "reidcli": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "device": str(device),
+        "precision": train_precision(cfg.precision, device),
+    }
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env
 
 
 def _train_split(cfg: TrainConfig):

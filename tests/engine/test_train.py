@@ -87,6 +87,8 @@ def test_run_folder_contents(tiny_data, tmp_path):
     files = RunFiles(result.run_dir)
     config = json.loads(files.config.read_text())
     assert config["model"]["pe"] == "both" and config["model"]["num_classes"] == 12
+    env = config["environment"]  # what ran it, and what precision "auto" became there
+    assert env["torch"] == torch.__version__ and env["device"] == "cpu" and env["precision"] == "fp32"
     rows = [json.loads(line) for line in files.metrics.read_text().splitlines()]
     assert (
         rows[0]["epoch"] == 1
