@@ -88,7 +88,12 @@ def evaluate(
             err.print(f"notice: FAISS retrieval ran on the CPU (this FAISS has no GPU support){hint}")
     report = {**result.metrics.to_dict(), "seconds": result.seconds, "engine": result.engine, "device": result.device}
     if out is not None:
-        _write_results(out, report)
+        provenance = {
+            "features": str(features),
+            "rerank": {"k1": k1, "k2": k2, "lambda": lambda_value} if rerank else None,
+            **{k: attrs[k] for k in ("dataset", "run", "checkpoint_sha256") if k in attrs},
+        }
+        _write_results(out, report, provenance)
         write_per_query(out / "per_query.csv", splits["query"], result.metrics.per_query)
         if visualize:
             _pictures(out, splits, images, visualize, top_k, cfg if rerank else None)
@@ -112,12 +117,13 @@ def _load_index(path: Path, gallery):
     return built
 
 
-def _write_results(out: Path, report: dict) -> None:
+def _write_results(out: Path, report: dict, provenance: dict) -> None:
+    """results.json: the metrics and what they were computed from; results.csv: the metrics in one row."""
     import pandas as pd
 
     from reidcli.fileio import atomic_path, write_json_atomic
 
-    write_json_atomic(out / "results.json", report)
+    write_json_atomic(out / "results.json", {**report, **provenance})
     flat = {k: v for k, v in report.items() if k != "cmc"}
     flat.update({f"rank{r}": report["cmc"][r - 1] for r in (1, 5, 10, 20) if r <= len(report["cmc"])})
     with atomic_path(out / "results.csv", suffix=".csv") as tmp:

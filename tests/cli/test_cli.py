@@ -126,7 +126,9 @@ def test_end_to_end_pipeline_learns(tmp_path):
     assert 0 <= res["mINP"] <= res["mAP"] <= 1 and res["cmc"][0] <= res["cmc"][4] <= 1
     assert res["mAP"] > 5 * res["chance_mAP"], res
     assert (tmp_path / "eval" / "ranked_lists.png").stat().st_size > 5000
-    assert json.loads((tmp_path / "eval" / "results.json").read_text())["mAP"] == res["mAP"]
+    saved = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert saved["mAP"] == res["mAP"] and saved["features"] == str(tmp_path / "f.h5") and saved["rerank"] is None
+    assert saved["run"] == str(tmp_path / "run") and len(saved["checkpoint_sha256"]) == 64  # what was evaluated
     per_query = pd.read_csv(tmp_path / "eval" / "per_query.csv")
     assert len(per_query) == res["num_queries"] and per_query["AP"].notna().sum() == res["num_valid_queries"]
     assert abs(per_query["AP"].mean() - res["mAP"]) < 1e-9 and (per_query["first_hit_rank"].dropna() >= 1).all()
