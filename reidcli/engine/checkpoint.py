@@ -64,7 +64,13 @@ def read_run_config(run: str | Path) -> dict:
     files = RunFiles(run)
     if not files.config.is_file():
         raise FormatError(f"{files.root} is not a run folder (no config.json); train one with 'reid train'")
-    return json.loads(files.config.read_text())
+    try:
+        config = json.loads(files.config.read_text())
+        if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+            raise ValueError("no 'model' section")
+    except ValueError as e:
+        raise FormatError(f"{files.config} is not a run's config ({e}); restore it, or train into a new folder") from e
+    return config
 
 
 def load_run_model(run: str | Path, device: torch.device | str = "cpu"):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import time
@@ -21,18 +20,29 @@ from reidcli.engine.checkpoint import (
     RunFiles,
     load_checkpoint,
     read_metrics,
+    read_run_config,
     save_checkpoint,
     save_weights,
     write_json_atomic,
     write_metrics,
 )
 from reidcli.engine.distributed import DistInfo, all_reduce_sum, barrier, setup_distributed, teardown_distributed
-from reidcli.errors import ConfigError, TrainingError
+from reidcli.errors import ConfigError, FormatError, TrainingError
 from reidcli.losses.combined import LossConfig, compute_losses
 from reidcli.model.vit import ModelConfig, ViTReID, parameter_report
 from reidcli.retrieval.evaluate import resolve_device
 
-__all__ = ["COMPILE_MODES", "TRAIN_PRECISIONS", "TrainConfig", "TrainResult", "train", "train_precision", "lr_at"]
+__all__ = [
+    "COMPILE_MODES",
+    "TRAIN_PRECISIONS",
+    "TrainConfig",
+    "TrainResult",
+    "load_train_config",
+    "lr_at",
+    "train",
+    "train_precision",
+    "trajectory_changes",
+]
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +147,18 @@ RESUME_FREE = frozenset(
         "check_every",
     }
 )
+
+
+def load_train_config(run: str | Path) -> TrainConfig:
+    """The resolved training config a run folder's ``config.json`` holds."""
+    config = read_run_config(run)
+    try:
+        return TrainConfig.from_dict(config)
+    except (KeyError, TypeError, ValueError) as e:
+        raise FormatError(
+            f"{RunFiles(run).config} is not a training config this reidcli reads ({type(e).__name__}: {e}); "
+            "restore it, or train into a new folder"
+        ) from e
 
 
 def trajectory_changes(saved: TrainConfig, cfg: TrainConfig) -> list[str]:
@@ -252,7 +274,7 @@ def _restore(state: _State, files: RunFiles) -> None:
 def _check_same_trajectory(cfg: TrainConfig, files: RunFiles) -> None:
     if not files.config.is_file():
         return
-    saved = TrainConfig.from_dict(json.loads(files.config.read_text()))
+    saved = load_train_config(files.root)
     changes = trajectory_changes(saved, cfg)
     if changes:
         raise ConfigError(

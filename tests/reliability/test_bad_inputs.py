@@ -108,6 +108,21 @@ def test_resume_takes_the_runs_own_options(tiny_data, ape_run, tmp_path):
     assert r.returncode == 0, r.stderr
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("{", "is not a run's config (Expecting"), ('{"model": {"pe": "ape"}}', "is not a training config this reidcli")],
+)
+def test_damaged_config_json(tiny_data, ape_run, tmp_path, text, message):
+    run = tmp_path / "copy"
+    shutil.copytree(ape_run, run)
+    (run / "config.json").write_text(text)
+    r = run_cli("train", "--out", str(run), "--resume")
+    assert r.returncode == 1 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    if text == "{":
+        r = run_cli("extract", "--run", str(run), "--data", str(tiny_data), "--out", str(tmp_path / "f.h5"))
+        assert r.returncode == 1 and message in r.stderr
+
+
 def test_train_without_data_names_the_option(tmp_path):
     r = run_cli("train", "--out", str(tmp_path / "new"), "--resume")
     assert r.returncode == 1 and "--data is missing" in r.stderr
