@@ -57,7 +57,12 @@ def write_metrics(path: Path, rows: list[dict]) -> None:
 def read_metrics(path: str | Path) -> list[dict]:
     """The rows of a ``metrics.jsonl`` (one per epoch); none if the file is not there yet."""
     path = Path(path)
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    if not path.is_file():
+        return []
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except ValueError as e:
+        raise FormatError(f"{path} is damaged ({e}); restore it, or train into a new folder") from e
 
 
 def read_run_config(run: str | Path) -> dict:
