@@ -208,3 +208,14 @@ def test_resume_loads_no_initial_weights_and_needs_no_init_file(tiny_data, tmp_p
     assert [m["epoch"] for m in resumed.metrics] == [1, 2]
     with pytest.raises(ConfigError, match="--init .* not found"):  # a new run still needs the file
         train(replace(cfg, run_dir=str(tmp_path / "new")))
+
+
+def test_damaged_metrics_file_is_named(tmp_path):
+    from reidcli.engine.checkpoint import read_metrics
+    from reidcli.errors import FormatError
+
+    path = tmp_path / "metrics.jsonl"
+    assert read_metrics(path) == []  # not written yet
+    path.write_text('{"epoch": 1, "loss": 2.0}\n{"epoch": 2, "lo\n')
+    with pytest.raises(FormatError, match="metrics.jsonl is damaged"):
+        read_metrics(path)
