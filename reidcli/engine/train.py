@@ -98,6 +98,18 @@ class TrainConfig:
             raise ConfigError(f"unknown --optimizer {self.optimizer!r}; use sgd or adamw")
         if self.lr <= 0:
             raise ConfigError("--lr must be positive")
+        for name, value in (("weight-decay", self.weight_decay), ("warmup-epochs", self.warmup_epochs)):
+            if value < 0:
+                raise ConfigError(f"--{name} cannot be negative, got {value}")
+        if self.eval_every < 0:
+            raise ConfigError(f"--eval-every must be 0 (never) or a number of epochs, got {self.eval_every}")
+        metric_losses = set(self.loss.names) & {"triplet", "patch-triplet", "rp-triplet"}
+        if metric_losses and self.k < 2:
+            needs = ", ".join(sorted(metric_losses))
+            raise ConfigError(f"--k {self.k} leaves no positive pair in a batch for {needs}; use --k 2 or more")
+        patches = self.model.grid[0] * self.model.grid[1]
+        if set(self.loss.names) & {"patch-triplet", "rp-triplet"} and self.loss.top_n > patches:
+            raise ConfigError(f"--top-n {self.loss.top_n} exceeds the model's {patches} patches; lower --top-n")
         if self.precision not in TRAIN_PRECISIONS:
             raise ConfigError(f"unknown --precision {self.precision!r}; choose one of {', '.join(TRAIN_PRECISIONS)}")
         if self.compile_mode not in COMPILE_MODES:

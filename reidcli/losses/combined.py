@@ -55,6 +55,13 @@ class LossConfig:
             raise ConfigError("--top-n must be at least 2 (the RP loss needs pairs of patches)")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError("--label-smoothing must be in [0, 1)")
+        if self.margin is not None and self.margin <= 0:
+            raise ConfigError(f"--margin {self.margin} must be positive (leave it out for the soft margin)")
+        weights = {"patch": self.patch_weight, "rp": self.rp_weight, "ce": self.ce_weight}
+        weights["triplet"] = self.triplet_weight
+        negative = [f"--{name}-weight {w}" for name, w in weights.items() if w < 0]
+        if negative:
+            raise ConfigError(f"{', '.join(negative)}: loss weights cannot be negative (0 turns a loss off)")
         return self
 
 

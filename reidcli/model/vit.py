@@ -47,6 +47,12 @@ class ModelConfig:
     def validate(self) -> ModelConfig:
         if self.pe not in PE_CHOICES:
             raise ConfigError(f"unknown --pe {self.pe!r}; choose one of {', '.join(PE_CHOICES)}")
+        sizes = {"dim": self.dim, "depth": self.depth, "heads": self.heads, "patch-size": self.patch_size}
+        for name, value in sizes.items():
+            if value < 1:
+                raise ConfigError(f"--{name} must be at least 1, got {value}")
+        if not 0.0 <= self.drop_path < 1.0:
+            raise ConfigError(f"--drop-path must be in [0, 1), got {self.drop_path}")
         if not 0 < self.stride <= self.patch_size:
             raise ConfigError(f"--stride must be between 1 and the patch size {self.patch_size}, got {self.stride}")
         if min(self.image_size) < self.patch_size:

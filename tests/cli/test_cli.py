@@ -191,6 +191,14 @@ def test_print_model_seed_figures(tiny_data):
         (("--epochs", "0"), "--epochs must be at least 1"),
         (("--batch", "30", "--k", "4"), "multiple of --k"),
         (("--image-size", "wide"), "HEIGHTxWIDTH"),
+        (("--dim", "0"), "--dim must be at least 1, got 0"),  # was read as "not given": the preset's width
+        (("--drop-path", "2"), "--drop-path must be in [0, 1)"),
+        (("--k", "1", "--batch", "8"), "--k 1 leaves no positive pair in a batch for triplet"),
+        (("--loss", "rp-triplet", "--top-n", "100"), "--top-n 100 exceeds the model's 8 patches"),
+        (("--margin", "-1"), "--margin -1.0 must be positive"),
+        (("--loss", "rp-triplet", "--rp-weight", "-1"), "--rp-weight -1.0: loss weights cannot be negative"),
+        (("--weight-decay", "-1"), "--weight-decay cannot be negative"),
+        (("--eval-every", "-1"), "--eval-every must be 0 (never)"),  # evaluated every epoch before
     ],
 )
 def test_train_option_errors(tiny_data, tmp_path, args, message):
