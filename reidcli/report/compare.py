@@ -60,6 +60,16 @@ def read_per_query(path: str | Path) -> pd.DataFrame:
     missing = [c for c in PER_QUERY_COLUMNS if c not in table.columns]
     if missing:
         raise FormatError(f"{path} lacks the columns {', '.join(missing)}; write it with 'reid evaluate --out'")
+    for column in ("positives", "first_hit_rank", "AP", "INP"):
+        values = pd.to_numeric(table[column], errors="coerce")
+        bad = values.isna() & table[column].notna()
+        if bad.any():
+            row = int(bad.to_numpy().argmax())
+            raise FormatError(
+                f"{path}: column {column} holds {table[column].iloc[row]!r} at query row {row}, not a number; "
+                "write it again with 'reid evaluate --out'"
+            )
+        table[column] = values
     return table
 
 

@@ -87,6 +87,11 @@ def test_files_and_folders_are_read_and_bad_ones_refused(tmp_path):
     (tmp_path / "other.csv").write_text("query,AP\n0,0.5\n")
     with pytest.raises(FormatError, match="lacks the columns path, pid, camid, positives, first_hit_rank, INP"):
         read_per_query(tmp_path / "other.csv")
+    damaged = a.astype({"AP": object})
+    damaged.loc[1, "AP"] = "abc"
+    damaged.to_csv(tmp_path / "damaged.csv", index=False)
+    with pytest.raises(FormatError, match="column AP holds 'abc' at query row 1, not a number"):
+        read_per_query(tmp_path / "damaged.csv")
     r = run_cli("compare", str(tmp_path), str(tmp_path / "missing"))
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.strip().startswith(f"Error: {tmp_path / 'missing'} not found; write it with 'reid evaluate")
