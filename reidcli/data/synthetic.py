@@ -61,6 +61,8 @@ class SyntheticConfig:
             raise ConfigError("--cameras must be between 2 and 9 (Market-1501 naming has one digit)")
         if self.images_per_camera < 1:
             raise ConfigError("--images-per-camera must be at least 1")
+        if self.num_distractors < 0 or self.num_junk < 0:
+            raise ConfigError("--distractors and --junk cannot be negative (0: none)")
         if not 0.0 <= self.difficulty <= 1.0:
             raise ConfigError("--difficulty must be between 0 and 1")
 

@@ -54,6 +54,10 @@ class AblationConfig:
     def validate(self) -> AblationConfig:
         if not self.pes or not self.losses or not self.seeds:
             raise ConfigError("--pe, --loss and --seeds each need at least one value")
+        for option, values in (("--pe", self.pes), ("--loss", self.losses), ("--seeds", self.seeds)):
+            twice = sorted({str(v) for v in values if values.count(v) > 1})
+            if twice:  # one run folder would be counted as two seeds or variants
+                raise ConfigError(f"{option} lists {', '.join(twice)} more than once; give each value once")
         for v in plan(self):
             v.train.validate()
         if not 0.0 <= self.perturb < 0.5:

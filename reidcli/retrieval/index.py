@@ -55,6 +55,11 @@ class IndexConfig:
         if self.kind not in ("flat", "ivfpq"):
             raise ConfigError(f"unknown index kind {self.kind!r}; use 'flat' (exact) or 'ivfpq' (approximate)")
         if self.kind == "ivfpq":
+            if self.nlist < 0 or self.m < 1 or self.nprobe < 1:
+                raise ConfigError(
+                    f"--nlist {self.nlist} --m {self.m} --nprobe {self.nprobe}: --m and --nprobe must be at least 1, "
+                    "--nlist at least 0 (0: about 4·√N cells)"
+                )
             if d % self.m:
                 raise ConfigError(f"--m {self.m} must divide the feature dimension {d}")
             nlist = self.resolved_nlist(n)

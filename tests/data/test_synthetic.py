@@ -57,3 +57,5 @@ def test_bad_knobs():
         SyntheticConfig(num_cameras=12).validate()
     with pytest.raises(ConfigError, match="difficulty"):
         SyntheticConfig(difficulty=2.0).validate()
+    with pytest.raises(ConfigError, match="cannot be negative"):
+        SyntheticConfig(num_junk=-5).validate()

@@ -176,3 +176,12 @@ def test_summary_picture_panels(tmp_path):
     a, b = imread(tmp_path / "a.png"), imread(tmp_path / "b.png")
     assert a.shape[0] == b.shape[0] and b.shape[1] > 1.2 * a.shape[1]  # one more panel
     assert a[..., :3].std() > 0.05  # something drawn, not a blank canvas
+
+
+@pytest.mark.parametrize(("field", "values"), [("pes", ("ape", "rpe", "ape")), ("seeds", (0, 1, 0))])
+def test_a_value_listed_twice_is_refused(tiny_data, tmp_path, field, values):
+    """Both entries would map to one run folder, counted as two seeds (std 0) or two rows of one variant."""
+    from reidcli.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="more than once"):
+        _cfg(tiny_data, tmp_path, **{field: values}).validate()

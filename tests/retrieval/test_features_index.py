@@ -121,6 +121,9 @@ def test_bad_index_options(feats):
         build_index(s["gallery"].feats, IndexConfig(kind="ivfpq", m=5))
     with pytest.raises(ConfigError, match="unknown index kind"):
         build_index(s["gallery"].feats, IndexConfig(kind="hnsw"))
+    for bad in ({"m": 0}, {"nprobe": 0}, {"nlist": -1}):  # --m 0 was a ZeroDivisionError
+        with pytest.raises(ConfigError, match="--m and --nprobe must be at least 1"):
+            build_index(s["gallery"].feats, IndexConfig(kind="ivfpq", **bad))
 
 
 def _cli_error(*args) -> str:
