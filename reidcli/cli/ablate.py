@@ -95,10 +95,9 @@ def ablate(
 
       reid ablate --data demo/synthetic.h5 --out demo/ablation --preset vit_tiny --dim 96 --depth 4 --epochs 8 --dry-run
     """
-    from reidcli.cli.train import dataset_image_size, model_options
+    from reidcli.cli.train import dataset_image_size, loss_options, model_options
     from reidcli.engine.train import TrainConfig
     from reidcli.errors import ConfigError
-    from reidcli.losses.combined import LossConfig
     from reidcli.report.ablate import AblationConfig, plan, run_ablation
 
     pes = tuple(parse_list(pe))
@@ -114,14 +113,7 @@ def ablate(
         data=str(data),
         run_dir="",
         model=mcfg,
-        loss=LossConfig(
-            label_smoothing=label_smoothing,
-            margin=margin,
-            top_n=top_n,
-            rp_form=rp_form,
-            rp_weight=rp_weight,
-            patch_weight=patch_weight,
-        ),
+        loss=loss_options("ce+triplet", label_smoothing, margin, top_n, rp_form, rp_weight, patch_weight),
         epochs=epochs,
         batch=batch,
         k=k,

@@ -75,6 +75,21 @@ def model_options(
     ).validate()
 
 
+def loss_options(spec: str, label_smoothing, margin, top_n, rp_form, rp_weight, patch_weight):
+    """The loss options shared by ``train`` and ``ablate`` (``ablate`` sets ``spec`` per variant)."""
+    from reidcli.losses.combined import LossConfig
+
+    return LossConfig(
+        spec=spec,
+        label_smoothing=label_smoothing,
+        margin=margin,
+        top_n=top_n,
+        rp_form=rp_form,
+        rp_weight=rp_weight,
+        patch_weight=patch_weight,
+    )
+
+
 def dataset_image_size(data: Path) -> tuple[int, int]:
     from reidcli.data.store import read_dataset
 
@@ -146,7 +161,6 @@ def train(
       reid train --out runs/rpe --resume --epochs 160    # a longer run (the cosine schedule stretches)
     """
     from reidcli.engine.train import TrainConfig
-    from reidcli.losses.combined import LossConfig
 
     if resume and (out / "config.json").is_file() and not print_model:
         cfg = resumed_config(out, given_options(ctx))
@@ -164,15 +178,7 @@ def train(
         data=str(data),
         run_dir=str(out),
         model=mcfg,
-        loss=LossConfig(
-            spec=loss,
-            label_smoothing=label_smoothing,
-            margin=margin,
-            top_n=top_n,
-            rp_form=rp_form,
-            rp_weight=rp_weight,
-            patch_weight=patch_weight,
-        ),
+        loss=loss_options(loss, label_smoothing, margin, top_n, rp_form, rp_weight, patch_weight),
         epochs=epochs,
         batch=batch,
         k=k,
