@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 TRAIN_PRECISIONS = ("auto", "bf16", "fp32")
+CURVES_EVERY_S = 60.0  # curves.png is redrawn during a run at most this often (a plot takes ~0.3 s), and at its end
 
 
 def train_precision(precision: str, device: torch.device) -> str:
@@ -354,6 +355,7 @@ def train(
     images = torch.from_numpy(train_split.images).to(device)  # uint8 (N, H, W, 3), resident for the whole run
     targets = torch.from_numpy(labels).to(device)
     runner = _StepRunner(state, cfg, device, images, targets)
+    plotted = time.monotonic()
     while state.epoch < cfg.epochs:
         row = _run_epoch(state, cfg, sampler, runner, on_step)
         if cfg.eval_every and (state.epoch + 1) % cfg.eval_every == 0 and info.main:
@@ -362,6 +364,9 @@ def train(
         state.metrics.append(row)
         if info.main:
             _save(state, files)
+            if time.monotonic() - plotted >= CURVES_EVERY_S:  # a long run's progress, for whoever looks at it
+                _plot_curves(state, files)
+                plotted = time.monotonic()
         barrier(info)
         if on_epoch and info.main:
             on_epoch(row)
@@ -639,9 +644,13 @@ def _quick_eval(model: ViTReID, cfg: TrainConfig, device: torch.device) -> dict:
 
 def _finish(state: _State, cfg: TrainConfig, files: RunFiles) -> None:
     save_weights(files.weights, state.model, {"model": state.model.cfg.to_dict(), "epochs": state.epoch})
+    _plot_curves(state, files)
+
+
+def _plot_curves(state: _State, files: RunFiles) -> None:
     try:
         from reidcli.report.plots import plot_training_curves
 
         plot_training_curves(state.metrics, files.curves, title=files.root.name)
-    except Exception as e:  # noqa: BLE001 — a plot must never lose a finished run
+    except Exception as e:  # noqa: BLE001 — a plot must never lose a run
         log.warning("could not plot training curves: %s", e)

@@ -219,3 +219,18 @@ def test_damaged_metrics_file_is_named(tmp_path):
     path.write_text('{"epoch": 1, "loss": 2.0}\n{"epoch": 2, "lo\n')
     with pytest.raises(FormatError, match="metrics.jsonl is damaged"):
         read_metrics(path)
+
+
+def test_curves_are_redrawn_during_a_run(tiny_data, tmp_path, monkeypatch):
+    """A long run's curves.png follows its progress (at most once a minute), not only its end."""
+    import reidcli.engine.train as engine
+
+    monkeypatch.setattr(engine, "CURVES_EVERY_S", 0.0)
+
+    def interrupt(row):
+        raise Stop
+
+    with pytest.raises(Stop):
+        train(_cfg(tiny_data, tmp_path / "r", epochs=3), on_epoch=interrupt)
+    files = RunFiles(tmp_path / "r")
+    assert files.curves.stat().st_size > 5000 and not files.weights.exists()
