@@ -333,6 +333,8 @@ def train(
     cfg.validate(weights_file=not restoring)
     if files.checkpoint.exists() and not resume:
         raise ConfigError(f"{files.root} already holds a run; pass --resume to continue it or choose another --out")
+    if restoring:  # before the dataset is read and the model built: a refusal should cost nothing
+        _check_same_trajectory(cfg, files)
     info, device = setup_distributed(resolve_device(cfg.device))
     attrs, train_split = _train_split(cfg)
     pids, labels = np.unique(train_split.pids, return_inverse=True)
@@ -340,7 +342,6 @@ def train(
     state = _build(cfg, len(pids), device, initial_weights=not restoring)
     state.dist = info
     if restoring:
-        _check_same_trajectory(cfg, files)
         _restore(state, files)
     if info.main:
         files.root.mkdir(parents=True, exist_ok=True)

@@ -32,11 +32,8 @@ def write_ranked_lists(
     :data:`QUERIES_PER_PAGE` queries go to ``path``; more to ``<stem>_01.png``, ``<stem>_02.png``, … Returns the
     pictures written."""
     _, parts = read_dataset(data, ("query", "gallery"), images=False)
-    if (
-        len(parts["query"]) != len(query)
-        or len(parts["gallery"]) != len(gallery)
-        or (parts["query"].paths[:5] != query.paths[:5])
-    ):
+    q_meta, g_meta = parts["query"], parts["gallery"]
+    if len(q_meta) != len(query) or len(g_meta) != len(gallery) or q_meta.paths[:5] != query.paths[:5]:
         raise FormatError(f"{data} does not hold the images these features were extracted from; pass the right --data")
     rows = np.unique(np.linspace(0, len(query) - 1, min(n, len(query))).astype(int))
     if rerank is not None:  # re-ranking needs every query: the neighbourhoods are joint
