@@ -1,81 +1,171 @@
-"""The pictures of one trained variant: curves, APE similarity, RPE bias maps, RP relation vectors, ranked lists."""
+"""The pictures of one trained run: curves, APE similarity, RPE bias maps, the RP loss's patches and relations.
+
+``run_pictures`` serves ``reid plot RUN`` (one run) and ``reid ablate`` (one run per variant, plus ranked lists).
+"""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from reidcli.engine.checkpoint import RunFiles, load_run_model, read_metrics
+from reidcli.errors import ConfigError
 from reidcli.report.plots import _plt, _save, plot_ape_similarity, plot_rpe_bias, plot_training_curves
 
-__all__ = ["variant_pictures", "plot_relation_vectors"]
+__all__ = ["PICTURES", "run_pictures", "variant_pictures", "plot_relation_vectors", "patch_origins"]
+
+log = logging.getLogger(__name__)
+
+# file stem → what the picture shows (the table `reid plot` prints)
+PICTURES = {
+    "curves": "loss components, learning rate and logged norms / evaluation mAP per epoch",
+    "ape_similarity": "cosine similarity of each patch's absolute position embedding to every patch's",
+    "rpe_bias": "relative-position bias over (Δrow, Δcol), per layer (rows) and head (columns)",
+    "relation_vectors": "the RP loss's top-N patches on an anchor, a positive and a negative, and their relations",
+}
+
+
+def run_pictures(
+    run: str | Path, out: Path, data: str | Path | None = None, tag: str = "", title: str = ""
+) -> tuple[list[Path], list[str]]:
+    """Write the pictures of the run folder ``run`` into ``out`` (``<stem>[_<tag>].png``).
+
+    ``data`` is the dataset for the relation-vector picture (default: the one the run was trained on); when it
+    is not given and the saved path does not reach from here, that picture is skipped. Returns the paths
+    written and a line per picture skipped.
+    """
+    files = RunFiles(run)
+    model, config, _ = load_run_model(files.root, "cpu")
+    suffix = f"_{tag}" if tag else ""
+    title = title or tag or files.root.name
+    written: list[Path] = []
+    skipped: list[str] = []
+    source = None  # the dataset of the relation-vector picture, checked before anything is drawn
+    if model.pos is None and model.rel_pos is None:
+        skipped.append("position pictures: the model has no positional encoding (--pe none)")
+    else:
+        source = Path(data) if data is not None else Path(str(config.get("data") or ""))
+        if data is None and not source.is_file():
+            skipped.append(
+                f"relation_vectors: the run's dataset {str(source) or '(none recorded)'} is not found from here; "
+                "pass --data"
+            )
+            source = None
+        else:
+            _check_image_size(model, source)
+    metrics = read_metrics(files.metrics)
+    if metrics:
+        written.append(out / f"curves{suffix}.png")
+        plot_training_curves(metrics, written[-1], title=title)
+    else:
+        skipped.append("curves: metrics.jsonl has no finished epoch yet")
+    grid = model.cfg.grid
+    if model.pos is not None:
+        written.append(out / f"ape_similarity{suffix}.png")
+        label = "sin-cos PE" if model.cfg.pe == "sincos" else "APE"
+        plot_ape_similarity(model.pos.patch_embeddings().detach().numpy(), grid, written[-1], f"{title}: {label}")
+    if model.rel_pos is not None:
+        tables = torch.stack([r.relative_position_bias_table.detach() for r in model.rel_pos]).numpy()
+        written.append(out / f"rpe_bias{suffix}.png")
+        plot_rpe_bias(tables, grid, written[-1], title=f"{title}: RPE bias by offset")
+    if source is not None:
+        top_n = int(config.get("loss", {}).get("top_n", 8))
+        written.append(out / f"relation_vectors{suffix}.png")
+        plot_relation_vectors(model, source, written[-1], top_n, title=title)
+    return written, skipped
+
+
+def _check_image_size(model, data: str | Path) -> None:
+    from reidcli.data.store import read_dataset
+
+    attrs, _ = read_dataset(data, ("train",), images=False)
+    size = tuple(int(v) for v in attrs["image_size"])
+    if size != tuple(model.cfg.image_size):
+        raise ConfigError(
+            f"the dataset {data} has {size[0]}x{size[1]} images but the model was trained on "
+            f"{model.cfg.image_size[0]}x{model.cfg.image_size[1]}; pass --data with a dataset prepared at that size"
+        )
+
+
+def patch_origins(indices: np.ndarray, grid_width: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-left pixel (y, x) of each patch index (row-major over the patch grid, as the tokens)."""
+    rows, cols = np.divmod(np.asarray(indices), grid_width)
+    return rows * stride, cols * stride
 
 
 def variant_pictures(variant, out: Path) -> list[Path]:
-    """Write the pictures of ``variant`` (seed of the first run) into ``out``; return the paths written."""
-    files = RunFiles(variant.run_dir)
+    """The pictures of ``variant`` (seed of the first run) in ``out``, with its ranked lists; return the paths."""
     tag = f"{variant.pe}__{variant.loss.replace('+', '-')}"
-    model, _, _ = load_run_model(files.root, "cpu")
-    written = []
-    metrics = read_metrics(files.metrics)
-    written.append(out / f"curves_{tag}.png")
-    plot_training_curves(metrics, written[-1], title=variant.label)
-    grid = model.cfg.grid
-    if model.pos is not None:
-        written.append(out / f"ape_similarity_{tag}.png")
-        plot_ape_similarity(model.pos.patch_embeddings().detach().numpy(), grid, written[-1], title=f"{tag}: APE")
-    if model.rel_pos is not None:
-        tables = torch.stack([r.relative_position_bias_table.detach() for r in model.rel_pos]).numpy()
-        written.append(out / f"rpe_bias_{tag}.png")
-        plot_rpe_bias(tables, grid, written[-1], title=f"{tag}: RPE bias by offset")
-    if model.pos is not None or model.rel_pos is not None:
-        written.append(out / f"relation_vectors_{tag}.png")
-        plot_relation_vectors(model, variant.train.data, written[-1], variant.train.loss.top_n, title=tag)
+    written, skipped = run_pictures(variant.run_dir, out, variant.train.data, tag=tag, title=variant.label)
+    for line in skipped:
+        log.info("%s: %s", tag, line)
     written.append(out / f"ranked_{tag}.png")
-    _ranked(model, variant, written[-1])
+    _ranked(variant, written[-1])
     return written
 
 
 def _triple(pids: np.ndarray) -> tuple[int, int, int]:
-    """Indices of an anchor, a positive (same id) and a negative (another id)."""
+    """Indices of an anchor, a positive (same id) and a negative (another id); the anchor stands in for a missing
+    positive or negative (a split with no repeated id, or one id)."""
     ids, counts = np.unique(pids, return_counts=True)
     pid = ids[np.argmax(counts >= 2)]
     same = np.flatnonzero(pids == pid)
     other = np.flatnonzero(pids != pid)
-    return int(same[0]), int(same[1]), int(other[0])
+    return int(same[0]), int(same[min(1, len(same) - 1)]), int(other[0] if len(other) else same[0])
 
 
 @torch.no_grad()
-def plot_relation_vectors(model, data: str, path: Path, top_n: int, title: str = "") -> None:
-    """The RP-triplet relation vectors (C(N,2) values) of an anchor, a positive and a negative training image."""
+def plot_relation_vectors(model, data: str | Path, path: Path, top_n: int, title: str = "") -> None:
+    """An anchor, a positive and a negative training image with the top-N patches the RP loss picks (boxes numbered
+    in rank order: most CLS-similar first), and the C(N,2) positional relations of those patches' pairs."""
     from reidcli.data.augment import normalize_batch
-    from reidcli.data.store import read_dataset
-    from reidcli.losses.positional import relation_vectors
+    from reidcli.data.store import read_dataset, read_images
+    from reidcli.losses.positional import relation_vectors, top_patches
 
-    _, parts = read_dataset(data, ("train",))
-    tr = parts["train"]
-    idx = list(_triple(tr.pids))
-    x = normalize_batch(torch.from_numpy(tr.images[idx]))
+    _check_image_size(model, data)
+    _, parts = read_dataset(data, ("train",), images=False)
+    pids = parts["train"].pids
+    rows = np.array(_triple(pids))
+    images = read_images(data, "train", rows)
     model.eval()
-    out = model(x)
+    out = model(normalize_batch(torch.from_numpy(images)))
+    top = top_patches(out.feat, out.tokens, top_n).numpy()
     rel = relation_vectors(model, out.feat, out.tokens, top_n).numpy()
     plt = _plt()
-    fig, axes = plt.subplots(1, 4, figsize=(14, 3), gridspec_kw={"width_ratios": [1, 1, 1, 5]})
-    for ax, i, name in zip(axes[:3], idx, ("anchor", "positive", "negative"), strict=False):
-        ax.imshow(tr.images[i])
-        ax.set_title(f"{name} (pid {tr.pids[i]})", fontsize=8)
+    fig, axes = plt.subplots(1, 4, figsize=(14, 3.4), gridspec_kw={"width_ratios": [1, 1, 1, 5]})
+    colours = plt.get_cmap("plasma")(np.linspace(0.0, 0.85, top.shape[1]))
+    patch = model.cfg.patch_size
+    for ax, image, picked, row, name in zip(
+        axes[:3], images, top, rows, ("anchor", "positive", "negative"), strict=True
+    ):
+        ax.imshow(image)
+        ys, xs = patch_origins(picked, model.cfg.grid[1], model.cfg.stride)
+        for rank in range(len(picked) - 1, -1, -1):  # the first-ranked box drawn last, on top
+            y, x = int(ys[rank]), int(xs[rank])
+            ax.add_patch(plt.Rectangle((x - 0.5, y - 0.5), patch, patch, fill=False, lw=1.2, ec=colours[rank]))
+            ax.text(
+                x + 1,
+                y + 1,
+                str(rank + 1),
+                color="white",
+                fontsize=6,
+                va="top",
+                bbox={"boxstyle": "square,pad=0.1", "fc": colours[rank], "ec": "none"},
+            )
+        ax.set_title(f"{name} (pid {pids[row]})", fontsize=8)
         ax.axis("off")
-    for r, name in zip(rel, ("anchor", "positive", "negative"), strict=False):
+    for r, name in zip(rel, ("anchor", "positive", "negative"), strict=True):
         axes[3].plot(r, marker=".", label=name)
-    axes[3].set(title=f"positional relation of the top-{top_n} patch pairs", xlabel="pair (rank order)")
+    axes[3].set(title=f"positional relation r(a, b) of the top-{top_n} patch pairs", xlabel="pair (rank order)")
     axes[3].legend(fontsize=8)
     fig.suptitle(title, fontsize=9)
     _save(fig, path)
 
 
-def _ranked(model, variant, path: Path) -> None:
+def _ranked(variant, path: Path) -> None:
     """Ranked lists of a few queries, from the features the ablation saved in the run folder."""
     from reidcli.report.ranked import write_ranked_lists
     from reidcli.retrieval.features import read_features
@@ -88,5 +178,6 @@ def _ranked(model, variant, path: Path) -> None:
         from reidcli.retrieval.evaluate import resolve_device
 
         device = resolve_device(variant.train.device)
-        feats = embed_dataset(model.to(device), variant.train.data, ("query", "gallery"), device)
+        model, _, _ = load_run_model(variant.run_dir, device)
+        feats = embed_dataset(model, variant.train.data, ("query", "gallery"), device)
     write_ranked_lists(path, feats["query"], feats["gallery"], Path(variant.train.data), 6, 8)

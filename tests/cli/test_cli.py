@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import TINY_MODEL, run_cli
 
-COMMANDS = ("prepare", "train", "extract", "index", "evaluate", "compare", "ablate", "doctor")
+COMMANDS = ("prepare", "train", "extract", "index", "evaluate", "compare", "ablate", "plot", "doctor")
 
 
 def test_help_lists_commands_without_importing_torch():

@@ -1,0 +1,96 @@
+"""`reid plot RUN`: the pictures of one trained run, through the real CLI."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from reidcli.data.prepare import PrepareConfig, prepare_dataset
+from reidcli.data.synthetic import SyntheticConfig, generate_synthetic
+from reidcli.engine.checkpoint import load_run_model
+from reidcli.losses.positional import top_patches
+from reidcli.report.figures import patch_origins
+from tests.conftest import TINY_MODEL, run_cli
+
+TINY = (*TINY_MODEL, "--batch", "16", "--epochs", "1", "--device", "cpu", "--top-n", "4")
+
+
+@pytest.fixture(scope="module")
+def both_run(tiny_data, tmp_path_factory):
+    run = tmp_path_factory.mktemp("plot") / "both"
+    r = run_cli("train", "--data", str(tiny_data), "--out", str(run), "--pe", "both", *TINY)
+    assert r.returncode == 0, r.stderr
+    return run
+
+
+def test_plot_draws_every_picture_of_a_both_run(both_run):
+    r = run_cli("plot", str(both_run), "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    names = [p.split("/")[-1] for p in report["pictures"]]
+    assert names == ["curves.png", "ape_similarity.png", "rpe_bias.png", "relation_vectors.png"]
+    assert report["out"] == str(both_run / "pictures") and report["skipped"] == []
+    for name in names:
+        assert (both_run / "pictures" / name).stat().st_size > 5000
+    table = run_cli("plot", str(both_run), "--out", str(both_run / "again"))
+    assert table.returncode == 0 and "relation_vectors.png" in table.stdout and "RP loss" in table.stdout
+
+
+def test_plot_without_the_runs_dataset_skips_one_picture_and_takes_data(both_run, tiny_data, tmp_path):
+    moved = tmp_path / "moved"
+    shutil.copytree(both_run, moved, ignore=shutil.ignore_patterns("pictures", "again"))
+    config = json.loads((moved / "config.json").read_text())
+    config["data"] = str(tmp_path / "gone.h5")
+    (moved / "config.json").write_text(json.dumps(config))
+    r = run_cli("plot", str(moved), "--json")
+    report = json.loads(r.stdout)
+    assert r.returncode == 0 and len(report["pictures"]) == 3
+    assert report["skipped"] == [
+        f"relation_vectors: the run's dataset {tmp_path / 'gone.h5'} is not found from here; pass --data"
+    ]
+    r = run_cli("plot", str(moved), "--data", str(tiny_data), "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["pictures"][-1].endswith("relation_vectors.png")
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("not-a-run", "is not a run folder (no config.json)"),
+        ("missing-data", "does not exist; pass the dataset HDF5"),
+        ("other-size", "has 32x16 images but the model was trained on 64x32"),
+        ("out-under-a-file", "is a file, not a folder"),
+    ],
+)
+def test_plot_bad_input_is_one_line_and_draws_nothing(both_run, tmp_path, case, message):
+    args = [str(both_run), "--out", str(tmp_path / "pics")]
+    if case == "not-a-run":
+        args[0] = str(tmp_path)
+    elif case == "missing-data":
+        args += ["--data", str(tmp_path / "none.h5")]
+    elif case == "other-size":
+        generate_synthetic(tmp_path / "raw", SyntheticConfig(num_train_ids=3, num_test_ids=3, images_per_camera=1))
+        prepare_dataset(PrepareConfig("synthetic", tmp_path / "raw", tmp_path / "small.h5", image_size=(32, 16)))
+        args += ["--data", str(tmp_path / "small.h5")]
+    else:
+        (tmp_path / "file").write_text("x")
+        args[2] = str(tmp_path / "file" / "pics")
+    r = run_cli("plot", *args)
+    assert r.returncode == 1 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "pics").exists()
+
+
+def test_patch_boxes_sit_on_the_patches_the_rp_loss_picks(both_run, tiny_data):
+    """The boxes of relation_vectors.png: patch index → pixel origin, for plain and overlapping grids."""
+    ys, xs = patch_origins(np.array([0, 1, 7, 8, 17]), grid_width=8, stride=12)
+    assert ys.tolist() == [0, 0, 0, 12, 24] and xs.tolist() == [0, 12, 84, 0, 12]
+    model, _, _ = load_run_model(both_run)
+    h, w = model.cfg.grid
+    tokens = torch.zeros(1, h * w, model.cfg.dim)
+    tokens[0, w + 1] = 1.0  # the patch at grid (1, 1) is the only one aligned with the CLS feature
+    feat = torch.zeros(1, model.cfg.dim)
+    feat[0] = 1.0
+    picked = top_patches(feat, tokens + 1e-3 * torch.randn_like(tokens), 1)
+    y, x = patch_origins(picked.numpy(), w, model.cfg.stride)
+    assert (y.item(), x.item()) == (model.cfg.stride, model.cfg.stride)
