@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from reidcli.cli.console import err, print_json, print_table, progress
+from reidcli.cli.console import out as stdout
 from reidcli.cli.options import (
     BatchOpt,
     CompileOpt,
@@ -290,9 +291,10 @@ def run_training(cfg, resume: bool):
 
 
 def _print_model(mcfg, json_out: bool) -> None:
-    from reidcli.model.vit import ViTReID, parameter_report
+    from reidcli.model.vit import ViTReID, flop_report, parameter_report
 
-    report = parameter_report(ViTReID(mcfg))
+    model = ViTReID(mcfg)
+    report = {**parameter_report(model), **flop_report(model)}
     if json_out:
         print_json({"model": mcfg.to_dict(), **report})
         return
@@ -305,6 +307,10 @@ def _print_model(mcfg, json_out: bool) -> None:
         f"{mcfg.pe} ViT, {mcfg.depth}×{mcfg.dim}, {mcfg.heads} heads, grid {report['grid']}",
         ["parameters", "count", "share"],
         rows,
+    )
+    stdout.print(
+        f"{report['forward_gflop']:.2f} GFLOP per image at test time (forward; flip averaging doubles it), "
+        f"{report['train_gflop']:.2f} per image per training step (forward + backward)"
     )
 
 

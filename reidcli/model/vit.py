@@ -15,7 +15,16 @@ from reidcli.model.attention import Block
 from reidcli.model.position import AbsolutePositionEmbedding, RelativePositionBias
 from reidcli.onednn import Linear
 
-__all__ = ["PE_CHOICES", "PRESETS", "ModelConfig", "ReIDOutput", "ViTReID", "build_model", "parameter_report"]
+__all__ = [
+    "PE_CHOICES",
+    "PRESETS",
+    "ModelConfig",
+    "ReIDOutput",
+    "ViTReID",
+    "build_model",
+    "parameter_report",
+    "flop_report",
+]
 
 PE_CHOICES = ("none", "ape", "sincos", "rpe", "both")
 PRESETS = {
@@ -201,3 +210,24 @@ def parameter_report(model: ViTReID) -> dict[str, float | int]:
         "pe_share": (ape + rpe) / total if total else math.nan,
         "grid": list(model.cfg.grid),
     }
+
+
+def flop_report(model: ViTReID) -> dict[str, float]:
+    """Matrix-product FLOPs per image (a multiply-add counts 2, as torch's ``FlopCounterMode``): the test-time
+    forward (``reid extract``'s flip averaging doubles it) and one training step (forward + backward), counted on a
+    copy of the model on the meta device: shapes only, no memory, no arithmetic."""
+    import copy
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    meta = copy.deepcopy(model).to("meta")
+    x = torch.empty(1, 3, *model.cfg.image_size, device="meta")
+    meta.eval()
+    with FlopCounterMode(display=False) as forward:
+        meta._test_feature(x)
+    meta.train()
+    with FlopCounterMode(display=False) as step:
+        out = meta(x)
+        loss = out.feat.sum() + (out.logits.sum() if out.logits is not None else 0)
+        loss.backward()
+    return {"forward_gflop": forward.get_total_flops() / 1e9, "train_gflop": step.get_total_flops() / 1e9}

@@ -181,6 +181,12 @@ def test_print_model_seed_figures(tiny_data):
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
     assert report["ape"] == 148_224 and report["grid"] == [16, 12]
+    # ViT-B/16 matrix products per image, 193 tokens: patch projection, 12 × (qkv + proj + MLP, QKᵀ and AV)
+    n, d, layers = 193, 768, 12
+    forward = 2 * 192 * (3 * 16 * 16) * d + layers * (2 * n * 12 * d * d + 2 * 2 * n * n * d)
+    assert report["forward_gflop"] == pytest.approx(forward / 1e9, rel=1e-3)
+    # backward = 2 × forward, less the input gradient of the patch projection (the image needs none)
+    assert report["train_gflop"] == pytest.approx((3 * forward - 2 * 192 * 3 * 16 * 16 * d) / 1e9, rel=1e-3)
 
 
 @pytest.mark.parametrize(
