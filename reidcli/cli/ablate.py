@@ -39,6 +39,7 @@ from reidcli.cli.options import (
     TrainPrecisionOpt,
     WarmupOpt,
     WeightDecayOpt,
+    check_loss_options,
     check_out_folder,
     parse_list,
     parse_size,
@@ -46,6 +47,7 @@ from reidcli.cli.options import (
 
 
 def ablate(
+    ctx: typer.Context,
     data: DataOpt,
     out: Annotated[Path, typer.Option(help="Ablation folder: runs/, results.csv, results.md, pictures/.")],
     pe: Annotated[str, typer.Option(help="Comma-separated encodings: none, ape, sincos, rpe, both.")] = "ape,rpe,both",
@@ -101,6 +103,7 @@ def ablate(
     from reidcli.report.ablate import AblationConfig, plan, run_ablation
 
     pes = tuple(parse_list(pe))
+    check_loss_options(ctx, parse_list(loss))
     try:
         seed_list = tuple(int(s) for s in parse_list(seeds))
     except ValueError:

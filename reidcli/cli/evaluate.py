@@ -8,10 +8,11 @@ from typing import Annotated
 import typer
 
 from reidcli.cli.console import err, print_json, print_table
-from reidcli.cli.options import DeviceOpt, JsonOpt, check_out_folder
+from reidcli.cli.options import DeviceOpt, JsonOpt, check_out_folder, refuse_unused
 
 
 def evaluate(
+    ctx: typer.Context,
     features: Annotated[Path, typer.Argument(help="Features HDF5 with query and gallery groups.")],
     index: Annotated[
         Path | None, typer.Option(help="FAISS index from 'reid index' (default: flat, on the fly).")
@@ -63,6 +64,16 @@ def evaluate(
         )
     if visualize and out is None:
         raise ConfigError("--visualize needs --out DIR for the pictures")
+    refuse_unused(ctx, ("k1", "k2", "lambda_value"), rerank, "--rerank", "add --rerank")
+    refuse_unused(ctx, ("top_k", "data"), visualize > 0, "--visualize N", "add --visualize N (and --out DIR)")
+    exact_scores = "--rerank" if rerank else "--engine torch" if engine == "torch" else None
+    refuse_unused(
+        ctx,
+        ("index", "depth"),
+        exact_scores is None,
+        f"the faiss engine's ranked lists ({exact_scores} scores every gallery image itself)",
+        f"drop {exact_scores}",
+    )
     if out is not None:
         check_out_folder(out)
     cfg = EvalConfig(

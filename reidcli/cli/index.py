@@ -8,10 +8,11 @@ from typing import Annotated
 import typer
 
 from reidcli.cli.console import err, print_json, print_table
-from reidcli.cli.options import JsonOpt
+from reidcli.cli.options import JsonOpt, refuse_unused
 
 
 def index(
+    ctx: typer.Context,
     features: Annotated[Path, typer.Argument(help="Features HDF5 from 'reid extract'.")],
     out: Annotated[Path, typer.Option(help="Index file (.faiss); provenance goes to OUT.json.")],
     split: Annotated[str, typer.Option(help="Split to index.")] = "gallery",
@@ -32,11 +33,14 @@ def index(
     from reidcli.retrieval.features import read_features
     from reidcli.retrieval.index import IndexConfig, build_index, faiss_gpu_count, index_meta, load_index, save_index
 
+    refuse_unused(ctx, ("nlist", "m", "nprobe"), kind == "ivfpq", "--kind ivfpq", "add --kind ivfpq")
     _, splits = read_features(features, (split,))
     s = splits[split]
     cfg = IndexConfig(kind=kind, nlist=nlist, m=m, nprobe=nprobe)
     if faiss_gpu_count() == 0:
         err.print("notice: FAISS has no GPU support here; building on CPU")
+    if (sparse := cfg.sparse_training(len(s))) is not None:
+        err.print(f"notice: {sparse}")
     with err.status(f"building {kind} index over {len(s)} vectors"):
         built = build_index(s.feats, cfg)
     save_index(built, out, index_meta(cfg, str(features), split, s.feats, s.pids))

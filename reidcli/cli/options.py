@@ -9,7 +9,18 @@ import typer
 
 from reidcli.errors import ConfigError
 
-__all__ = ["JsonOpt", "DeviceOpt", "DataOpt", "check_out_folder", "parse_size", "parse_list"]
+__all__ = [
+    "JsonOpt",
+    "DeviceOpt",
+    "DataOpt",
+    "check_out_folder",
+    "parse_size",
+    "parse_list",
+    "given_options",
+    "refuse_unused",
+    "LOSS_OPTION_NEEDS",
+    "check_loss_options",
+]
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
@@ -75,3 +86,52 @@ def check_out_folder(path: Path) -> Path:
 
 def parse_list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def given_options(ctx: typer.Context) -> dict:
+    """The options typed on the command line (or set in the environment), not those left at their defaults."""
+    return {
+        name: value
+        for name, value in ctx.params.items()
+        if (source := ctx.get_parameter_source(name)) is not None and source.name in ("COMMANDLINE", "ENVIRONMENT")
+    }
+
+
+def _flag(ctx: typer.Context, name: str) -> str:
+    for param in ctx.command.params:
+        if param.name == name:
+            return max(param.opts, key=len)
+    return "--" + name.replace("_", "-")
+
+
+def refuse_unused(ctx: typer.Context, names: tuple[str, ...], applies: bool, without: str, fix: str) -> None:
+    """Options typed where they do nothing (``--k1`` without ``--rerank``) are an error, not silently ignored: the
+    user meant something the command would not do."""
+    given = given_options(ctx)
+    unused = [_flag(ctx, n) for n in names if n in given]
+    if unused and not applies:
+        one = len(unused) == 1
+        raise ConfigError(
+            f"{', '.join(unused)} {'has' if one else 'have'} no effect without {without}; "
+            f"leave {'it' if one else 'them'} out or {fix}"
+        )
+
+
+# loss options → the --loss components they act on (--top-n also sets the patches `reid plot` boxes: always taken)
+LOSS_OPTION_NEEDS = {
+    "label_smoothing": ("ce",),
+    "margin": ("triplet", "patch-triplet"),
+    "patch_weight": ("patch-triplet",),
+    "rp_weight": ("rp-triplet",),
+    "rp_form": ("rp-triplet",),
+}
+
+
+def check_loss_options(ctx: typer.Context, specs: list[str]) -> None:
+    """Refuse a loss option none of the ``--loss`` specs uses (e.g. ``--rp-weight`` with ``ce+triplet``)."""
+    from reidcli.losses.combined import parse_loss_spec
+
+    used = {name for spec in specs for name in parse_loss_spec(spec)}
+    for option, needs in LOSS_OPTION_NEEDS.items():
+        wanted = " or ".join(needs)
+        refuse_unused(ctx, (option,), bool(used & set(needs)), f"{wanted} in --loss", f"add {wanted} to --loss")

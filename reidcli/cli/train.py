@@ -39,8 +39,11 @@ from reidcli.cli.options import (
     TrainPrecisionOpt,
     WarmupOpt,
     WeightDecayOpt,
+    check_loss_options,
     check_out_folder,
+    given_options,
     parse_size,
+    refuse_unused,
 )
 from reidcli.errors import ConfigError
 
@@ -170,6 +173,9 @@ def train(
     if data is None:
         raise ConfigError("--data is missing: pass the dataset HDF5 from 'reid prepare'")
     check_out_folder(out)
+    if not print_model:
+        check_loss_options(ctx, [loss])
+        refuse_unused(ctx, ("compile_mode",), compile_, "--compile", "add --compile")
     size = parse_size(image_size) if image_size else dataset_image_size(data)
     mcfg = model_options(pe, preset, dim, depth, heads, patch_size, stride, size, drop_path, neck_feat)
     if print_model:
@@ -237,15 +243,6 @@ _RUN_OPTIONS = {"compile_": "compile"} | {
         "eval_every",
     )
 }
-
-
-def given_options(ctx: typer.Context) -> dict:
-    """The options typed on the command line (or set in the environment), not those left at their defaults."""
-    return {
-        name: value
-        for name, value in ctx.params.items()
-        if (source := ctx.get_parameter_source(name)) is not None and source.name in ("COMMANDLINE", "ENVIRONMENT")
-    }
 
 
 def resumed_config(out: Path, given: dict):

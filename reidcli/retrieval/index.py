@@ -70,6 +70,20 @@ class IndexConfig:
                 )
         return self
 
+    def sparse_training(self, n: int) -> str | None:
+        """A one-line notice when ``n`` vectors are fewer than FAISS advises for training (39 per centroid of the
+        coarse quantiser and of each PQ sub-quantiser), else None; FAISS's own warning, printed once per
+        sub-quantiser, is silenced in favour of it."""
+        if self.kind != "ivfpq":
+            return None
+        advised = 39 * max(self.resolved_nlist(n), 2**self.nbits)
+        if n >= advised:
+            return None
+        return (
+            f"IVF-PQ trained on {n} vectors, fewer than the {advised} FAISS advises (39 per centroid): its ranking "
+            "will be coarse; --kind flat is exact and fast at this size"
+        )
+
     def resolved_nlist(self, n: int) -> int:
         return self.nlist or max(1, min(n // 39, int(4 * math.sqrt(n))))
 
@@ -94,6 +108,7 @@ def build_index(feats: np.ndarray, cfg: IndexConfig):
     else:
         quantizer = faiss.IndexFlatIP(d)
         index = faiss.IndexIVFPQ(quantizer, d, cfg.resolved_nlist(n), cfg.m, cfg.nbits, faiss.METRIC_INNER_PRODUCT)
+        index.cp.min_points_per_centroid = index.pq.cp.min_points_per_centroid = 1  # cfg.sparse_training says it once
         index.train(x)
         index.nprobe = cfg.nprobe
     index.add(x)

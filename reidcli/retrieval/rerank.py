@@ -80,40 +80,65 @@ def _fold(mod, cols: bool, at: int, ld: int, m: int, col0: int, row0: int, k: in
     native.over_rows(count, lambda a0, a1: mod.knn_fold(cols, at, ld, m, col0, row0, k, *ptrs, a0, a1))
 
 
-def _reciprocal(knn: torch.Tensor) -> torch.Tensor:
-    """Mask (N, k): knn[i, a] has i among its own k nearest."""
-    me = torch.arange(knn.shape[0], device=knn.device)[:, None, None]
-    return (knn[knn] == me).any(-1)
+def _reciprocal(knn: torch.Tensor, budget: int = 1 << 22) -> torch.Tensor:
+    """Mask (N, k): knn[i, a] has i among its own k nearest (in blocks of rows: (rows, k, k) at a time)."""
+    n, k = knn.shape
+    out = torch.empty(knn.shape, dtype=torch.bool, device=knn.device)
+    step = max(1, budget // max(k * k, 1))
+    for i in range(0, n, step):
+        me = torch.arange(i, min(i + step, n), device=knn.device)[:, None, None]
+        out[i : i + step] = (knn[knn[i : i + step]] == me).any(-1)
+    return out
 
 
-def _expansion_sets(knn: torch.Tensor, k1: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Padded (N, C) candidate indices and a mask of the unique members of each expanded k-reciprocal set."""
+def _expansion_sets(knn: torch.Tensor, k1: int, chunk: int, budget: int = 1 << 22) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padded (N, C) candidate indices and a mask of the unique members of each expanded k-reciprocal set.
+
+    Rows go in blocks of at most ``budget`` candidates, each block deduplicated before the next, so memory stays
+    bounded for any k1 (a k1 near the image count had asked for (k1 + 1)³ values per row)."""
     n = knn.shape[0]
     fwd = knn[:, : k1 + 1]
     recip = _reciprocal(fwd)  # (N, k1+1)
     kh = int(torch.tensor(k1 / 2.0).round()) + 1  # np.around: half to even
     half = knn[:, :kh]
     half_recip = _reciprocal(half)  # (N, kh)
+    step = max(1, min(chunk, budget // ((k1 + 1) * (kh + 1)), budget // max(n, 1)))
+    in_set = torch.zeros(min(step, n), n + 1, dtype=torch.bool, device=knn.device)  # a row's R(i) as a bitmap
     cand_parts, mask_parts = [], []
-    for i in range(0, n, chunk):
-        f, r = fwd[i : i + chunk], recip[i : i + chunk]
+    for i in range(0, n, step):
+        f, r = fwd[i : i + step], recip[i : i + step]
+        local = torch.arange(len(f), device=knn.device)[:, None]
+        marked = torch.where(r, f, n)  # the sentinel column n takes the entries outside R(i)
+        in_set[local, marked] = True
         members = half[f]  # (c, k1+1, kh): half-sets of each forward neighbour
         m_mask = half_recip[f]
-        in_k = ((members[..., None] == f[:, None, None, :]) & r[:, None, None, :]).any(-1) & m_mask
+        in_k = in_set[local[:, :, None], members] & m_mask  # member of the half-set and of R(i)
+        in_set[local, marked] = False
         accept = r & (in_k.sum(-1) > (2.0 / 3.0) * m_mask.sum(-1))  # (c, k1+1)
         cand = torch.cat([f, members.flatten(1)], dim=1)
         mask = torch.cat([r, (m_mask & accept[..., None]).flatten(1)], dim=1)
-        cand_parts.append(cand)
-        mask_parts.append(mask)
-    cand, mask = torch.cat(cand_parts), torch.cat(mask_parts)
-    # Keep each index once: sort (masked-out entries to a sentinel), drop repeats, and sort again so that each
-    # row's members come first: the widest set (~40) instead of every candidate (k1 + 1)(kh + 1) is kept.
+        keyed, unique = _unique_first(cand, mask, n)
+        cand_parts.append(keyed.clone())  # a copy: the slice would keep the block's every candidate alive
+        mask_parts.append(unique.clone())
+    width = max(1, max((int(u.sum(1).max()) for u in mask_parts if u.numel()), default=1))
+    cand = torch.cat(
+        [torch.nn.functional.pad(c[:, :width], (0, width - min(width, c.shape[1])), value=n) for c in cand_parts]
+    )
+    mask = cand < n
+    return cand, mask
+
+
+def _unique_first(cand: torch.Tensor, mask: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's masked indices once, ascending, first; the rest is the sentinel ``n``; cut to the widest row.
+
+    Sort (masked-out entries to the sentinel), drop repeats, sort again: the widest set (~40 at k1 = 20) instead
+    of every candidate (k1 + 1)(kh + 1) is kept."""
     keyed, _ = torch.where(mask, cand, n).sort(dim=1)
     repeat = torch.zeros_like(mask)
     repeat[:, 1:] = keyed[:, 1:] == keyed[:, :-1]
     keyed, _ = keyed.masked_fill(repeat, n).sort(dim=1)
     unique = keyed < n
-    width = max(1, int(unique.sum(1).max())) if n else 1
+    width = max(1, int(unique.sum(1).max())) if len(keyed) else 1
     return keyed[:, :width], unique[:, :width]
 
 
@@ -200,10 +225,13 @@ def k_reciprocal_rerank(
 ) -> torch.Tensor:
     """Re-ranked distances (Q, G), lower is closer, for query features q (Q, D) and gallery features g (G, D)."""
     x = torch.cat([q, g]).float()
-    num_query = q.shape[0]
-    k = min(k1 + 1, x.shape[0])
+    num_query, n = q.shape[0], x.shape[0]
+    # as the published code's slices of a full ranking: k1 and k2 beyond the images take them all; the lists
+    # are as long as the wider of the two (the query expansion may reach past the k1 + 1 nearest)
+    k1, k2 = min(k1, n - 1), min(k2, n)
+    k = max(k1 + 1, k2)
     knn, knn_dist, row_max, original_qg = _neighbours(x, k, num_query, chunk)
-    cand, mask = _expansion_sets(knn, k - 1, max(1, chunk // 4))
+    cand, mask = _expansion_sets(knn, k1, max(1, chunk // 4))
     v = _weights(x, cand, mask, row_max, knn, knn_dist, max(1, (1 << 22) // (cand.shape[1] * k)))
     if k2 != 1:
         v = _query_expansion(v, knn, k2)

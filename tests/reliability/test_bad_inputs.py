@@ -161,3 +161,45 @@ def test_evaluate_index_of_other_features(tiny_data, ape_run, tmp_path):
         h5["gallery/feats"][0] = -h5["gallery/feats"][0]
     r = run_cli("evaluate", str(feats), "--index", str(tmp_path / "i.faiss"))
     assert r.returncode == 1 and "built from other features" in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("evaluate", "F", "--k1", "30"), "--k1 has no effect without --rerank; leave it out or add --rerank"),
+        (
+            ("evaluate", "F", "--engine", "torch", "--index", "i.faiss"),
+            "--index has no effect without the faiss engine's ranked lists (--engine torch scores every gallery "
+            "image itself); leave it out or drop --engine torch",
+        ),
+        (("evaluate", "F", "--rerank", "--depth", "500"), "--depth has no effect without the faiss engine's"),
+        (("evaluate", "F", "--top-k", "5"), "--top-k has no effect without --visualize N"),
+        (
+            ("index", "F", "--out", "i.faiss", "--nlist", "64", "--m", "8"),
+            "--nlist, --m have no effect without --kind ivfpq",
+        ),
+        (
+            ("train", "--data", "D", "--out", "r", "--rp-weight", "2"),
+            "--rp-weight has no effect without rp-triplet in --loss",
+        ),
+        (
+            ("train", "--data", "D", "--out", "r", "--loss", "ce", "--margin", "0.3"),
+            "--margin has no effect without triplet",
+        ),
+        (
+            ("train", "--data", "D", "--out", "r", "--compile-mode", "default"),
+            "--compile-mode has no effect without --compile",
+        ),
+        (
+            ("ablate", "--data", "D", "--out", "a", "--loss", "ce,ce+triplet", "--rp-form", "raw"),
+            "--rp-form has no effect",
+        ),
+    ],
+)
+def test_options_that_would_do_nothing_are_refused_before_any_work(tmp_path, args, message):
+    """An option typed where the command ignores it (`--k1` without `--rerank`, `--index` with `--engine torch`)
+    was silently dropped: the user believed in a result the command had not computed. The files named do not
+    exist: the refusal comes before anything is read."""
+    args = [str(tmp_path / a) if a in ("F", "D") else a for a in args]
+    r = run_cli(*args)
+    assert r.returncode == 1 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -115,7 +115,8 @@ def test_cli_dry_run_and_table(tiny_data, tmp_path):
     r = run_cli(*args, "--dry-run", "--json")
     assert r.stdout.count('"reuse"') == 2
     # the loss weights and run options of `reid train` reach every run (and its key: not reused)
-    r = run_cli(*args, "--pe", "ape", "--label-smoothing", "0.1", "--rp-weight", "0.5", "--eval-every", "1", "--json")
+    loss = ("--loss", "ce+triplet+rp-triplet", "--label-smoothing", "0.1", "--rp-weight", "0.5")
+    r = run_cli(*args, "--pe", "ape", *loss, "--eval-every", "1", "--json")
     assert r.returncode == 0, r.stderr
     (run,) = [d for d in (out / "runs").iterdir() if json.loads((d / "config.json").read_text())["eval_every"] == 1]
     config = json.loads((run / "config.json").read_text())

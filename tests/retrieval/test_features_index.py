@@ -152,3 +152,17 @@ def test_output_paths_of_the_wrong_kind_fail_before_any_work(feats, tmp_path):
     # an unwritable place: the system's reason and the path, not a temporary file's name
     message = _cli_error("index", str(feats), "--out", "/proc/reidcli-test.faiss")
     assert message.startswith("Error: cannot write /proc/reidcli-test.faiss:") and ".tmp" not in message
+
+
+def test_ivfpq_on_few_vectors_says_so_once(feats, tmp_path):
+    """600 vectors for 256 PQ centroids: FAISS's own warning came once per sub-quantiser (8 lines here, 64 with
+    --m 64); one notice of ours replaces them, and a flat index or enough vectors give none."""
+    from tests.conftest import run_cli
+
+    r = run_cli("index", str(feats), "--out", str(tmp_path / "i.faiss"), "--kind", "ivfpq", "--nlist", "4", "--m", "8")
+    assert r.returncode == 0, r.stderr
+    assert "WARNING clustering" not in r.stderr
+    assert " ".join(r.stderr.split()).count("IVF-PQ trained on 600 vectors, fewer than the 9984 FAISS advises") == 1
+    assert IndexConfig(kind="ivfpq", nlist=4, m=8).sparse_training(9984) is None
+    assert IndexConfig(kind="ivfpq", nlist=1024, m=8).sparse_training(20_000).startswith("IVF-PQ trained on 20000")
+    assert IndexConfig().sparse_training(10) is None

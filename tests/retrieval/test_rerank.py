@@ -13,7 +13,12 @@ def _sq(a, b):
 
 
 @pytest.mark.parametrize("chunk", [64, 16, 7])  # one block of queries; blocks across the query/gallery border
-@pytest.mark.parametrize(("k1", "k2", "lam", "seed"), [(20, 6, 0.3, 0), (5, 1, 0.5, 1), (7, 3, 0.0, 2)])
+@pytest.mark.parametrize(
+    ("k1", "k2", "lam", "seed"),
+    # the last two: k2 beyond the k1 + 1 nearest (was a RuntimeError), k1 beyond the 180 images (clamped as the
+    # published code's slices do)
+    [(20, 6, 0.3, 0), (5, 1, 0.5, 1), (7, 3, 0.0, 2), (4, 9, 0.3, 3), (200, 6, 0.3, 4)],
+)
 def test_equals_the_published_algorithm(k1, k2, lam, seed, chunk):
     rng = np.random.default_rng(seed)
     q, qp, qc, g, gp, gc = market_like(rng, num_query=30, num_gallery=150)
@@ -129,3 +134,20 @@ def test_compiled_neighbour_fold_equals_the_torch_top_k(monkeypatch, chunk):
         torch.testing.assert_close(compiled[3], plain[3])
         d = x[compiled[0]] - x[:, None, :]  # the listed neighbours' own distances
         torch.testing.assert_close((d * d).sum(-1), compiled[1], rtol=0, atol=1e-5)
+
+
+def test_expansion_sets_in_small_blocks_equal_one_block():
+    """The expanded sets are built in row blocks sized by a memory budget (a k1 near the image count had asked for
+    (k1 + 1)³ values per row, 18 GB on 1,538 images): any block size gives the same sets."""
+    from reidcli.retrieval import rerank
+
+    rng = np.random.default_rng(6)
+    q, _, _, g, _, _ = market_like(rng, num_query=20, num_gallery=90)
+    x = torch.from_numpy(np.concatenate([q, g]))
+    for k1 in (20, 109):  # the default, and every other image
+        knn, _, _, _ = rerank._neighbours(x, k1 + 1, 20, 32)
+        whole = rerank._expansion_sets(knn, k1, 10_000, budget=1 << 30)
+        for budget in (1, 5_000):
+            blocks = rerank._expansion_sets(knn, k1, 10_000, budget=budget)
+            assert torch.equal(blocks[0], whole[0]) and torch.equal(blocks[1], whole[1])
+        assert bool(whole[1].any(1).all())
