@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from reidcli.data.augment import normalize_batch
+from reidcli.data.layouts import SPLITS
 from reidcli.data.store import read_dataset
 from reidcli.engine.checkpoint import RunFiles, load_run_model
 from reidcli.errors import ConfigError
@@ -46,6 +47,12 @@ class ExtractConfig:
             raise ConfigError("--batch must be positive")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"unknown --precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+        unknown = [s for s in self.splits if s not in SPLITS]
+        if unknown or not self.splits:
+            raise ConfigError(
+                f"--splits {','.join(self.splits)!r}: {f'unknown split {unknown[0]!r}' if unknown else 'no split'}; "
+                f"give a comma-separated list of {', '.join(SPLITS)} (default query,gallery)"
+            )
         return self
 
 

@@ -203,3 +203,15 @@ def test_options_that_would_do_nothing_are_refused_before_any_work(tmp_path, arg
     args = [str(tmp_path / a) if a in ("F", "D") else a for a in args]
     r = run_cli(*args)
     assert r.returncode == 1 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+@pytest.mark.parametrize(
+    ("splits", "message"),
+    [(("foo",), "unknown split 'foo'"), ((), "no split")],  # were "re-prepare the dataset" / an empty features file
+)
+def test_extract_splits_are_checked(splits, message):
+    from reidcli.engine.extract import ExtractConfig
+    from reidcli.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message + r"; give a comma-separated list of train, query, gallery"):
+        ExtractConfig(run="r", data="d.h5", out="f.h5", splits=splits).validate()
