@@ -10,11 +10,12 @@ from typing import Annotated
 import typer
 
 from reidcli.cli.console import err, print_json, print_table, progress
-from reidcli.cli.options import JsonOpt, parse_size
+from reidcli.cli.options import JsonOpt, parse_size, refuse_unused
 from reidcli.errors import DataError
 
 
 def prepare(
+    ctx: typer.Context,
     dataset: Annotated[str, typer.Argument(help="market1501, dukemtmcreid, msmt17, cuhk03np or synthetic.")],
     root: Annotated[Path, typer.Option(help="Extracted dataset folder or its zip; for synthetic, where to write it.")],
     out: Annotated[Path | None, typer.Option(help="Output HDF5 (default: data/<dataset>.h5).")] = None,
@@ -42,6 +43,9 @@ def prepare(
     """
     from reidcli.data.prepare import PrepareConfig, prepare_dataset
 
+    synthetic = ("seed", "ids", "cameras", "images_per_camera", "difficulty", "distractors", "junk")
+    refuse_unused(ctx, synthetic, dataset == "synthetic", "the synthetic dataset", "prepare synthetic")
+    refuse_unused(ctx, ("cuhk03_subset",), dataset == "cuhk03np", "the cuhk03np dataset", "prepare cuhk03np")
     size = parse_size(image_size)
     out = out or Path("data") / f"{dataset}.h5"
     if dataset == "synthetic":

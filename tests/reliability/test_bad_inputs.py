@@ -178,6 +178,8 @@ def test_evaluate_index_of_other_features(tiny_data, ape_run, tmp_path):
             ("index", "F", "--out", "i.faiss", "--nlist", "64", "--m", "8"),
             "--nlist, --m have no effect without --kind ivfpq",
         ),
+        (("prepare", "market1501", "--root", "D", "--ids", "50"), "--ids has no effect without the synthetic dataset"),
+        (("prepare", "msmt17", "--root", "D", "--cuhk03-subset", "labeled"), "--cuhk03-subset has no effect"),
         (
             ("train", "--data", "D", "--out", "r", "--rp-weight", "2"),
             "--rp-weight has no effect without rp-triplet in --loss",
