@@ -20,6 +20,7 @@ __all__ = [
     "write_dataset",
     "read_dataset",
     "read_images",
+    "open_splits",
     "dataset_summary",
 ]
 
@@ -132,6 +133,29 @@ def read_dataset(
                 paths=[p.decode() if isinstance(p, bytes) else p for p in g["paths"][:]],
             )
     return attrs, out
+
+
+@contextmanager
+def open_splits(path: str | Path, splits: tuple[str, ...]) -> Iterator[tuple[dict, dict[str, DatasetSplit]]]:
+    """As :func:`read_dataset`, but each split's ``images`` is the file's own dataset, read on slicing while the
+    block runs: a pass over the images in batches holds one batch, not the split (MSMT17's query and gallery
+    are 9.2 GB at 256×128). Labels and paths are read at once."""
+    with _open_checked(path) as h5:
+        attrs = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in h5.attrs.items()}
+        image_size = tuple(int(x) for x in attrs["image_size"])
+        out = {}
+        for split in splits:
+            if split not in h5:
+                raise FormatError(f"{path} has no '{split}' split; re-prepare the dataset")
+            g = h5[split]
+            _check_split(path, split, g, image_size)
+            out[split] = DatasetSplit(
+                images=g["images"],
+                pids=g["pids"][:].astype(np.int64),
+                camids=g["camids"][:].astype(np.int64),
+                paths=[p.decode() if isinstance(p, bytes) else p for p in g["paths"][:]],
+            )
+        yield attrs, out
 
 
 def read_images(path: str | Path, split: str, rows: np.ndarray) -> np.ndarray:

@@ -14,7 +14,7 @@ import torch
 
 from reidcli.data.augment import normalize_batch
 from reidcli.data.layouts import SPLITS
-from reidcli.data.store import read_dataset
+from reidcli.data.store import open_splits
 from reidcli.engine.checkpoint import RunFiles, load_run_model
 from reidcli.errors import ConfigError
 from reidcli.fileio import sha256_file
@@ -245,22 +245,22 @@ def embed_dataset(
     compile_: bool = False,
     cuda_graph: bool = True,
 ) -> dict[str, FeatureSplit]:
-    attrs, parts = read_dataset(data, splits)
-    size = tuple(attrs["image_size"])
-    if tuple(model.cfg.image_size) != size:
-        raise ConfigError(
-            f"the dataset images are {size[0]}x{size[1]} but the model was trained on "
-            f"{model.cfg.image_size[0]}x{model.cfg.image_size[1]}; prepare the data at that size"
-        )
-    return {
-        s: FeatureSplit(
-            embed_images(model, p.images, device, batch, flip, on_batch, precision, compile_, cuda_graph),
-            p.pids,
-            p.camids,
-            p.paths,
-        )
-        for s, p in parts.items()
-    }
+    with open_splits(data, splits) as (attrs, parts):  # images read batch by batch, one batch ahead
+        size = tuple(attrs["image_size"])
+        if tuple(model.cfg.image_size) != size:
+            raise ConfigError(
+                f"the dataset images are {size[0]}x{size[1]} but the model was trained on "
+                f"{model.cfg.image_size[0]}x{model.cfg.image_size[1]}; prepare the data at that size"
+            )
+        return {
+            s: FeatureSplit(
+                embed_images(model, p.images, device, batch, flip, on_batch, precision, compile_, cuda_graph),
+                p.pids,
+                p.camids,
+                p.paths,
+            )
+            for s, p in parts.items()
+        }
 
 
 def extract_features(cfg: ExtractConfig, on_batch: Callable[[int], None] | None = None) -> dict[str, int]:
