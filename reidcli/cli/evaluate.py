@@ -24,6 +24,15 @@ def evaluate(
     k1: Annotated[int, typer.Option(help="re-ranking k1.")] = 20,
     k2: Annotated[int, typer.Option(help="re-ranking k2.")] = 6,
     lambda_value: Annotated[float, typer.Option("--lambda", help="re-ranking weight of the original distance.")] = 0.3,
+    aqe: Annotated[
+        bool,
+        typer.Option(
+            help="α-query expansion first: each query and gallery feature becomes the weighted mean of its --aqe-k "
+            "nearest (fast-reid's AQE)."
+        ),
+    ] = False,
+    aqe_k: Annotated[int, typer.Option(help="AQE: neighbours averaged (itself included).")] = 5,
+    aqe_alpha: Annotated[float, typer.Option(help="AQE: weight exponent, weights max(similarity, 0)^alpha.")] = 3.0,
     device: DeviceOpt = "auto",
     similarity: Annotated[
         str,
@@ -50,6 +59,8 @@ def evaluate(
       reid evaluate feats/rpe.h5 --index feats/rpe.faiss --json
 
       reid evaluate feats/rpe.h5 --rerank --out results/rpe --visualize 8
+
+      reid evaluate feats/rpe.h5 --aqe --rerank       # fast-reid's test-time AQE, then re-ranking
     """
     from reidcli.errors import ConfigError
     from reidcli.report.compare import write_per_query
@@ -65,6 +76,12 @@ def evaluate(
     if visualize and out is None:
         raise ConfigError("--visualize needs --out DIR for the pictures")
     refuse_unused(ctx, ("k1", "k2", "lambda_value"), rerank, "--rerank", "add --rerank")
+    refuse_unused(ctx, ("aqe_k", "aqe_alpha"), aqe, "--aqe", "add --aqe")
+    if aqe and index is not None:
+        raise ConfigError(
+            "--index holds the gallery features before --aqe expands them; leave out --index (a flat search runs "
+            "on the expanded features)"
+        )
     refuse_unused(ctx, ("top_k", "data"), visualize > 0, "--visualize N", "add --visualize N (and --out DIR)")
     exact_scores = "--rerank" if rerank else "--engine torch" if engine == "torch" else None
     refuse_unused(
@@ -84,6 +101,9 @@ def evaluate(
         k1=k1,
         k2=k2,
         lambda_value=lambda_value,
+        aqe=aqe,
+        aqe_k=aqe_k,
+        aqe_alpha=aqe_alpha,
         device=device,
         similarity=similarity,
     ).validate()
@@ -102,12 +122,20 @@ def evaluate(
         provenance = {
             "features": str(features),
             "rerank": {"k1": k1, "k2": k2, "lambda": lambda_value} if rerank else None,
+            "aqe": {"k": aqe_k, "alpha": aqe_alpha} if aqe else None,
             **{k: attrs[k] for k in ("dataset", "run", "checkpoint_sha256") if k in attrs},
         }
         _write_results(out, report, provenance)
         write_per_query(out / "per_query.csv", splits["query"], result.metrics.per_query)
         if visualize:
-            _pictures(out, splits, images, visualize, top_k, cfg if rerank else None)
+            shown = splits
+            if aqe:  # the lists as evaluated: from the expanded features
+                from reidcli.retrieval.evaluate import resolve_device
+                from reidcli.retrieval.expansion import expand_splits
+
+                q, g = expand_splits(splits["query"], splits["gallery"], aqe_k, aqe_alpha, resolve_device(device))
+                shown = {"query": q, "gallery": g}
+            _pictures(out, shown, images, visualize, top_k, cfg if rerank else None)
     if json_out:
         print_json(report)
         return

@@ -52,6 +52,9 @@ class EvalConfig:
     k1: int = 20
     k2: int = 6
     lambda_value: float = 0.3
+    aqe: bool = False  # α-query expansion of query and gallery features before anything else
+    aqe_k: int = 5
+    aqe_alpha: float = 3.0
     device: str = "auto"
     memory_mb: int = 0  # working set of one chunk of queries; 0: 1 GiB on CPU, a quarter of free GPU memory
     counting: str = "auto"  # exact counting: "auto", "kernel" (Triton, GPU), "scan" (C, CPU), "sort"/"count" (torch)
@@ -64,6 +67,8 @@ class EvalConfig:
             raise ConfigError("--depth and --max-rank must be positive")
         if self.k1 < 1 or self.k2 < 1 or not 0.0 <= self.lambda_value <= 1.0:
             raise ConfigError("re-ranking needs k1 ≥ 1, k2 ≥ 1 and 0 ≤ lambda ≤ 1")
+        if self.aqe_k < 1 or self.aqe_alpha < 0:
+            raise ConfigError(f"--aqe-k {self.aqe_k} --aqe-alpha {self.aqe_alpha}: k must be at least 1, alpha ≥ 0")
         if self.similarity not in MODES:
             raise ConfigError(f"unknown similarity mode {self.similarity!r}; use one of {', '.join(MODES)}")
         if self.counting not in COUNTING:
@@ -171,12 +176,25 @@ def evaluate(query: FeatureSplit, gallery: FeatureSplit, cfg: EvalConfig, index=
             "the 'scan' counting runs on the CPU and its compiled module is not built here; reinstall with a C "
             "compiler present (pip install -e .) or use auto, sort or count"
         )
+    expanding = 0.0
+    if cfg.aqe:
+        if index is not None:
+            raise ConfigError(
+                "--index holds the gallery features before --aqe expands them; leave out --index (a flat search "
+                "runs on the expanded features)"
+            )
+        from reidcli.retrieval.expansion import expand_splits
+
+        _sync(dev)
+        t = time.perf_counter()
+        query, gallery = expand_splits(query, gallery, cfg.aqe_k, cfg.aqe_alpha, dev)
+        expanding = time.perf_counter() - t
     half = _half_on_gpu(query, gallery, dev) and not cfg.rerank
     q, qp, qc = _tensors(query, dev, half)
     g, gp, gc = _tensors(gallery, dev, half)
     chunk = _chunk_rows(len(gallery), cfg.memory_mb, dev)
     _sync(dev)
-    t0 = time.perf_counter()
+    t0 = time.perf_counter() - expanding
     approximate = False
     if cfg.rerank:
         from reidcli.retrieval.rerank import k_reciprocal_rerank
@@ -200,6 +218,8 @@ def evaluate(query: FeatureSplit, gallery: FeatureSplit, cfg: EvalConfig, index=
     else:
         parts, approximate = _faiss_ranks(query, gallery, cfg, index, (q, qp, qc, g, gp, gc), chunk)
         engine = "faiss" + ("-approx" if approximate else "")
+    if cfg.aqe:
+        engine = "aqe+" + engine
     result = summarize(parts, cfg.max_rank, approximate)
     _sync(dev)
     if result.num_valid_queries == 0:

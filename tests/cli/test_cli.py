@@ -137,6 +137,10 @@ def test_end_to_end_pipeline_learns(tmp_path):
     assert abs(torch_res["mAP"] - res["mAP"]) < 1e-6
     plain = run_cli("evaluate", str(tmp_path / "f.h5"), "--engine", "torch", "--similarity", "fp32", "--json")
     assert json.loads(plain.stdout)["mAP"] == torch_res["mAP"]  # the CPU's GEMM is fp32 either way
+    aqe = run_cli("evaluate", str(tmp_path / "f.h5"), "--aqe", "--out", str(tmp_path / "aqe"), "--json")
+    assert aqe.returncode == 0 and json.loads(aqe.stdout)["engine"] == "aqe+faiss", aqe.stderr
+    saved = json.loads((tmp_path / "aqe" / "results.json").read_text())
+    assert saved["aqe"] == {"k": 5, "alpha": 3.0} and saved["mAP"] != res["mAP"]
     bad = run_cli("evaluate", str(tmp_path / "f.h5"), "--similarity", "tf32")
     assert bad.returncode == 1 and "unknown similarity mode 'tf32'" in bad.stderr and "Traceback" not in bad.stderr
     # the CPU's bf16 forward: recorded as such, retrieval as good as fp32's (the default, also recorded)

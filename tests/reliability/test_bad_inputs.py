@@ -174,6 +174,8 @@ def test_evaluate_index_of_other_features(tiny_data, ape_run, tmp_path):
         ),
         (("evaluate", "F", "--rerank", "--depth", "500"), "--depth has no effect without the faiss engine's"),
         (("evaluate", "F", "--top-k", "5"), "--top-k has no effect without --visualize N"),
+        (("evaluate", "F", "--aqe-k", "3"), "--aqe-k has no effect without --aqe; leave it out or add --aqe"),
+        (("evaluate", "F", "--aqe", "--index", "i.faiss"), "--index holds the gallery features before --aqe expands"),
         (
             ("index", "F", "--out", "i.faiss", "--nlist", "64", "--m", "8"),
             "--nlist, --m have no effect without --kind ivfpq",

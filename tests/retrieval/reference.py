@@ -114,3 +114,19 @@ def market_like(rng, num_ids=30, num_query=40, num_gallery=300, dim=16, cams=6, 
         g_pids.astype(np.int64),
         g_camids.astype(np.int64),
     )
+
+
+def alpha_query_expansion(feats, k=5, alpha=3.0):
+    """αQE (Radenović et al. 2018) as fast-reid's AQE applies it: each feature becomes the L2-normalised sum of
+    its k most cosine-similar features (itself included), weighted by similarity^α (negative similarities
+    weigh 0)."""
+    x = feats.astype(np.float64)
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    sims = x @ x.T
+    out = np.empty_like(x)
+    for i in range(len(x)):
+        order = np.argsort(-sims[i], kind="stable")[:k]
+        w = np.maximum(sims[i, order], 0.0) ** alpha
+        v = (w[:, None] * x[order]).sum(0)
+        out[i] = v / np.linalg.norm(v)
+    return out
