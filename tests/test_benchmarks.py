@@ -33,6 +33,11 @@ def test_gpu_bench_smoke(tmp_path):
     assert result["train"]["graph equivalence"]["graph-eager distance / moved"] < 1e-3
     assert (tmp_path / "profile_train_both.txt").is_file() and (tmp_path / "profile_extract_ape_fp16.txt").is_file()
     assert result["extract"]["extract both fp16 model-only"] > 0
+    assert (
+        result["extract"]["extract ape fp16 streamed from HDF5"] > 0
+        and result["extract"]["extract ape fp16 from memory"] > 0
+    )
+    assert result["eval"]["aqe market ms"] > 0 and result["eval"]["aqe market gpu-cpu mAP diff"] < 1e-6
 
 
 def test_model_speed_smoke(tmp_path):
