@@ -16,7 +16,7 @@ import pandas as pd
 
 from reidcli.errors import FormatError
 
-__all__ = ["PER_QUERY_COLUMNS", "write_per_query", "read_per_query", "compare", "compare_runs", "Comparison"]
+__all__ = ["PER_QUERY_COLUMNS", "write_per_query", "read_per_query", "compare", "compare_runs", "Comparison", "holm"]
 
 PER_QUERY_COLUMNS = ("query", "path", "pid", "camid", "positives", "first_hit_rank", "AP", "INP")
 _KEY = ("path", "pid", "camid", "positives")  # the same query against the same gallery has the same positives
@@ -169,3 +169,15 @@ def _bootstrap_means(diff: np.ndarray, resamples: int, seed: int, batch: int = 5
         counts = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(m)])  # (m, n)
         out[start : start + m] = counts @ diff.T / n
     return out
+
+
+def holm(pvalues: list[float]) -> list[float]:
+    """Holm–Bonferroni adjusted p-values (same order): several models compared with one baseline at a
+    family-wise error rate of α when each adjusted p is held against α."""
+    order = np.argsort(pvalues, kind="stable")
+    adjusted = [0.0] * len(pvalues)
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(pvalues) - rank) * pvalues[i]))
+        adjusted[i] = running
+    return adjusted

@@ -99,3 +99,36 @@ def test_files_and_folders_are_read_and_bad_ones_refused(tmp_path):
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     assert res["queries"] == 2 and [m["delta"] for m in res["metrics"]] == [0.0, 0.0, 0.0]
+
+
+def test_holm_adjusts_for_the_number_of_comparisons():
+    from reidcli.report.compare import holm
+
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])  # 3·0.01, max(2·0.03, ·), max(1·0.04, ·)
+    assert holm([0.5]) == [0.5] and holm([0.4, 0.6]) == [0.8, 0.8]  # monotone, capped at 1
+
+
+def test_several_evaluations_are_each_compared_with_the_first(tmp_path):
+    rng = np.random.default_rng(3)
+    base = rng.uniform(0.2, 0.8, 200)
+    folders = []
+    for name, gain in (("a", 0.0), ("same", 0.0), ("better", 0.05), ("worse", -0.02)):
+        (tmp_path / name).mkdir()
+        ap = np.clip(base + gain + (rng.normal(0, 0.01, 200) if gain else 0), 0, 1)
+        _table(ap, np.where(ap > 0.5, 1, 2)).to_csv(tmp_path / name / "per_query.csv", index=False)
+        folders.append(str(tmp_path / name))
+    r = run_cli("compare", *folders, "--json", "--resamples", "2000")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["baseline"] == folders[0] and [c["evaluation"] for c in res["comparisons"]] == folders[1:]
+    two = [compare(read_per_query(folders[0]), read_per_query(f), resamples=2000) for f in folders[1:]]
+    for c, pair in zip(res["comparisons"], two, strict=True):
+        for m, row in zip(c["metrics"], pair.rows, strict=True):  # each as the two-way comparison, p adjusted
+            assert m["delta"] == pytest.approx(row["delta"]) and m["p"] == row["p"] and m["p_holm"] >= m["p"]
+    same, better, worse = (c["metrics"][0] for c in res["comparisons"])
+    assert same["delta"] == 0 and same["p_holm"] == 1.0
+    assert better["low"] > 0.04 and better["p_holm"] < 0.01 and worse["high"] < 0 and worse["p_holm"] < 0.01
+    table = run_cli("compare", *folders, "--resamples", "2000")
+    assert table.returncode == 0 and "Holm-adjusted for 3 comparisons" in table.stdout
+    one = run_cli("compare", folders[0])
+    assert one.returncode == 1 and "give at least two evaluations" in one.stderr
