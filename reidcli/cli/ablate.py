@@ -97,7 +97,7 @@ def ablate(
 
       reid ablate --data demo/synthetic.h5 --out demo/ablation --preset vit_tiny --dim 96 --depth 4 --epochs 8 --dry-run
     """
-    from reidcli.cli.train import dataset_image_size, loss_options, model_options
+    from reidcli.cli.train import check_image_size, dataset_image_size, loss_options, model_options
     from reidcli.engine.train import TrainConfig
     from reidcli.errors import ConfigError
     from reidcli.report.ablate import AblationConfig, plan, run_ablation
@@ -109,6 +109,8 @@ def ablate(
     except ValueError:
         raise ConfigError(f"--seeds {seeds!r} must be comma-separated integers, e.g. 0,1,2") from None
     size = parse_size(image_size) if image_size else dataset_image_size(data)
+    if image_size:
+        check_image_size(size, data)
     mcfg = model_options(
         pes[0] if pes else "ape", preset, dim, depth, heads, patch_size, stride, size, drop_path, neck_feat
     )

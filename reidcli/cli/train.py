@@ -101,6 +101,17 @@ def dataset_image_size(data: Path) -> tuple[int, int]:
     return tuple(attrs["image_size"])
 
 
+def check_image_size(size: tuple[int, int], data: Path) -> None:
+    """``--image-size`` must be the dataset's (the images are stored resized once): refused before any work."""
+    stored = dataset_image_size(data)
+    if tuple(size) != tuple(stored):
+        h, w = size
+        raise ConfigError(
+            f"--image-size {h}x{w} differs from the {stored[0]}x{stored[1]} images of {data}; leave --image-size out "
+            f"(the dataset's size is the default) or prepare the dataset at {h}x{w} ('reid prepare --image-size')"
+        )
+
+
 def train(
     ctx: typer.Context,
     out: Annotated[Path, typer.Option(help="Run folder (config, checkpoints, metrics, weights, curves).")],
@@ -177,6 +188,8 @@ def train(
         check_loss_options(ctx, [loss])
         refuse_unused(ctx, ("compile_mode",), compile_, "--compile", "add --compile")
     size = parse_size(image_size) if image_size else dataset_image_size(data)
+    if image_size and not print_model:
+        check_image_size(size, data)
     mcfg = model_options(pe, preset, dim, depth, heads, patch_size, stride, size, drop_path, neck_feat)
     if print_model:
         _print_model(mcfg, json_out)

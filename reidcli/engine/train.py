@@ -404,7 +404,8 @@ def _train_split(cfg: TrainConfig):
     if tuple(cfg.model.image_size) != size:
         h, w = cfg.model.image_size
         raise ConfigError(
-            f"the dataset images are {size[0]}x{size[1]} but the model expects {h}x{w}; pass --image-size to match"
+            f"the dataset images are {size[0]}x{size[1]} but the model expects {h}x{w}; train at the dataset's size "
+            f"(leave --image-size out) or prepare the dataset at {h}x{w} ('reid prepare --image-size {h}x{w}')"
         )
     return attrs, splits["train"]
 

@@ -110,15 +110,48 @@ def load_init_weights(
     return {"missing": list(result.missing_keys), "unexpected": sorted(k for k in state if k not in own)}
 
 
+def _hub_unreachable() -> str | None:
+    """Why timm's hub cannot be reached (a 3-second connection probe), or None. Offline, huggingface_hub retries
+    every file with back-off (about 50 s, a warning per attempt) before failing; the probe fails at once. Skipped
+    when ``HF_HUB_OFFLINE`` is set (the hub's cache answers without the network) and behind a proxy."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return None
+    if any(
+        os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+    ):
+        return None  # behind a proxy a direct connection proves nothing: the hub's client goes through it
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=3).close()
+    except OSError as e:
+        return f"{host}:{port} unreachable: {e.strerror or type(e).__name__}"
+    return None
+
+
 def load_pretrained(model: ViTReID, timm_name: str) -> dict[str, list[str]]:
-    """Weights of a timm model from its hub (needs network access)."""
+    """Weights of a timm model from its hub (needs network access, or ``HF_HUB_OFFLINE=1`` and the hub's cache)."""
+    import logging
+
+    fix = (
+        "when offline, download the weights elsewhere and pass them with --init FILE (or set HF_HUB_OFFLINE=1 "
+        "to use weights already in the hub's cache)"
+    )
+    if (why := _hub_unreachable()) is not None:
+        raise ReidError(f"cannot fetch pretrained '{timm_name}' from timm's hub ({why}); {fix}")
     import timm
 
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)  # a flaky network: the hub logs a warning per retry before the one error below
     try:
         ref = timm.create_model(timm_name, pretrained=True, num_classes=0)
     except Exception as e:  # noqa: BLE001 — offline, unknown name, hub error: one message
-        raise ReidError(
-            f"cannot fetch pretrained '{timm_name}' from timm's hub ({type(e).__name__}); "
-            "when offline, download the weights elsewhere and pass them with --init FILE"
-        ) from e
+        raise ReidError(f"cannot fetch pretrained '{timm_name}' from timm's hub ({type(e).__name__}); {fix}") from e
+    finally:
+        hub_log.setLevel(level)
     return load_init_weights(model, ref.state_dict())

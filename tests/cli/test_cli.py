@@ -1,7 +1,9 @@
 import json
+import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import h5py
@@ -201,6 +203,8 @@ def test_print_model_seed_figures(tiny_data):
         (("--epochs", "0"), "--epochs must be at least 1"),
         (("--batch", "30", "--k", "4"), "multiple of --k"),
         (("--image-size", "wide"), "HEIGHTxWIDTH"),
+        # the stored images are the training size: refused before the split is read (was an error after it)
+        (("--image-size", "32x16"), "--image-size 32x16 differs from the 64x32 images of"),
         (("--dim", "0"), "--dim must be at least 1, got 0"),  # was read as "not given": the preset's width
         (("--drop-path", "2"), "--drop-path must be in [0, 1)"),
         (("--k", "1", "--batch", "8"), "--k 1 leaves no positive pair in a batch for triplet"),
@@ -224,6 +228,32 @@ def test_train_option_errors(tiny_data, tmp_path, args, message):
     )
     assert r.returncode == 1 and message in r.stderr and r.stderr.count("\n") == 1
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(
+    ("env", "why"),
+    [
+        ({"HF_ENDPOINT": "http://reidcli-offline.invalid"}, "(reidcli-offline.invalid:80 unreachable: "),
+        ({"HF_HUB_OFFLINE": "1"}, "(LocalEntryNotFoundError)"),
+    ],
+)
+def test_pretrained_weights_offline_fail_at_once_in_one_line(tiny_data, tmp_path, env, why):
+    """Offline, timm's hub retried each file with back-off (about 50 s) and logged a warning per attempt before
+    reidcli's error: a connection probe now fails at once, in one line. With HF_HUB_OFFLINE the hub's cache is
+    asked without the network (no probe)."""
+    base = {k: v for k, v in os.environ.items() if "proxy" not in k.lower() and not k.startswith("HF_")}
+    args = ["train", "--data", str(tiny_data), "--out", str(tmp_path / "r"), *TINY_MODEL, "--batch", "16"]
+    start = time.perf_counter()
+    r = subprocess.run(
+        [sys.executable, "-m", "reidcli", *args, "--pretrained", "vit_tiny_patch16_224"],
+        capture_output=True,
+        text=True,
+        env={**base, **env},
+        timeout=300,
+    )
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert f"cannot fetch pretrained 'vit_tiny_patch16_224' from timm's hub {why}" in r.stderr
+    assert "--init FILE" in r.stderr and time.perf_counter() - start < 30
 
 
 def test_train_out_under_a_file(tiny_data):
