@@ -20,7 +20,10 @@ $REID ablate --data data/market1501.h5 --out "$OUT/ablation" --pe ape,rpe,both \
 # or a single run with the seed's relative-position triplet loss, then retrieval with re-ranking
 $REID train --data data/market1501.h5 --out "$OUT/both-rp" --pe both --loss ce+triplet+rp-triplet \
   --preset vit_base --init "$INIT" --epochs 120 --batch 64 --lr 0.008 --eval-every 10
+$REID plot "$OUT/both-rp"   # curves, APE grid, RPE maps, the RP loss's patches → $OUT/both-rp/pictures/
 $REID extract --run "$OUT/both-rp" --data data/market1501.h5 --out "$OUT/both-rp/features.h5"
 $REID index "$OUT/both-rp/features.h5" --out "$OUT/both-rp/gallery.faiss"
 $REID evaluate "$OUT/both-rp/features.h5" --index "$OUT/both-rp/gallery.faiss"
 $REID evaluate "$OUT/both-rp/features.h5" --rerank --out "$OUT/both-rp/eval" --visualize 8
+$REID evaluate "$OUT/both-rp/features.h5" --aqe --rerank --out "$OUT/both-rp/eval_aqe"   # fast-reid's AQE first
+$REID compare "$OUT/both-rp/eval" "$OUT/both-rp/eval_aqe"
