@@ -220,7 +220,8 @@ def evaluate(query: FeatureSplit, gallery: FeatureSplit, cfg: EvalConfig, index=
         engine = "faiss" + ("-approx" if approximate else "")
     if cfg.aqe:
         engine = "aqe+" + engine
-    result = summarize(parts, cfg.max_rank, approximate)
+    # as torchreid: the CMC is reported up to the gallery's size at most (a longer one only repeats its last value)
+    result = summarize(parts, min(cfg.max_rank, max(len(gallery), 1)), approximate)
     _sync(dev)
     if result.num_valid_queries == 0:
         raise FormatError(

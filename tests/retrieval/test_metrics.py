@@ -574,3 +574,16 @@ def test_picture_lists_keep_gallery_order_for_equal_scores():
     query = FeatureSplit(np.array([[1.0, 0.0]], dtype=np.float32), ids[:1], ids[:1])
     lists = ranked_lists(query, FeatureSplit(g, ids, ids), 6)
     assert lists.tolist() == [[7, 0, 1, 2, 3, 4]]
+
+
+def test_cmc_stops_at_the_gallery_size():
+    """As torchreid: a CMC longer than the gallery only repeats its last value, so it stops at the gallery's size
+    (`--max-rank 100000` on 1,241 gallery images printed 100,000 values)."""
+    rng = np.random.default_rng(4)
+    q, qp, qc, g, gp, gc = market_like(rng, num_query=20, num_gallery=30)
+    for engine in ("faiss", "torch"):
+        out = evaluate(FeatureSplit(q, qp, qc), FeatureSplit(g, gp, gc), EvalConfig(engine=engine, max_rank=50))
+        cmc, mAP, _, _ = eval_market1501(-(q @ g.T).astype(np.float64), qp, gp, qc, gc, max_rank=30)
+        assert len(out.metrics.cmc) == 30 and out.metrics.cmc[-1] == 1.0
+        np.testing.assert_allclose(out.metrics.cmc, cmc, atol=1e-9)
+        assert abs(out.metrics.mAP - mAP) < 1e-6
