@@ -37,3 +37,10 @@ def run_cli(*args: str, timeout: int = 600, cwd: Path | None = None) -> subproce
     return subprocess.run(
         [sys.executable, "-m", "reidcli", *args], capture_output=True, text=True, timeout=timeout, cwd=cwd
     )
+
+
+def train_tiny_run(data: Path, run: Path, pe: str, *args: str) -> Path:
+    """A one-block, one-epoch run folder trained through the real CLI (for tests that need a finished run)."""
+    r = run_cli("train", "--data", str(data), "--out", str(run), "--pe", pe, *TINY_MODEL, "--batch", "16", *args)
+    assert r.returncode == 0, r.stderr
+    return run

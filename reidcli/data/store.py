@@ -110,35 +110,25 @@ def read_dataset(
     on_progress: Callable[[int, int], None] | None = None,
 ) -> tuple[dict, dict[str, DatasetSplit]]:
     """Attributes and the requested splits, fully in memory (images optional, for metadata-only readers)."""
-    with _open_checked(path) as h5:
-        attrs = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in h5.attrs.items()}
-        image_size = tuple(int(x) for x in attrs["image_size"])
+    with open_splits(path, splits) as (attrs, lazy):
         out = {}
-        for split in splits:
-            if split not in h5:
-                raise FormatError(f"{path} has no '{split}' split; re-prepare the dataset")
-            g = h5[split]
-            n = _check_split(path, split, g, image_size)
-            imgs = np.empty((n, *image_size, 3), np.uint8) if images else np.empty((0,), np.uint8)
+        for split, part in lazy.items():
+            n = len(part)
+            imgs = np.empty((n, *part.images.shape[1:]), np.uint8) if images else np.empty((0,), np.uint8)
             if images:
                 step = 4096
                 for i in range(0, n, step):
-                    g["images"].read_direct(imgs, np.s_[i : i + step], np.s_[i : i + step])
+                    part.images.read_direct(imgs, np.s_[i : i + step], np.s_[i : i + step])
                     if on_progress:
                         on_progress(min(i + step, n), n)
-            out[split] = DatasetSplit(
-                images=imgs,
-                pids=g["pids"][:].astype(np.int64),
-                camids=g["camids"][:].astype(np.int64),
-                paths=[p.decode() if isinstance(p, bytes) else p for p in g["paths"][:]],
-            )
+            out[split] = DatasetSplit(imgs, part.pids, part.camids, part.paths)
     return attrs, out
 
 
 @contextmanager
 def open_splits(path: str | Path, splits: tuple[str, ...]) -> Iterator[tuple[dict, dict[str, DatasetSplit]]]:
-    """As :func:`read_dataset`, but each split's ``images`` is the file's own dataset, read on slicing while the
-    block runs: a pass over the images in batches holds one batch, not the split (MSMT17's query and gallery
+    """Attributes and the requested splits, each split's ``images`` the file's own dataset, read on slicing while
+    the block runs: a pass over the images in batches holds one batch, not the split (MSMT17's query and gallery
     are 9.2 GB at 256×128). Labels and paths are read at once."""
     with _open_checked(path) as h5:
         attrs = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in h5.attrs.items()}

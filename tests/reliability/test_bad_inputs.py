@@ -12,7 +12,7 @@ from reidcli.data.prepare import PrepareConfig, prepare_dataset
 from reidcli.data.store import read_dataset
 from reidcli.data.synthetic import SyntheticConfig, generate_synthetic
 from reidcli.errors import DataError, FormatError
-from tests.conftest import TINY_MODEL, run_cli
+from tests.conftest import TINY_MODEL, run_cli, train_tiny_run
 
 SMALL = SyntheticConfig(num_train_ids=3, num_test_ids=3, num_distractors=1, num_junk=1, images_per_camera=1, seed=9)
 TINY = (*TINY_MODEL, "--batch", "16", "--epochs", "1", "--device", "cpu")
@@ -60,10 +60,7 @@ def test_dataset_file_with_mismatched_lengths(tmp_path):
 
 @pytest.fixture(scope="module")
 def ape_run(tiny_data, tmp_path_factory):
-    run = tmp_path_factory.mktemp("runs") / "ape"
-    r = run_cli("train", "--data", str(tiny_data), "--out", str(run), "--pe", "ape", *TINY)
-    assert r.returncode == 0, r.stderr
-    return run
+    return train_tiny_run(tiny_data, tmp_path_factory.mktemp("runs") / "ape", "ape", "--epochs", "1", "--device", "cpu")
 
 
 def test_resume_with_another_pe_is_refused(tiny_data, ape_run, tmp_path):

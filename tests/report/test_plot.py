@@ -12,17 +12,14 @@ from reidcli.data.synthetic import SyntheticConfig, generate_synthetic
 from reidcli.engine.checkpoint import load_run_model
 from reidcli.losses.positional import top_patches
 from reidcli.report.figures import patch_origins
-from tests.conftest import TINY_MODEL, run_cli
+from tests.conftest import run_cli, train_tiny_run
 
-TINY = (*TINY_MODEL, "--batch", "16", "--epochs", "1", "--device", "cpu", "--top-n", "4")
+TINY = ("--epochs", "1", "--device", "cpu", "--top-n", "4")
 
 
 @pytest.fixture(scope="module")
 def both_run(tiny_data, tmp_path_factory):
-    run = tmp_path_factory.mktemp("plot") / "both"
-    r = run_cli("train", "--data", str(tiny_data), "--out", str(run), "--pe", "both", *TINY)
-    assert r.returncode == 0, r.stderr
-    return run
+    return train_tiny_run(tiny_data, tmp_path_factory.mktemp("plot") / "both", "both", *TINY)
 
 
 def test_plot_draws_every_picture_of_a_both_run(both_run):
