@@ -15,23 +15,30 @@ from reidcli.cli.options import JsonOpt
 def doctor(
     data: Annotated[Path | None, typer.Option(help="A dataset HDF5 to check.")] = None,
     run: Annotated[Path | None, typer.Option(help="A run folder to check (against --data when given).")] = None,
+    features: Annotated[
+        Path | None,
+        typer.Option(help="A features HDF5 to check: against the weights it came from, --run and --data."),
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Report the environment, and check that a dataset file and a run folder are readable and consistent.
+    """Report the environment, and check that a dataset file, a run folder and a features file are readable and
+    consistent (a features file extracted from weights that have changed since is stale).
 
     Examples:
 
       reid doctor
 
       reid doctor --data data/market1501.h5 --run runs/both
+
+      reid doctor --features feats/both.h5 --run runs/both --data data/market1501.h5
     """
     from reidcli.errors import ReidError
 
     checks: list[tuple[str, str, str]] = _environment()
-    for label, fn, arg in (("dataset", _check_data, data), ("run", _check_run, run)):
+    for label, fn, arg in (("dataset", _check_data, data), ("run", _check_run, run), ("features", None, features)):
         if arg is not None:
             try:
-                checks += fn(arg, data)
+                checks += fn(arg, data) if fn is not None else _check_features(arg, run, data)
             except ReidError as e:
                 checks.append((label, "FAIL", str(e)))
     if json_out:
@@ -121,6 +128,74 @@ def _check_run(run: Path, data: Path | None) -> list[tuple[str, str, str]]:
             f"{model.cfg.image_size[1]} with {model.cfg.num_classes} classes"
         )
         rows.append(("run ↔ dataset", "ok" if ok else "FAIL", detail))
+    return rows
+
+
+def _check_features(path: Path, run: Path | None, data: Path | None) -> list[tuple[str, str, str]]:
+    """The file itself; whether the weights it was extracted from are still those on disk (by SHA-256); its width
+    against --run's model; its rows, identities and cameras against --data's query and gallery."""
+    import h5py
+    import numpy as np
+
+    from reidcli.fileio import sha256_file
+    from reidcli.retrieval.features import read_features
+
+    read_features(path, ())  # the file and its format, or one line saying what is wrong
+    with h5py.File(path, "r") as h5:
+        present = tuple(s for s in ("train", "query", "gallery") if s in h5)
+    attrs, splits = read_features(path, present or ("query", "gallery"))
+    dim = next(iter(splits.values())).feats.shape[1]
+    counts = ", ".join(f"{name} {len(s)}" for name, s in splits.items())
+    rows = [("features", "ok", f"{path}: {counts} rows of {dim} values ({next(iter(splits.values())).feats.dtype})")]
+    digest = attrs.get("checkpoint_sha256")
+    if run is not None:
+        from reidcli.engine.checkpoint import RunFiles, read_run_config
+
+        width = int(read_run_config(run)["model"]["dim"])
+        files = RunFiles(run)
+        final, ckpt = (sha256_file(f) if f.is_file() else None for f in (files.weights, files.checkpoint))
+        if width != dim:
+            status, detail = "FAIL", f"features {dim} wide, the run's model {width} wide: another run's features"
+        elif digest is not None and digest == final:
+            status, detail = "ok", f"extracted from {files.weights} as it is now"
+        elif digest is not None and digest == ckpt:
+            status = "FAIL" if final else "ok"
+            detail = (
+                "extracted from checkpoint.pt during training, and the run has finished since: extract again from "
+                "its final weights"
+                if final
+                else f"extracted from {files.checkpoint} as it is now (the run is still training)"
+            )
+        else:
+            status = "FAIL"
+            detail = f"not extracted from {run}'s weights as they are now (trained further or again since, or another "
+            detail += "run's features): extract them again"
+        rows.append(("features ↔ run", status, detail))
+    elif attrs.get("checkpoint") and digest:
+        weights = Path(attrs["checkpoint"])
+        if not weights.is_file():
+            rows.append(("features ↔ weights", "unknown", f"{weights} is not found from here; pass --run RUN"))
+        elif sha256_file(weights) != digest:
+            rows.append(("features ↔ weights", "FAIL", f"{weights} has changed since: the features are stale"))
+        else:
+            rows.append(("features ↔ weights", "ok", f"extracted from {weights} as it is now"))
+    if data is not None:
+        from reidcli.data.store import read_dataset
+
+        _, parts = read_dataset(data, tuple(splits), images=False)
+        differ = [
+            name
+            for name, s in splits.items()
+            if len(s) != len(parts[name])
+            or not np.array_equal(s.pids, parts[name].pids)
+            or not np.array_equal(s.camids, parts[name].camids)
+        ]
+        detail = (
+            f"{', '.join(differ)} differ from {data}'s (rows, identities or cameras): features of another dataset?"
+            if differ
+            else f"rows, identities and cameras equal {data}'s"
+        )
+        rows.append(("features ↔ dataset", "FAIL" if differ else "ok", detail))
     return rows
 
 

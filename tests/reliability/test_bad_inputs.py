@@ -216,3 +216,38 @@ def test_extract_splits_are_checked(splits, message):
 
     with pytest.raises(ConfigError, match=message + r"; give a comma-separated list of train, query, gallery"):
         ExtractConfig(run="r", data="d.h5", out="f.h5", splits=splits).validate()
+
+
+def test_doctor_tells_stale_and_foreign_features(tiny_data, ape_run, tmp_path):
+    """`reid doctor --features`: features extracted from a checkpoint during training, after which the run finished,
+    are stale; another run's features, and features of another dataset, are named; the run's own are ok."""
+    import json as json_
+
+    run = tmp_path / "run"
+    shutil.copytree(ape_run, run)
+    final = run / "model.safetensors"
+    final.rename(tmp_path / "final.safetensors")  # as during training: only checkpoint.pt
+    early = tmp_path / "early.h5"
+    assert run_cli("extract", "--run", str(run), "--data", str(tiny_data), "--out", str(early)).returncode == 0
+    (tmp_path / "final.safetensors").rename(final)  # the run finishes
+    late = tmp_path / "late.h5"
+    assert run_cli("extract", "--run", str(run), "--data", str(tiny_data), "--out", str(late)).returncode == 0
+
+    def checks(*args):
+        r = run_cli("doctor", *args, "--json")
+        return r.returncode, {c["check"]: c for c in json_.loads(r.stdout)}
+
+    code, c = checks("--features", str(late), "--run", str(run), "--data", str(tiny_data))
+    assert code == 0 and c["features ↔ run"]["status"] == c["features ↔ dataset"]["status"] == "ok"
+    assert "query" in c["features"]["detail"] and "rows of 32 values" in c["features"]["detail"]
+    code, c = checks("--features", str(early), "--run", str(run))
+    assert code == 1 and "the run has finished since: extract again" in c["features ↔ run"]["detail"]
+    other = tmp_path / "other"
+    generate_synthetic(other / "raw", SMALL)
+    prepare_dataset(PrepareConfig("synthetic", other / "raw", other / "o.h5", image_size=(64, 32)))
+    code, c = checks("--features", str(late), "--data", str(other / "o.h5"))
+    assert code == 1 and "features of another dataset?" in c["features ↔ dataset"]["detail"]
+    assert c["features ↔ weights"]["status"] == "ok"  # without --run: the weights it names, as they are now
+    final.write_bytes(final.read_bytes() + b" ")  # weights changed since (trained again)
+    code, c = checks("--features", str(late))
+    assert code == 1 and "has changed since: the features are stale" in c["features ↔ weights"]["detail"]
