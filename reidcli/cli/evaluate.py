@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from reidcli.cli.console import err, print_json, print_table
-from reidcli.cli.options import DeviceOpt, JsonOpt, check_out_folder, refuse_unused
+from reidcli.cli.options import DeviceOpt, JsonOpt, check_out_folder, given_options, refuse_unused
 
 
 def evaluate(
@@ -83,6 +83,11 @@ def evaluate(
             "on the expanded features)"
         )
     refuse_unused(ctx, ("top_k", "data"), visualize > 0, "--visualize N", "add --visualize N (and --out DIR)")
+    if rerank and engine == "faiss" and "engine" in given_options(ctx):
+        raise ConfigError(
+            "--engine faiss has no effect with --rerank (re-ranking scores every pair in torch); leave --engine out "
+            "or drop --rerank"
+        )
     exact_scores = "--rerank" if rerank else "--engine torch" if engine == "torch" else None
     refuse_unused(
         ctx,

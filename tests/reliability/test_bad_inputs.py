@@ -171,6 +171,7 @@ def test_evaluate_index_of_other_features(tiny_data, ape_run, tmp_path):
         ),
         (("evaluate", "F", "--rerank", "--depth", "500"), "--depth has no effect without the faiss engine's"),
         (("evaluate", "F", "--top-k", "5"), "--top-k has no effect without --visualize N"),
+        (("evaluate", "F", "--rerank", "--engine", "faiss"), "--engine faiss has no effect with --rerank"),
         (("evaluate", "F", "--aqe-k", "3"), "--aqe-k has no effect without --aqe; leave it out or add --aqe"),
         (("evaluate", "F", "--aqe", "--index", "i.faiss"), "--index holds the gallery features before --aqe expands"),
         (
