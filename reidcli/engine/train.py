@@ -257,13 +257,45 @@ def _build(cfg: TrainConfig, num_classes: int, device: torch.device, initial_wei
     if initial_weights and cfg.init:
         from reidcli.model.weights import load_init_weights, load_state_file
 
-        load_init_weights(model, load_state_file(cfg.init))
+        _report_init(cfg.init, load_init_weights(model, load_state_file(cfg.init)))
     elif initial_weights and cfg.pretrained:
         from reidcli.model.weights import load_pretrained
 
-        load_pretrained(model, cfg.pretrained)
+        _report_init(cfg.pretrained, load_pretrained(model, cfg.pretrained))
     model.to(device)
     return _State(model, _optimizer(model, cfg), torch.Generator().manual_seed(cfg.seed))
+
+
+def _report_init(source: str, keys: dict[str, list[str]]) -> None:
+    """What the initial weights left out: the backbone's tensors (a warning: they start from random values, most
+    likely keys of another naming or depth), position tables (the RPE starts at zero, as it should for ImageNet
+    weights) and the head (BNNeck and classifier: always this dataset's own)."""
+    backbone = [k for k in keys["missing"] if k.startswith(("blocks.", "patch_embed.", "norm.", "cls_token"))]
+    if backbone:
+        log.warning(
+            "%d backbone tensors are not in %s (e.g. %s) and start from random values; check that the weights are a "
+            "ViT of this depth and width with timm's key names",
+            len(backbone),
+            source,
+            ", ".join(backbone[:3]),
+        )
+    unused = [k for k in keys["unexpected"] if k.startswith("blocks.")]
+    if unused:
+        log.warning(
+            "%d block tensors of %s have no place in this model (e.g. %s): it is shallower than the weights; "
+            "match --depth to them",
+            len(unused),
+            source,
+            ", ".join(unused[:2]),
+        )
+    tables = [k for k in keys["missing"] if k.startswith(("pos.", "rel_pos."))]
+    log.info(
+        "initial weights from %s: %d position tensors not in them (start fresh: %s), %d of theirs unused",
+        source,
+        len(tables),
+        ", ".join(tables[:2]) or "none",
+        len(keys["unexpected"]),
+    )
 
 
 def _restore(state: _State, files: RunFiles) -> None:

@@ -234,3 +234,27 @@ def test_curves_are_redrawn_during_a_run(tiny_data, tmp_path, monkeypatch):
         train(_cfg(tiny_data, tmp_path / "r", epochs=3), on_epoch=interrupt)
     files = RunFiles(tmp_path / "r")
     assert files.curves.stat().st_size > 5000 and not files.weights.exists()
+
+
+def test_initial_weights_that_leave_backbone_tensors_out_are_named(tiny_data, tmp_path, caplog):
+    """`--init` loads what fits; backbone tensors it lacks (another naming or depth) start from random values and
+    are named in a warning, as are its blocks the model has no place for; a complete file warns of nothing."""
+    from safetensors.torch import save_file
+
+    first = train(_cfg(tiny_data, tmp_path / "a", epochs=1))
+    weights = load_file(str(RunFiles(first.run_dir).weights))
+    save_file({k: v for k, v in weights.items() if not k.startswith("blocks.1.")}, str(tmp_path / "partial.safetensors"))
+    with caplog.at_level("INFO", logger="reidcli.engine.train"):
+        train(_cfg(tiny_data, tmp_path / "b", epochs=1, init=str(tmp_path / "partial.safetensors")))
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and warned[0].startswith("12 backbone tensors are not in") and "blocks.1." in warned[0]
+    caplog.clear()
+    with caplog.at_level("INFO", logger="reidcli.engine.train"):
+        train(_cfg(tiny_data, tmp_path / "c", epochs=1, init=str(RunFiles(first.run_dir).weights)))
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    assert any("0 position tensors not in them" in r.getMessage() for r in caplog.records)
+    shallow = replace(_cfg(tiny_data, tmp_path / "d", epochs=1), model=replace(_cfg(tiny_data, "").model, depth=1))
+    caplog.clear()
+    with caplog.at_level("INFO", logger="reidcli.engine.train"):
+        train(replace(shallow, init=str(RunFiles(first.run_dir).weights)))
+    assert any("have no place in this model" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
