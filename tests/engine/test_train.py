@@ -243,7 +243,9 @@ def test_initial_weights_that_leave_backbone_tensors_out_are_named(tiny_data, tm
 
     first = train(_cfg(tiny_data, tmp_path / "a", epochs=1))
     weights = load_file(str(RunFiles(first.run_dir).weights))
-    save_file({k: v for k, v in weights.items() if not k.startswith("blocks.1.")}, str(tmp_path / "partial.safetensors"))
+    save_file(
+        {k: v for k, v in weights.items() if not k.startswith("blocks.1.")}, str(tmp_path / "partial.safetensors")
+    )
     with caplog.at_level("INFO", logger="reidcli.engine.train"):
         train(_cfg(tiny_data, tmp_path / "b", epochs=1, init=str(tmp_path / "partial.safetensors")))
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
