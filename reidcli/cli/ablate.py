@@ -102,8 +102,8 @@ def ablate(
     from reidcli.errors import ConfigError
     from reidcli.report.ablate import AblationConfig, plan, run_ablation
 
-    pes = tuple(parse_list(pe))
-    check_loss_options(ctx, parse_list(loss))
+    pes, losses = tuple(parse_list(pe)), tuple(parse_list(loss))
+    check_loss_options(ctx, list(losses))
     try:
         seed_list = tuple(int(s) for s in parse_list(seeds))
     except ValueError:
@@ -133,7 +133,6 @@ def ablate(
         eval_every=eval_every,
         init=str(init) if init else None,
     )
-    losses = tuple(parse_list(loss))
     out = check_out_folder(out)
     cfg = AblationConfig(
         out=str(out), template=template, pes=pes, losses=losses, seeds=seed_list, perturb=perturb

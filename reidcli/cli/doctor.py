@@ -35,10 +35,14 @@ def doctor(
     from reidcli.errors import ReidError
 
     checks: list[tuple[str, str, str]] = _environment()
-    for label, fn, arg in (("dataset", _check_data, data), ("run", _check_run, run), ("features", None, features)):
+    for label, arg, check in (
+        ("dataset", data, lambda: _check_data(data)),
+        ("run", run, lambda: _check_run(run, data)),
+        ("features", features, lambda: _check_features(features, run, data)),
+    ):
         if arg is not None:
             try:
-                checks += fn(arg, data) if fn is not None else _check_features(arg, run, data)
+                checks += check()
             except ReidError as e:
                 checks.append((label, "FAIL", str(e)))
     if json_out:
@@ -101,7 +105,7 @@ def _cpu_bf16() -> tuple[str, str, str]:
     return ("CPU bf16", "none", "no bf16 instructions (software conversion): keep the CPU's default fp32")
 
 
-def _check_data(path: Path, _data) -> list[tuple[str, str, str]]:
+def _check_data(path: Path) -> list[tuple[str, str, str]]:
     from reidcli.data.store import dataset_summary, read_dataset
 
     attrs, splits = read_dataset(path, images=False)

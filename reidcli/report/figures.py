@@ -55,7 +55,9 @@ def run_pictures(
             )
             source = None
         else:
-            _check_image_size(model, source)
+            from reidcli.data.store import read_dataset
+
+            _check_image_size(model, read_dataset(source, ("train",), images=False)[0], source)
     metrics = read_metrics(files.metrics)
     if metrics:
         written.append(out / f"curves{suffix}.png")
@@ -78,10 +80,7 @@ def run_pictures(
     return written, skipped
 
 
-def _check_image_size(model, data: str | Path) -> None:
-    from reidcli.data.store import read_dataset
-
-    attrs, _ = read_dataset(data, ("train",), images=False)
+def _check_image_size(model, attrs: dict, data: str | Path) -> None:
     size = tuple(int(v) for v in attrs["image_size"])
     if size != tuple(model.cfg.image_size):
         raise ConfigError(
@@ -125,8 +124,8 @@ def plot_relation_vectors(model, data: str | Path, path: Path, top_n: int, title
     from reidcli.data.store import read_dataset, read_images
     from reidcli.losses.positional import relation_vectors, top_patches
 
-    _check_image_size(model, data)
-    _, parts = read_dataset(data, ("train",), images=False)
+    attrs, parts = read_dataset(data, ("train",), images=False)
+    _check_image_size(model, attrs, data)
     pids = parts["train"].pids
     rows = np.array(_triple(pids))
     images = read_images(data, "train", rows)

@@ -104,7 +104,7 @@ def _expansion_sets(knn: torch.Tensor, k1: int, chunk: int, budget: int = 1 << 2
     half_recip = _reciprocal(half)  # (N, kh)
     step = max(1, min(chunk, budget // ((k1 + 1) * (kh + 1)), budget // max(n, 1)))
     in_set = torch.zeros(min(step, n), n + 1, dtype=torch.bool, device=knn.device)  # a row's R(i) as a bitmap
-    cand_parts, mask_parts = [], []
+    parts = []
     for i in range(0, n, step):
         f, r = fwd[i : i + step], recip[i : i + step]
         local = torch.arange(len(f), device=knn.device)[:, None]
@@ -117,29 +117,23 @@ def _expansion_sets(knn: torch.Tensor, k1: int, chunk: int, budget: int = 1 << 2
         accept = r & (in_k.sum(-1) > (2.0 / 3.0) * m_mask.sum(-1))  # (c, k1+1)
         cand = torch.cat([f, members.flatten(1)], dim=1)
         mask = torch.cat([r, (m_mask & accept[..., None]).flatten(1)], dim=1)
-        keyed, unique = _unique_first(cand, mask, n)
-        cand_parts.append(keyed.clone())  # a copy: the slice would keep the block's every candidate alive
-        mask_parts.append(unique.clone())
-    width = max(1, max((int(u.sum(1).max()) for u in mask_parts if u.numel()), default=1))
-    cand = torch.cat(
-        [torch.nn.functional.pad(c[:, :width], (0, width - min(width, c.shape[1])), value=n) for c in cand_parts]
-    )
-    mask = cand < n
-    return cand, mask
+        parts.append(_unique_first(cand, mask, n))
+    width = max(p.shape[1] for p in parts)
+    cand = torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1]), value=n) for p in parts])
+    return cand, cand < n
 
 
-def _unique_first(cand: torch.Tensor, mask: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _unique_first(cand: torch.Tensor, mask: torch.Tensor, n: int) -> torch.Tensor:
     """Each row's masked indices once, ascending, first; the rest is the sentinel ``n``; cut to the widest row.
 
     Sort (masked-out entries to the sentinel), drop repeats, sort again: the widest set (~40 at k1 = 20) instead
-    of every candidate (k1 + 1)(kh + 1) is kept."""
+    of every candidate (k1 + 1)(kh + 1) is kept — as a copy, so that the block's every candidate is not."""
     keyed, _ = torch.where(mask, cand, n).sort(dim=1)
     repeat = torch.zeros_like(mask)
     repeat[:, 1:] = keyed[:, 1:] == keyed[:, :-1]
     keyed, _ = keyed.masked_fill(repeat, n).sort(dim=1)
-    unique = keyed < n
-    width = max(1, int(unique.sum(1).max())) if len(keyed) else 1
-    return keyed[:, :width], unique[:, :width]
+    width = max(1, int((keyed < n).sum(1).max())) if len(keyed) else 1
+    return keyed[:, :width].clone()
 
 
 def _weights(x, cand, mask, row_max, knn, knn_dist, chunk: int):
