@@ -133,13 +133,8 @@ def evaluate(
         _write_results(out, report, provenance)
         write_per_query(out / "per_query.csv", splits["query"], result.metrics.per_query)
         if visualize:
-            shown = splits
-            if aqe:  # the lists as evaluated: from the expanded features
-                from reidcli.retrieval.evaluate import resolve_device
-                from reidcli.retrieval.expansion import expand_splits
-
-                q, g = expand_splits(splits["query"], splits["gallery"], aqe_k, aqe_alpha, resolve_device(device))
-                shown = {"query": q, "gallery": g}
+            # the lists as evaluated: with --aqe, from the expanded features
+            shown = dict(zip(("query", "gallery"), result.expanded)) if result.expanded else splits
             _pictures(out, shown, images, visualize, top_k, cfg if rerank else None)
     if json_out:
         print_json(report)

@@ -82,6 +82,7 @@ class EvalOutput:
     seconds: float
     engine: str
     device: str
+    expanded: tuple[FeatureSplit, FeatureSplit] | None = None  # with --aqe: the query and gallery as evaluated
 
 
 def _tensors(s: FeatureSplit, dev: torch.device, half: bool = False):
@@ -228,7 +229,8 @@ def evaluate(query: FeatureSplit, gallery: FeatureSplit, cfg: EvalConfig, index=
             "no query has a matching gallery item from another camera; check that query and gallery "
             "come from the same dataset and that pids/camids are right"
         )
-    return EvalOutput(result, time.perf_counter() - t0, engine, str(dev))
+    seconds = time.perf_counter() - t0
+    return EvalOutput(result, seconds, engine, str(dev), (query, gallery) if cfg.aqe else None)
 
 
 def _faiss_ranks(query, gallery, cfg, index, tensors, chunk) -> tuple[list[QueryRanks], bool]:

@@ -43,3 +43,6 @@ def test_evaluation_with_aqe_equals_the_protocol_on_expanded_features(engine):
     assert abs(out.metrics.mAP - mAP) < 1e-5 and abs(out.metrics.mINP - mINP) < 1e-5
     np.testing.assert_allclose(out.metrics.cmc, cmc, atol=1e-6)
     assert out.metrics.mAP != pytest.approx(plain.metrics.mAP, abs=1e-3)  # the expansion changed something
+    # the splits as evaluated come back, for the ranked-list pictures (no second expansion); without --aqe, none
+    np.testing.assert_allclose(np.concatenate([s.feats for s in out.expanded]), x, atol=2e-6)
+    assert [s.pids.tolist() for s in out.expanded] == [qp.tolist(), gp.tolist()] and plain.expanded is None
