@@ -53,6 +53,13 @@ def read_per_query(path: str | Path) -> pd.DataFrame:
         path = path / "per_query.csv"
     if not path.is_file():
         raise FormatError(f"{path} not found; write it with 'reid evaluate FEATURES --out DIR' (DIR/per_query.csv)")
+    with path.open("rb") as f:
+        signature = f.read(8)
+    if signature == b"\x89HDF\r\n\x1a\n":  # a features (or dataset) file given instead
+        raise FormatError(
+            f"{path} is an HDF5 file, not an evaluation; evaluate it with 'reid evaluate {path} --out DIR' "
+            "and compare the DIR folders"
+        )
     try:
         table = pd.read_csv(path, keep_default_na=False, na_values={"first_hit_rank": [""], "AP": [""], "INP": [""]})
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:

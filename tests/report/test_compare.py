@@ -2,6 +2,7 @@
 
 import json
 
+import h5py
 import numpy as np
 import pandas as pd
 import pytest
@@ -92,6 +93,10 @@ def test_files_and_folders_are_read_and_bad_ones_refused(tmp_path):
     damaged.to_csv(tmp_path / "damaged.csv", index=False)
     with pytest.raises(FormatError, match="column AP holds 'abc' at query row 1, not a number"):
         read_per_query(tmp_path / "damaged.csv")
+    with h5py.File(tmp_path / "feats.h5", "w") as f:  # a features file where its evaluation belongs
+        f.attrs["format"] = "reidcli.features"
+    with pytest.raises(FormatError, match="is an HDF5 file, not an evaluation; evaluate it with 'reid evaluate"):
+        read_per_query(tmp_path / "feats.h5")
     r = run_cli("compare", str(tmp_path), str(tmp_path / "missing"))
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.strip().startswith(f"Error: {tmp_path / 'missing'} not found; write it with 'reid evaluate")
