@@ -187,10 +187,8 @@ def _print_summary(summary: list[dict], out: Path) -> None:
         )
     console.print(table)
     if "ΔmAP" in cols:
-        console.print(
-            f"ΔmAP: against {summary[0]['variant']}, with a 95% paired-bootstrap interval over the queries "
-            "(the seeds' spread is the ± std)"
-        )
+        over = "the seeds and the queries" if max(r.get("runs", 1) for r in summary) > 1 else "the queries"
+        console.print(f"ΔmAP: against {summary[0]['variant']}, with a 95% paired-bootstrap interval over {over}")
     console.print(f"tables: {out / 'results.csv'}, {out / 'results.md'}; pictures: {out / 'pictures'}")
 
 

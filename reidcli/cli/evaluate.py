@@ -134,7 +134,7 @@ def evaluate(
         write_per_query(out / "per_query.csv", splits["query"], result.metrics.per_query)
         if visualize:
             # the lists as evaluated: with --aqe, from the expanded features
-            shown = dict(zip(("query", "gallery"), result.expanded)) if result.expanded else splits
+            shown = dict(zip(("query", "gallery"), result.expanded, strict=True)) if result.expanded else splits
             _pictures(out, shown, images, visualize, top_k, cfg if rerank else None)
     if json_out:
         print_json(report)

@@ -197,8 +197,8 @@ def summarize_runs(rows: list[dict]) -> list[dict]:
 
 
 def _paired_deltas(summary: list[dict], rows: list[dict], resamples: int = 10_000) -> None:
-    """Each variant's mAP minus the first variant's, with a 95% paired-bootstrap interval over the queries (seeds
-    paired by number, each query's AP averaged over them), from the runs' ``per_query.csv``: ``ΔmAP``,
+    """Each variant's mAP minus the first variant's, with a 95% paired-bootstrap interval (seeds paired by number;
+    with several, the bootstrap draws seeds and then queries), from the runs' ``per_query.csv``: ``ΔmAP``,
     ``ΔmAP low``, ``ΔmAP high`` in the summary rows. Skipped for runs made before those files were written."""
     from reidcli.report.compare import compare_runs, read_per_query
 
@@ -258,7 +258,7 @@ def format_cell(row: dict, col: str) -> str:
     if col in ("mAP", "Rank-1", "Rank-5", "Rank-10", "mINP", "mAP shifted"):
         std = row.get(col + " std", 0.0)
         return f"{100 * v:.1f} ± {100 * std:.1f}" if row.get("runs", 1) > 1 else f"{100 * v:.1f}"
-    if col == "ΔmAP":  # against the first variant, with its 95% paired-bootstrap interval over queries
+    if col == "ΔmAP":  # against the first variant, with its 95% paired-bootstrap interval
         return f"{100 * v:+.1f} [{100 * row['ΔmAP low']:+.1f}, {100 * row['ΔmAP high']:+.1f}]"
     if col == "PE share":
         return f"{100 * v:.2f}%"

@@ -105,17 +105,19 @@ def compare(a: pd.DataFrame, b: pd.DataFrame, resamples: int = 10_000, seed: int
 
 
 def compare_runs(pairs: list[tuple[pd.DataFrame, pd.DataFrame]], resamples: int = 10_000, seed: int = 0) -> Comparison:
-    """:func:`compare` over several (A, B) pairs of the same queries, e.g. one per training seed: each query's
-    metrics are averaged over the pairs, then the queries are resampled (the interval covers the choice of queries,
-    not of seeds: the seeds' spread is the ablation's ± std)."""
+    """:func:`compare` over several (A, B) pairs of the same queries, one per training seed: the metrics are
+    averaged over the pairs. With two or more pairs the bootstrap is two-level (hierarchical): each resample draws
+    the seeds with replacement, then the queries, so that the interval covers the choice of training seeds as well
+    as of queries (a difference that one lucky seed makes does not come out as certain)."""
     if resamples < 100:
         raise FormatError(f"--resamples {resamples} is too few for a 95% interval; use at least 1000")
     metrics = [_paired_metrics(a, b) for a, b in pairs]
     if any(m[0].shape != metrics[0][0].shape for m in metrics):
         raise FormatError("the pairs hold different queries; compare evaluations of one query and gallery split")
     per = {name: np.mean([m[k] for m in metrics], axis=0) for k, name in enumerate(("A", "B"))}
-    diff = per["B"] - per["A"]
-    boot = _bootstrap_means(diff, resamples, seed)  # (resamples, 3)
+    diffs = np.stack([b - a for a, b in metrics])  # (seeds, 3 metrics, queries)
+    diff = diffs.mean(axis=0)
+    boot = _bootstrap_means(diffs, resamples, seed)  # (resamples, 3)
     rows = []
     for k, metric in enumerate(("mAP", "Rank-1", "mINP")):
         delta = float(diff[k].mean())
@@ -165,16 +167,23 @@ def _paired_metrics(a: pd.DataFrame, b: pd.DataFrame) -> tuple[np.ndarray, np.nd
     )
 
 
-def _bootstrap_means(diff: np.ndarray, resamples: int, seed: int, batch: int = 500) -> np.ndarray:
-    """(resamples, metrics) means of ``diff`` (metrics, n) over n queries drawn with replacement, drawn in batches
-    so memory stays at batch × n indices."""
+def _bootstrap_means(diffs: np.ndarray, resamples: int, seed: int, batch: int = 500) -> np.ndarray:
+    """(resamples, metrics) means of ``diffs`` (seeds, metrics, n): per resample the seeds are drawn with
+    replacement (only when there are several), then n queries with replacement (the same queries for every drawn
+    seed: they are one query set). Drawn in batches so memory stays at batch × n counts."""
     rng = np.random.default_rng(seed)
-    n = diff.shape[1]
-    out = np.empty((resamples, diff.shape[0]))
+    num_seeds, num_metrics, n = diffs.shape
+    out = np.empty((resamples, num_metrics))
+    flat = diffs.reshape(num_seeds * num_metrics, n).T  # (n, seeds · metrics): one product per batch
     for start in range(0, resamples, batch):
         m = min(batch, resamples - start)
         counts = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(m)])  # (m, n)
-        out[start : start + m] = counts @ diff.T / n
+        per_seed = (counts @ flat).reshape(m, num_seeds, num_metrics) / n  # (m, seeds, metrics)
+        if num_seeds == 1:
+            out[start : start + m] = per_seed[:, 0]
+            continue
+        drawn = np.stack([np.bincount(rng.integers(0, num_seeds, num_seeds), minlength=num_seeds) for _ in range(m)])
+        out[start : start + m] = np.einsum("rs,rsk->rk", drawn, per_seed) / num_seeds  # drawn seeds' mean
     return out
 
 

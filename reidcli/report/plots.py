@@ -119,8 +119,9 @@ def plot_rpe_bias(tables: np.ndarray, grid: tuple[int, int], path: str | Path, t
 
 def plot_ablation_summary(summary: list[dict], curves: dict[str, list[list[dict]]], path: str | Path) -> None:
     """An ablation in one picture: each variant's mAP and Rank-1 (± std over seeds), its ΔmAP against the first
-    variant with the 95% paired-bootstrap interval over queries, and every variant's training loss (mean over seeds)
-    on one axis, with the evaluation mAP during training when the runs recorded it (``--eval-every``)."""
+    variant with the 95% paired-bootstrap interval (over seeds and queries), and every variant's training loss
+    (mean over seeds) on one axis, with the evaluation mAP during training when the runs recorded it
+    (``--eval-every``)."""
     plt = _plt()
     labels = [r["variant"] for r in summary]
     y = np.arange(len(labels))[::-1]  # first variant on top
@@ -144,7 +145,8 @@ def plot_ablation_summary(summary: list[dict], curves: dict[str, list[list[dict]
     axes[1].axvline(0, color="grey", linewidth=1)
     axes[1].annotate("reference", (0, y[0]), ha="center", va="center", fontsize=7, color="grey")
     axes[1].set(yticks=y, yticklabels=[], ylim=(y.min() - 0.5, y.max() + 0.5), xlabel="mAP points")
-    axes[1].set_title(f"ΔmAP vs {labels[0]} (95% paired bootstrap over queries)", fontsize=9)
+    over = "seeds and queries" if max(r.get("runs", 1) for r in summary) > 1 else "queries"
+    axes[1].set_title(f"ΔmAP vs {labels[0]} (95% paired bootstrap over {over})", fontsize=9)
     for label in labels:
         _mean_curve(axes[2], curves.get(label, []), "loss", label)
         if with_eval:

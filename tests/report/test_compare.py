@@ -137,3 +137,23 @@ def test_several_evaluations_are_each_compared_with_the_first(tmp_path):
     assert table.returncode == 0 and "Holm-adjusted for 3 comparisons" in table.stdout
     one = run_cli("compare", folders[0])
     assert one.returncode == 1 and "give at least two evaluations" in one.stderr
+
+
+def test_several_seeds_widen_the_interval_by_their_disagreement():
+    """Seed 0 gains 0.2 AP on every query and seed 1 nothing: averaged, +0.1 on every query, which a bootstrap
+    over queries alone calls certain. Drawing the seeds too covers both: the interval spans ~0 to ~0.2."""
+    from reidcli.report.compare import compare_runs
+
+    rng = np.random.default_rng(5)
+    ap = rng.uniform(0.2, 0.7, 400)
+    jitter = 0.01 * rng.standard_normal(400)
+    a = _table(ap, np.ones(400))
+    seed0, seed1 = _table(ap + 0.2 + jitter, np.ones(400)), _table(ap + jitter, np.ones(400))
+    two = compare_runs([(a, seed0), (a, seed1)], resamples=4000).rows[0]
+    assert two["delta"] == pytest.approx(0.1, abs=2e-3)
+    assert two["low"] < 0.01 and two["high"] > 0.19 and two["p"] > 0.05
+    # the same seeds agreeing: the interval is as narrow as one run's over queries
+    agree = compare_runs([(a, seed0), (a, seed0)], resamples=4000).rows[0]
+    one = compare(a, seed0, resamples=4000).rows[0]
+    assert agree["high"] - agree["low"] == pytest.approx(one["high"] - one["low"], rel=0.15)
+    assert agree["high"] - agree["low"] < 0.01 and agree["p"] < 1e-3
