@@ -138,10 +138,15 @@ def _transposed_operands_ok() -> bool:
 
 
 def _weight_grad(grad2: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
-    """``grad2ᵀ @ x2`` for (tokens, out) and (tokens, in) float32 CPU tensors."""
-    if _transposed_operands_ok():
-        return torch.ops.mkldnn._linear_pointwise(grad2.t(), x2.t(), None, "none", [None], "")
-    return grad2.t() @ x2
+    """``grad2ᵀ @ x2`` for (tokens, out) and (tokens, in) float32 CPU tensors. oneDNN's operator runs fastest with
+    the wider side as its output columns: a layer that widens (out > in: qkv, fc1) gets ``(x2ᵀ @ grad2)ᵀ`` and one
+    transposed copy (1.2–1.6× for ViT-Tiny/Small shapes on the test machine's cores, the copy included)."""
+    op = torch.ops.mkldnn._linear_pointwise
+    if not _transposed_operands_ok():
+        return grad2.t() @ x2
+    if grad2.shape[1] > x2.shape[1]:
+        return op(x2.t(), grad2.t(), None, "none", [None], "").t().contiguous()
+    return op(grad2.t(), x2.t(), None, "none", [None], "")
 
 
 class _LinearFn(torch.autograd.Function):

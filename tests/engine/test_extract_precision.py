@@ -128,6 +128,7 @@ def test_model_linear_layers_run_through_onednn_on_the_cpu_with_the_same_outputs
     assert len(fast_grads) == len(ref_grads) >= 3 * len(linears)  # the linears' weights and biases among them
     for a, b in zip(fast_grads, ref_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        assert a.is_contiguous()  # the widening layers' weight gradients are computed transposed, then copied
     images = np.random.default_rng(3).integers(0, 256, (4, 32, 16, 3), dtype=np.uint8)
     assert np.isfinite(embed_images(model, images, torch.device("cpu"), batch=2)).all()
 
