@@ -2,7 +2,7 @@
 # Small from-scratch models keep a large shared component in the CLS feature before the BNNeck (cosines ≈ 0.999),
 # so the demo retrieves with the feature after it (--neck-feat after), as in Luo et al.'s BNNeck paper.
 # The main job on embedded synthetic data: generate → prepare → ablate (ape, rpe, both: train → extract → evaluate)
-# → extract → FAISS index → evaluate with ranked-list pictures → compare two variants. About 2.5 minutes on 2 CPU cores.
+# → extract → FAISS index → evaluate with ranked-list pictures → search the index with an image → compare two variants. About 2.5 minutes on 2 CPU cores.
 set -euo pipefail
 OUT=${1:-demo}
 REID=${REID:-.venv/bin/reid}
@@ -21,6 +21,9 @@ RUN=$(ls -d "$OUT"/ablation/runs/ape__*)
 $REID extract --run "$RUN" --data "$OUT/synthetic.h5" --out "$OUT/features.h5"
 $REID index "$OUT/features.h5" --out "$OUT/gallery.faiss"
 $REID evaluate "$OUT/features.h5" --index "$OUT/gallery.faiss" --out "$OUT/eval" --visualize 6
+
+echo "== 3b. a new image searched in the saved index (here one of the query JPEGs, as a user would pass a crop)"
+$REID search "$(ls "$OUT"/synthetic/query/*.jpg | head -1)" --index "$OUT/gallery.faiss" --top-k 5 --out "$OUT/search"
 
 echo "== 4. is 'both' really different from 'ape'? a paired bootstrap over the queries"
 $REID evaluate "$(ls -d "$OUT"/ablation/runs/both__*)/features.h5" --out "$OUT/eval_both" >/dev/null

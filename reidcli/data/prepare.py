@@ -51,10 +51,14 @@ class PrepareResult:
     skipped: list[str]  # unreadable images left out (only with skip_bad)
 
 
-def decode_image(data: bytes, size: tuple[int, int], name: str) -> np.ndarray:
-    """Any PIL-readable image (JPEG, PNG, grayscale, CMYK…) → RGB uint8 ``(H, W, 3)``, bicubic-resized."""
+SKIP_BAD = "restore it, or pass --skip-bad to leave it out"
+
+
+def decode_image(data: bytes, size: tuple[int, int], name: str, fix: str = SKIP_BAD) -> np.ndarray:
+    """Any PIL-readable image (JPEG, PNG, grayscale, CMYK…) → RGB uint8 ``(H, W, 3)``, bicubic-resized. ``fix``: what
+    the error message tells the user to do about an unreadable image."""
     if not data:
-        raise DataError(f"image {name} is empty (0 bytes); restore it, or pass --skip-bad to leave it out")
+        raise DataError(f"image {name} is empty (0 bytes); {fix}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -63,8 +67,10 @@ def decode_image(data: bytes, size: tuple[int, int], name: str) -> np.ndarray:
             if im.size != (size[1], size[0]):
                 im = im.resize((size[1], size[0]), Image.Resampling.BICUBIC)
             return np.asarray(im, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise DataError(f"image {name} cannot be decoded ({e}); restore it, or pass --skip-bad to leave it out") from e
+    except UnidentifiedImageError as e:  # PIL's own text names an in-memory buffer, not the file
+        raise DataError(f"image {name} cannot be decoded (not in an image format PIL reads); {fix}") from e
+    except (OSError, ValueError, SyntaxError) as e:
+        raise DataError(f"image {name} cannot be decoded ({e}); {fix}") from e
 
 
 def _decode_all(

@@ -50,25 +50,33 @@ def plot_training_curves(metrics: list[dict], path: str | Path, title: str = "")
 
 
 def plot_ranked_lists(
-    q_images: np.ndarray, g_images: np.ndarray, status: np.ndarray, path: str | Path, title: str = ""
+    q_images: np.ndarray,
+    g_images: np.ndarray,
+    status: np.ndarray,
+    path: str | Path,
+    title: str = "",
+    labels: np.ndarray | None = None,
+    query_labels: list[str] | None = None,
 ) -> None:
     """One row per query: the query (``q_images`` (Q, H, W, 3)), then its top-k gallery images (``g_images``
-    (Q, k, H, W, 3)) with green (match), red (wrong) or grey (junk, same identity and camera, ignored by the protocol)
-    borders."""
+    (Q, k, H, W, 3)) with green (match), red (wrong), grey (junk, same identity and camera, ignored by the protocol)
+    or blue (identity of the query unknown: ``reid search``) borders. ``labels`` (Q, k) and ``query_labels`` replace
+    the rank numbers and "query" over the images."""
     plt = _plt()
     nq, k = status.shape
-    fig, axes = plt.subplots(nq, k + 1, figsize=(1.0 * (k + 1), 2.1 * nq), squeeze=False)
-    colours = {1: (0.1, 0.7, 0.1), 0: (0.85, 0.1, 0.1), -1: (0.6, 0.6, 0.6)}
+    tall = 2.1 + 0.25 * (labels is not None)
+    fig, axes = plt.subplots(nq, k + 1, figsize=(1.0 * (k + 1), tall * nq), squeeze=False)
+    colours = {1: (0.1, 0.7, 0.1), 0: (0.85, 0.1, 0.1), -1: (0.6, 0.6, 0.6), 2: (0.15, 0.35, 0.8)}
     for r in range(nq):
         axes[r, 0].imshow(q_images[r])
-        axes[r, 0].set_title("query", fontsize=7)
+        axes[r, 0].set_title(query_labels[r] if query_labels else "query", fontsize=7)
         for c in range(k):
             ax = axes[r, c + 1]
             img = g_images[r, c].astype(np.float32)
             if status[r, c] == -1:
                 img = img * 0.4 + 150
             ax.imshow(img.clip(0, 255).astype(np.uint8))
-            ax.set_title(str(c + 1), fontsize=7)
+            ax.set_title(str(labels[r, c]) if labels is not None else str(c + 1), fontsize=7)
             for s in ax.spines.values():
                 s.set(color=colours[int(status[r, c])], linewidth=3)
         for ax in axes[r]:

@@ -12,7 +12,7 @@ from reidcli.report.plots import plot_ranked_lists
 from reidcli.retrieval.evaluate import ranked_lists
 from reidcli.retrieval.features import FeatureSplit
 
-__all__ = ["write_ranked_lists", "list_status"]
+__all__ = ["write_ranked_lists", "list_status", "pages"]
 
 
 def list_status(lists: np.ndarray, query: FeatureSplit, gallery: FeatureSplit, rows: np.ndarray) -> np.ndarray:
@@ -23,6 +23,22 @@ def list_status(lists: np.ndarray, query: FeatureSplit, gallery: FeatureSplit, r
 
 
 QUERIES_PER_PAGE = 16  # rows of one picture; more queries go to numbered pages
+
+
+def pages(path: Path, rows: int) -> list[tuple[Path, slice, str]]:
+    """(picture, its rows, title suffix) for ``rows`` query rows: ``path`` alone up to :data:`QUERIES_PER_PAGE`
+    rows, else ``<stem>_01.png``, ``<stem>_02.png``, …"""
+    starts = range(0, rows, QUERIES_PER_PAGE)
+    if len(starts) <= 1:
+        return [(path, slice(0, rows), "")]
+    return [
+        (
+            path.with_name(f"{path.stem}_{n:02d}{path.suffix}"),
+            slice(s, s + QUERIES_PER_PAGE),
+            f" (page {n}/{len(starts)})",
+        )
+        for n, s in enumerate(starts, 1)
+    ]
 
 
 def write_ranked_lists(
@@ -42,14 +58,10 @@ def write_ranked_lists(
         lists = ranked_lists(FeatureSplit(query.feats[rows], query.pids[rows], query.camids[rows]), gallery, top_k)
     status = list_status(lists, query, gallery, rows)
     title = f"top-{top_k} of {len(rows)} queries" + (" after k-reciprocal re-ranking" if rerank is not None else "")
-    pages = range(0, len(rows), QUERIES_PER_PAGE)
     written = []
-    for number, start in enumerate(pages, 1):
-        part = slice(start, start + QUERIES_PER_PAGE)
-        name = path if len(pages) == 1 else path.with_name(f"{path.stem}_{number:02d}{path.suffix}")
+    for name, part, page in pages(path, len(rows)):
         q_img = read_images(data, "query", rows[part])
         g_img = read_images(data, "gallery", lists[part])  # (queries, top_k, H, W, 3)
-        page = f" (page {number}/{len(pages)})" if len(pages) > 1 else ""
         plot_ranked_lists(q_img, g_img, status[part], name, title=title + page)
         written.append(name)
     return written

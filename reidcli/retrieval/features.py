@@ -36,6 +36,7 @@ def write_features(path: str | Path, splits: dict[str, FeatureSplit], provenance
         h5.attrs["format"] = FEATURES_FORMAT
         h5.attrs["version"] = FEATURES_VERSION
         for k, v in (provenance or {}).items():
+            v = v.item() if isinstance(v, np.generic) else v  # e.g. attributes read back from another file
             h5.attrs[k] = v if isinstance(v, (str, int, float)) else json.dumps(v)
         for name, s in splits.items():
             g = h5.create_group(name)

@@ -19,6 +19,7 @@ __all__ = [
     "build_index",
     "save_index",
     "load_index",
+    "check_index_features",
     "search",
     "features_digest",
     "flat_vectors",
@@ -200,14 +201,19 @@ def load_index(path: str | Path, feats: np.ndarray | None = None, pids: np.ndarr
     except (RuntimeError, ValueError) as e:
         raise FormatError(f"{path} is not a readable FAISS index ({e}); rebuild it with 'reid index'") from e
     if feats is not None:
-        if index.ntotal != len(feats) or index.d != feats.shape[1]:
-            raise FormatError(
-                f"index {path} holds {index.ntotal}×{index.d} vectors but the gallery is "
-                f"{len(feats)}×{feats.shape[1]}; rebuild it with 'reid index' on these features"
-            )
-        if pids is not None and meta.get("digest") != features_digest(feats, pids):
-            raise FormatError(f"index {path} was built from other features than these; rebuild it with 'reid index'")
+        check_index_features(path, index, meta, feats, pids)
     return index, meta
+
+
+def check_index_features(path, index, meta: dict, feats: np.ndarray, pids: np.ndarray | None = None) -> None:
+    """That the index at ``path`` (with its ``meta``) was built from these features (and pids)."""
+    if index.ntotal != len(feats) or index.d != feats.shape[1]:
+        raise FormatError(
+            f"index {path} holds {index.ntotal}×{index.d} vectors but the gallery is "
+            f"{len(feats)}×{feats.shape[1]}; rebuild it with 'reid index' on these features"
+        )
+    if pids is not None and meta.get("digest") != features_digest(feats, pids):
+        raise FormatError(f"index {path} was built from other features than these; rebuild it with 'reid index'")
 
 
 def index_meta(cfg: IndexConfig, features_path: str, split: str, feats: np.ndarray, pids: np.ndarray) -> dict:

@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import TINY_MODEL, run_cli
 
-COMMANDS = ("prepare", "train", "extract", "index", "evaluate", "compare", "ablate", "plot", "doctor")
+COMMANDS = ("prepare", "train", "extract", "index", "search", "evaluate", "compare", "ablate", "plot", "doctor")
 
 
 def test_help_lists_commands_without_importing_torch():
