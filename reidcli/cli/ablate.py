@@ -34,6 +34,8 @@ from reidcli.cli.options import (
     PresetOpt,
     RpFormOpt,
     RpWeightOpt,
+    SieOpt,
+    SieWeightOpt,
     StrideOpt,
     TopNOpt,
     TrainPrecisionOpt,
@@ -75,6 +77,8 @@ def ablate(
     label_smoothing: LabelSmoothingOpt = 0.0,
     margin: MarginOpt = None,
     neck_feat: NeckFeatOpt = "before",
+    sie: SieOpt = False,
+    sie_weight: SieWeightOpt = 3.0,
     init: Annotated[Path | None, typer.Option(help="timm-format ViT weights every run starts from.")] = None,
     perturb: Annotated[float, typer.Option(help="Query misalignment for the robustness column (0: off).")] = 0.1,
     device: DeviceOpt = "auto",
@@ -97,7 +101,7 @@ def ablate(
 
       reid ablate --data demo/synthetic.h5 --out demo/ablation --preset vit_tiny --dim 96 --depth 4 --epochs 8 --dry-run
     """
-    from reidcli.cli.train import check_image_size, dataset_image_size, loss_options, model_options
+    from reidcli.cli.train import check_image_size, dataset_image_size, loss_options, model_options, sie_cameras
     from reidcli.engine.train import TrainConfig
     from reidcli.errors import ConfigError
     from reidcli.report.ablate import AblationConfig, plan, run_ablation
@@ -111,8 +115,10 @@ def ablate(
     size = parse_size(image_size) if image_size else dataset_image_size(data)
     if image_size:
         check_image_size(size, data)
+    cameras = sie_cameras(ctx, sie, data)
+    first = pes[0] if pes else "ape"
     mcfg = model_options(
-        pes[0] if pes else "ape", preset, dim, depth, heads, patch_size, stride, size, drop_path, neck_feat
+        first, preset, dim, depth, heads, patch_size, stride, size, drop_path, neck_feat, cameras, sie_weight
     )
     template = TrainConfig(
         data=str(data),

@@ -123,7 +123,7 @@ def _check_run(run: Path, data: Path | None) -> list[tuple[str, str, str]]:
     state = "finished" if files.weights.is_file() else "in progress (checkpoint only)"
     rows = [("run", "ok", f"{run}: {config['model']['pe']} ViT, {state}, weights from {source.name}")]
     if data is not None:
-        attrs, splits = read_dataset(data, ("train",), images=False)
+        attrs, splits = read_dataset(data, images=False)
         size = tuple(attrs["image_size"])
         ids = len(set(splits["train"].pids.tolist()))
         ok = size == tuple(model.cfg.image_size) and ids == model.cfg.num_classes
@@ -131,6 +131,10 @@ def _check_run(run: Path, data: Path | None) -> list[tuple[str, str, str]]:
             f"dataset {size[0]}x{size[1]} with {ids} train ids; model {model.cfg.image_size[0]}x"
             f"{model.cfg.image_size[1]} with {model.cfg.num_classes} classes"
         )
+        if model.uses_cameras:  # every camera of the dataset needs its embedding
+            cameras = 1 + max(int(s.camids.max()) for s in splits.values() if len(s))
+            ok = ok and cameras <= model.cfg.sie_cameras
+            detail += f"; dataset cameras {cameras}, model's camera embeddings (SIE) {model.cfg.sie_cameras}"
         rows.append(("run ↔ dataset", "ok" if ok else "FAIL", detail))
     return rows
 

@@ -51,6 +51,15 @@ RpWeightOpt = Annotated[float, typer.Option(help="rp-triplet weight.")]
 PatchWeightOpt = Annotated[float, typer.Option(help="patch-triplet weight.")]
 EvalEveryOpt = Annotated[int, typer.Option(help="Evaluate on query/gallery every N epochs (0: never).")]
 CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile the model.")]
+SieOpt = Annotated[
+    bool,
+    typer.Option(
+        "--sie/--no-sie",
+        help="TransReID's side-information embedding: a learnable vector per camera of the dataset, added to every "
+        "token (extraction then uses each image's camera too).",
+    ),
+]
+SieWeightOpt = Annotated[float, typer.Option(help="SIE coefficient (TransReID's 3).")]
 CudaGraphOpt = Annotated[
     bool,
     typer.Option(

@@ -22,6 +22,9 @@ def search(
         Path | None, typer.Option(help="Run whose weights extracted the gallery (default: the one recorded).")
     ] = None,
     top_k: Annotated[int, typer.Option(help="Gallery images per query.")] = 10,
+    camid: Annotated[
+        int | None, typer.Option(help="Camera of the query images (0-based), for a model trained with --sie.")
+    ] = None,
     device: DeviceOpt = "auto",
     precision: Annotated[
         str, typer.Option(help="Query forward: auto (GPU fp16, CPU fp32), fp16, bf16 or fp32.")
@@ -49,7 +52,7 @@ def search(
     if out is not None:
         check_out_folder(out)
     images_from = (data or True) if out is not None else None
-    result = search_images(index, images, features, run, top_k, device, precision, images_from=images_from)
+    result = search_images(index, images, features, run, top_k, device, precision, images_from=images_from, camid=camid)
     if not result.checked:
         err.print(f"notice: {result.features} records no weights' SHA-256: the queries' model could not be checked")
     pictures = _write(out, result) if out is not None else []

@@ -34,6 +34,8 @@ from reidcli.cli.options import (
     PresetOpt,
     RpFormOpt,
     RpWeightOpt,
+    SieOpt,
+    SieWeightOpt,
     StrideOpt,
     TopNOpt,
     TrainPrecisionOpt,
@@ -62,6 +64,8 @@ def model_options(
     image_size: tuple[int, int],
     drop_path: float,
     neck_feat: str,
+    sie_cameras: int = 0,
+    sie_weight: float = 3.0,
 ):
     from reidcli.model.vit import ModelConfig
 
@@ -76,7 +80,18 @@ def model_options(
         heads=base.heads if heads is None else heads,
         drop_path=drop_path,
         neck_feat=neck_feat,
+        sie_cameras=sie_cameras,
+        sie_weight=sie_weight,
     ).validate()
+
+
+def sie_cameras(ctx: typer.Context, sie: bool, data: Path) -> int:
+    """The camera embeddings ``--sie`` asks for (the dataset's camera count), 0 without it; ``--sie-weight``
+    without ``--sie`` is refused."""
+    from reidcli.data.store import dataset_cameras
+
+    refuse_unused(ctx, ("sie_weight",), sie, "--sie", "add --sie")
+    return dataset_cameras(data) if sie else 0
 
 
 def loss_options(spec: str, label_smoothing, margin, top_n, rp_form, rp_weight, patch_weight):
@@ -143,6 +158,8 @@ def train(
     rp_weight: RpWeightOpt = 1.0,
     patch_weight: PatchWeightOpt = 1.0,
     neck_feat: NeckFeatOpt = "before",
+    sie: SieOpt = False,
+    sie_weight: SieWeightOpt = 3.0,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     device: DeviceOpt = "auto",
     precision: TrainPrecisionOpt = "auto",
@@ -190,7 +207,10 @@ def train(
     size = parse_size(image_size) if image_size else dataset_image_size(data)
     if image_size and not print_model:
         check_image_size(size, data)
-    mcfg = model_options(pe, preset, dim, depth, heads, patch_size, stride, size, drop_path, neck_feat)
+    cameras = sie_cameras(ctx, sie, data)
+    mcfg = model_options(
+        pe, preset, dim, depth, heads, patch_size, stride, size, drop_path, neck_feat, cameras, sie_weight
+    )
     if print_model:
         _print_model(mcfg, json_out)
         return
@@ -231,7 +251,9 @@ def _report(result, out: Path, json_out: bool) -> None:
 
 
 # Command-line options → fields of the saved config they set (for --resume).
-_MODEL_OPTIONS = {o: o for o in ("pe", "dim", "depth", "heads", "patch_size", "stride", "drop_path", "neck_feat")}
+_MODEL_OPTIONS = {
+    o: o for o in ("pe", "dim", "depth", "heads", "patch_size", "stride", "drop_path", "neck_feat", "sie_weight")
+}
 _LOSS_OPTIONS = {"loss": "spec"} | {
     o: o for o in ("label_smoothing", "margin", "top_n", "rp_form", "rp_weight", "patch_weight")
 }
@@ -273,6 +295,10 @@ def resumed_config(out: Path, given: dict):
         model = {"dim": base.dim, "depth": base.depth, "heads": base.heads, **model}
     if "image_size" in given:
         model["image_size"] = parse_size(given["image_size"])
+    if "sie" in given:  # compared as the camera count it resolves to
+        from reidcli.data.store import dataset_cameras
+
+        model["sie_cameras"] = dataset_cameras(given.get("data") or saved.data) if given["sie"] else 0
     loss = {f: given[o] for o, f in _LOSS_OPTIONS.items() if o in given}
     run = {f: given[o] for o, f in _RUN_OPTIONS.items() if o in given}
     run |= {f: str(run[f]) for f in ("data", "init") if run.get(f) is not None}
@@ -313,6 +339,8 @@ def _print_model(mcfg, json_out: bool) -> None:
         ("APE", report["ape"], f"{report['ape'] / report['total']:.3%}"),
         ("RPE", report["rpe"], f"{report['rpe'] / report['total']:.3%}"),
     ]
+    if "sie" in report:
+        rows.append((f"SIE ({mcfg.sie_cameras} cameras)", report["sie"], f"{report['sie'] / report['total']:.3%}"))
     print_table(
         f"{mcfg.pe} ViT, {mcfg.depth}×{mcfg.dim}, {mcfg.heads} heads, grid {report['grid']}",
         ["parameters", "count", "share"],

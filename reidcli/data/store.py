@@ -22,6 +22,7 @@ __all__ = [
     "read_images",
     "open_splits",
     "dataset_summary",
+    "dataset_cameras",
 ]
 
 DATASET_FORMAT = "reidcli.dataset"
@@ -165,3 +166,10 @@ def dataset_summary(splits: dict[str, DatasetSplit]) -> list[dict]:
         {"split": s, "images": len(d), "ids": int(len(np.unique(d.pids))), "cameras": int(len(np.unique(d.camids)))}
         for s, d in splits.items()
     ]
+
+
+def dataset_cameras(path: str | Path) -> int:
+    """The number of camera ids of a dataset file (1 + the largest 0-based id over its splits): how many camera
+    embeddings a model with SIE trained on it gets."""
+    _, parts = read_dataset(path, images=False)
+    return 1 + max(int(p.camids.max()) for p in parts.values() if len(p))

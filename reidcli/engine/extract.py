@@ -18,6 +18,7 @@ from reidcli.data.store import open_splits
 from reidcli.engine.checkpoint import RunFiles, load_run_model
 from reidcli.errors import ConfigError
 from reidcli.fileio import sha256_file
+from reidcli.model.vit import check_cameras
 from reidcli.retrieval.evaluate import resolve_device
 from reidcli.retrieval.features import FeatureSplit, write_features
 
@@ -84,13 +85,13 @@ class _Embed:
         self.fn, self.autocast, self.graph = fn, autocast, graph
         self.graphs: dict[tuple, tuple] = {}
 
-    def eager(self, x: torch.Tensor, flip: bool) -> torch.Tensor:
+    def eager(self, x: torch.Tensor, flip: bool, cams: torch.Tensor | None = None) -> torch.Tensor:
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.autocast, cache_enabled=False):
-            return self.fn(x, flip=flip)
+            return self.fn(x, flip=flip) if cams is None else self.fn(x, flip=flip, camids=cams)
 
-    def __call__(self, x: torch.Tensor, flip: bool) -> torch.Tensor:
-        if not self.graph:
-            return self.eager(x, flip)
+    def __call__(self, x: torch.Tensor, flip: bool, cams: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.graph or cams is not None:  # a camera-embedding model (SIE) runs eagerly
+            return self.eager(x, flip, cams)
         key = (tuple(x.shape), x.dtype, flip)
         if key not in self.graphs:
             self.graphs[key] = self._capture(x, flip)
@@ -172,6 +173,7 @@ def embed_images(
     precision: str = "auto",
     compile_: bool = False,
     cuda_graph: bool = True,
+    camids: np.ndarray | None = None,
 ) -> np.ndarray:
     """uint8 (N, H, W, 3) → float32 (N, D) L2-normalised features, row i for image i.
 
@@ -180,18 +182,30 @@ def embed_images(
     the end. ``precision`` (see ``resolve_precision``): on CUDA fp16 weights and activations (the default: fastest,
     and within 1e-5 of fp32 in cosine on an H200, where bf16 autocast was 6e-5; rows that overflow are redone in
     fp32); on the CPU fp32 (the default) or bf16 autocast. ``compile_``: torch.compile the forward; ``cuda_graph``
-    (CUDA): each batch one graph replay. Both pad every batch to the same size, so they build once.
+    (CUDA): each batch one graph replay. Both pad every batch to the same size, so they build once. ``camids``
+    (N,): each image's camera, which a model with camera embeddings (SIE) needs (it then runs without the graph)
+    and any other ignores.
     """
     precision = resolve_precision(precision, device)
     model.eval()
     cuda = device.type == "cuda"
-    graph = cuda_graph and cuda
+    cams_all = None
+    if model.uses_cameras:
+        if camids is None:
+            raise ConfigError("this model embeds each image's camera (SIE): the images' camera ids are needed")
+        check_cameras(model.cfg, camids, "these images")
+        cams_all = torch.as_tensor(np.asarray(camids, dtype=np.int64))
+    graph = cuda_graph and cuda and cams_all is None
     embed, dtype = _inference_forward(model, device, precision, compile_, graph)
     out = []
     pad = compile_ or graph
     for i, chunk, n in _staged_batches(images, batch, pad, torch.Tensor.pin_memory if cuda else None):
         x = normalize_batch(chunk.to(device, non_blocking=True) if cuda else chunk, dtype)
-        out.append(embed(x, flip)[:n].float())
+        cams = None
+        if cams_all is not None:
+            cams = cams_all[i : i + n]
+            cams = torch.cat([cams, cams.new_zeros(len(x) - n)]).to(device)  # padded rows: any camera
+        out.append(embed(x, flip, cams)[:n].float())
         if on_batch:
             on_batch(min(i + batch, len(images)))
     if not out:
@@ -200,8 +214,11 @@ def embed_images(
     if precision == "fp16" and cuda:  # half precision overflowed somewhere (huge activations): redo those in fp32
         bad = (~torch.isfinite(feats).all(1)).nonzero()[:, 0].cpu().numpy()
         if len(bad):
+            redo = None if camids is None else np.asarray(camids)[bad]
             feats[torch.from_numpy(bad).to(device)] = torch.from_numpy(
-                embed_images(model, images[bad], device, batch, flip, precision="fp32", cuda_graph=cuda_graph)
+                embed_images(
+                    model, images[bad], device, batch, flip, precision="fp32", cuda_graph=cuda_graph, camids=redo
+                )
             ).to(device)
     return feats.cpu().numpy()
 
@@ -252,9 +269,11 @@ def embed_dataset(
                 f"the dataset images are {size[0]}x{size[1]} but the model was trained on "
                 f"{model.cfg.image_size[0]}x{model.cfg.image_size[1]}; prepare the data at that size"
             )
+        for s, p in parts.items():  # before any image is embedded
+            check_cameras(model.cfg, p.camids, f"{data}'s {s} split")
         return {
             s: FeatureSplit(
-                embed_images(model, p.images, device, batch, flip, on_batch, precision, compile_, cuda_graph),
+                embed_images(model, p.images, device, batch, flip, on_batch, precision, compile_, cuda_graph, p.camids),
                 p.pids,
                 p.camids,
                 p.paths,

@@ -29,7 +29,7 @@ from reidcli.engine.checkpoint import (
 from reidcli.engine.distributed import DistInfo, all_reduce_sum, barrier, setup_distributed, teardown_distributed
 from reidcli.errors import ConfigError, FormatError, TrainingError
 from reidcli.losses.combined import LossConfig, compute_losses
-from reidcli.model.vit import ModelConfig, ViTReID, parameter_report
+from reidcli.model.vit import ModelConfig, ViTReID, check_cameras, parameter_report
 from reidcli.retrieval.evaluate import resolve_device
 
 __all__ = [
@@ -194,7 +194,9 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def _flag(key: str) -> str:
-    name = {"loss.spec": "loss", "model.image_size": "image-size"}.get(key, key.split(".", 1)[-1])
+    name = {"loss.spec": "loss", "model.image_size": "image-size", "model.sie_cameras": "sie (cameras)"}.get(
+        key, key.split(".", 1)[-1]
+    )
     return name.replace("_", "-")
 
 
@@ -288,7 +290,7 @@ def _report_init(source: str, keys: dict[str, list[str]]) -> None:
             source,
             ", ".join(unused[:2]),
         )
-    tables = [k for k in keys["missing"] if k.startswith(("pos.", "rel_pos."))]
+    tables = [k for k in keys["missing"] if k.startswith(("pos.", "rel_pos.", "sie_embed"))]
     log.info(
         "initial weights from %s: %d position tensors not in them (start fresh: %s), %d of theirs unused",
         source,
@@ -387,7 +389,8 @@ def train(
         write_json_atomic(files.config, {**cfg.to_dict(), "model": model_dict, **extra})
     images = torch.from_numpy(train_split.images).to(device)  # uint8 (N, H, W, 3), resident for the whole run
     targets = torch.from_numpy(labels).to(device)
-    runner = _StepRunner(state, cfg, device, images, targets)
+    cams = torch.from_numpy(train_split.camids).to(device) if state.model.uses_cameras else None
+    runner = _StepRunner(state, cfg, device, images, targets, cams)
     plotted = time.monotonic()
     while state.epoch < cfg.epochs:
         row = _run_epoch(state, cfg, sampler, runner, on_step)
@@ -439,6 +442,8 @@ def _train_split(cfg: TrainConfig):
             f"the dataset images are {size[0]}x{size[1]} but the model expects {h}x{w}; train at the dataset's size "
             f"(leave --image-size out) or prepare the dataset at {h}x{w} ('reid prepare --image-size {h}x{w}')"
         )
+    if cfg.model.sie_cameras:
+        check_cameras(cfg.model, splits["train"].camids, f"{cfg.data}'s train split")
     return attrs, splits["train"]
 
 
@@ -452,11 +457,13 @@ def _make_step(state: _State, cfg: TrainConfig, device: torch.device):
     autocast = train_precision(cfg.precision, device) == "bf16"
     params = [p for p in state.model.parameters() if p.requires_grad]
 
-    def step(x: torch.Tensor, y: torch.Tensor, epoch: float | torch.Tensor) -> tuple[dict, torch.Tensor, dict]:
+    def step(
+        x: torch.Tensor, y: torch.Tensor, epoch: float | torch.Tensor, cams: torch.Tensor | None = None
+    ) -> tuple[dict, torch.Tensor, dict]:
         stats: dict[str, torch.Tensor] = {}
         # no autocast weight cache: cached casts would be stale tensors inside a captured CUDA graph
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast, cache_enabled=False):
-            out = model(x)
+            out = model(x) if cams is None else model(x, cams)
             comps = compute_losses(state.model, out, y, cfg.loss, epoch, stats)
         loss = sum(comps.values())
         state.opt.zero_grad(set_to_none=True)
@@ -512,9 +519,10 @@ class _StepRunner:
     same as without the graph; a failed capture falls back to eager steps with a warning.
     """
 
-    def __init__(self, state: _State, cfg: TrainConfig, device: torch.device, images, targets):
+    def __init__(self, state: _State, cfg: TrainConfig, device: torch.device, images, targets, cams=None):
         self.state, self.cfg, self.device = state, cfg, device
         self.images, self.targets = images, targets
+        self.cams = cams  # each image's camera, for a model with camera embeddings (SIE); else None
         self.step_fn = _make_step(state, cfg, device)
         self.sums = _Sums(device)
         self.use_graph = cfg.cuda_graph and device.type == "cuda" and not state.dist.enabled
@@ -522,7 +530,8 @@ class _StepRunner:
 
     def _body(self, idx: torch.Tensor, r: torch.Tensor, epoch) -> None:
         x = augment_batch(self.images[idx], self.cfg.augment, r=r)
-        comps, grad_norm, stats = self.step_fn(x, self.targets[idx], epoch)
+        cams = None if self.cams is None else self.cams[idx]
+        comps, grad_norm, stats = self.step_fn(x, self.targets[idx], epoch, cams)
         self.sums.add(comps, stats, grad_norm)
 
     def __call__(self, idx: torch.Tensor, r: torch.Tensor, lr: float, epoch: float) -> None:

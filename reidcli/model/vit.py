@@ -24,6 +24,7 @@ __all__ = [
     "build_model",
     "parameter_report",
     "flop_report",
+    "check_cameras",
 ]
 
 PE_CHOICES = ("none", "ape", "sincos", "rpe", "both")
@@ -47,6 +48,8 @@ class ModelConfig:
     drop_path: float = 0.1
     num_classes: int = 0
     neck_feat: Literal["before", "after"] = "before"  # test feature: CLS before the BNNeck (TransReID) or after
+    sie_cameras: int = 0  # > 0: TransReID's side-information (camera) embedding, one learnable vector per camera
+    sie_weight: float = 3.0  # its coefficient (TransReID's λ = 3)
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -72,6 +75,8 @@ class ModelConfig:
             raise ConfigError(f"--pe sincos needs --dim divisible by 4, got {self.dim}")
         if self.neck_feat not in ("before", "after"):
             raise ConfigError("--neck-feat must be 'before' or 'after'")
+        if self.sie_cameras < 0 or self.sie_weight < 0:
+            raise ConfigError(f"SIE needs a camera count ≥ 0 and --sie-weight ≥ 0, got {self.sie_weight}")
         return self
 
     def to_dict(self) -> dict:
@@ -120,6 +125,9 @@ class ViTReID(nn.Module):
         self.rel_pos = None
         if cfg.pe in ("rpe", "both"):
             self.rel_pos = nn.ModuleList(RelativePositionBias(grid, cfg.heads) for _ in range(cfg.depth))
+        self.sie_embed = None  # (cameras, 1, D), added to every token (TransReID's SIE)
+        if cfg.sie_cameras:
+            self.sie_embed = nn.Parameter(torch.zeros(cfg.sie_cameras, 1, dim))
         rates = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()
         self.blocks = nn.ModuleList(Block(dim, cfg.heads, cfg.mlp_ratio, r) for r in rates)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
@@ -130,6 +138,8 @@ class ViTReID(nn.Module):
 
     def _init_weights(self) -> None:
         nn.init.trunc_normal_(self.cls_token, std=1e-6)
+        if self.sie_embed is not None:
+            nn.init.trunc_normal_(self.sie_embed, std=0.02)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
@@ -140,34 +150,49 @@ class ViTReID(nn.Module):
         nn.init.ones_(self.bottleneck.weight)
         nn.init.zeros_(self.bottleneck.bias)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, 3, H, W) normalised → (B, N+1, D) tokens after the final norm."""
+    def forward_features(self, x: torch.Tensor, camids: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, 3, H, W) normalised → (B, N+1, D) tokens after the final norm. ``camids`` (B,) int64: each image's
+        camera (0-based), which a model with camera embeddings (``sie_cameras``) needs and any other ignores."""
         x = self.patch_embed(x)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         if self.pos is not None:
             x = self.pos(x)
+        if self.sie_embed is not None:
+            if camids is None:
+                raise ConfigError(
+                    "this model embeds each image's camera (SIE): pass the images' camera ids (0-based, as the "
+                    "dataset and features files store them)"
+                )
+            x = x + self.cfg.sie_weight * self.sie_embed[camids]
         for i, block in enumerate(self.blocks):
             x = block(x, self.rel_pos[i]() if self.rel_pos is not None else None)
         return self.norm(x)
 
-    def forward(self, x: torch.Tensor) -> ReIDOutput:
-        tokens = self.forward_features(x)
+    def forward(self, x: torch.Tensor, camids: torch.Tensor | None = None) -> ReIDOutput:
+        tokens = self.forward_features(x, camids)
         feat = tokens[:, 0]
         logits = self.classifier(self.bottleneck(feat)) if self.classifier is not None else None
         return ReIDOutput(feat, logits, tokens[:, 1:])
 
     @torch.no_grad()
-    def embed(self, x: torch.Tensor, flip: bool = False) -> torch.Tensor:
-        """Test features (B, D), L2-normalised; ``flip`` averages with the horizontal mirror."""
+    def embed(self, x: torch.Tensor, flip: bool = False, camids: torch.Tensor | None = None) -> torch.Tensor:
+        """Test features (B, D), L2-normalised; ``flip`` averages with the horizontal mirror; ``camids``: as in
+        :meth:`forward_features`."""
         if flip:  # image and mirror in one batch: one pass of larger, more efficient kernels
-            feat = self._test_feature(torch.cat([x, x.flip(3)])).float()
+            both = None if camids is None else torch.cat([camids, camids])
+            feat = self._test_feature(torch.cat([x, x.flip(3)]), both).float()
             feat = feat[: len(x)] + feat[len(x) :]
         else:
-            feat = self._test_feature(x).float()
+            feat = self._test_feature(x, camids).float()
         return F.normalize(feat, dim=1)
 
-    def _test_feature(self, x: torch.Tensor) -> torch.Tensor:
-        feat = self.forward_features(x)[:, 0]
+    @property
+    def uses_cameras(self) -> bool:
+        """Whether the forward needs each image's camera id (TransReID's SIE)."""
+        return self.sie_embed is not None
+
+    def _test_feature(self, x: torch.Tensor, camids: torch.Tensor | None = None) -> torch.Tensor:
+        feat = self.forward_features(x, camids)[:, 0]
         return self.bottleneck(feat) if self.cfg.neck_feat == "after" else feat
 
     def positional_relation(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -188,7 +213,7 @@ class ViTReID(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names kept out of weight decay: position tables, CLS token (biases and norms by rule)."""
-        names = {"cls_token"}
+        names = {"cls_token"} | ({"sie_embed"} if self.sie_embed is not None else set())
         names |= {n for n, _ in self.named_parameters() if "pos_embed" in n or "relative_position_bias_table" in n}
         return names
 
@@ -198,7 +223,8 @@ def build_model(cfg: ModelConfig) -> ViTReID:
 
 
 def parameter_report(model: ViTReID) -> dict[str, float | int]:
-    """Totals and the shares taken by APE ((N+1)·D) and RPE (layers·heads·((2H−1)(2W−1)+3))."""
+    """Totals and the shares taken by APE ((N+1)·D) and RPE (layers·heads·((2H−1)(2W−1)+3)); the camera embedding
+    (SIE: cameras·D) when the model has one."""
     total = sum(p.numel() for p in model.parameters())
     ape = model.pos.pos_embed.numel() if model.pos is not None and model.cfg.pe != "sincos" else 0
     rpe = sum(r.relative_position_bias_table.numel() for r in model.rel_pos) if model.rel_pos is not None else 0
@@ -209,6 +235,7 @@ def parameter_report(model: ViTReID) -> dict[str, float | int]:
         "pe": ape + rpe,
         "pe_share": (ape + rpe) / total if total else math.nan,
         "grid": list(model.cfg.grid),
+        **({"sie": model.sie_embed.numel()} if model.sie_embed is not None else {}),
     }
 
 
@@ -222,12 +249,27 @@ def flop_report(model: ViTReID) -> dict[str, float]:
 
     meta = copy.deepcopy(model).to("meta")
     x = torch.empty(1, 3, *model.cfg.image_size, device="meta")
+    cams = torch.zeros(1, dtype=torch.long, device="meta") if model.uses_cameras else None
     meta.eval()
     with FlopCounterMode(display=False) as forward:
-        meta._test_feature(x)
+        meta._test_feature(x, cams)
     meta.train()
     with FlopCounterMode(display=False) as step:
-        out = meta(x)
+        out = meta(x, cams)
         loss = out.feat.sum() + (out.logits.sum() if out.logits is not None else 0)
         loss.backward()
     return {"forward_gflop": forward.get_total_flops() / 1e9, "train_gflop": step.get_total_flops() / 1e9}
+
+
+def check_cameras(cfg: ModelConfig, camids, what: str) -> None:
+    """That a model with camera embeddings (SIE) has one for every camera id in ``camids`` (any int array);
+    nothing to check for other models."""
+    import numpy as np
+
+    camids = np.asarray(camids)
+    if cfg.sie_cameras and len(camids) and (int(camids.max()) >= cfg.sie_cameras or int(camids.min()) < 0):
+        bad = int(camids.max()) if int(camids.min()) >= 0 else int(camids.min())
+        raise ConfigError(
+            f"the model embeds {cfg.sie_cameras} cameras (SIE, ids 0–{cfg.sie_cameras - 1}) but camera {bad} is in "
+            f"{what}; its cameras must be among the training dataset's"
+        )

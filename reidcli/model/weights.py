@@ -73,6 +73,10 @@ def _adapt(model: ViTReID, state: dict[str, torch.Tensor], old_grid: tuple[int, 
         target = own.get(k)
         if target is not None and state[k].shape != target.shape:
             state[k] = resize_rel_pos_bias_table(state[k], model.cfg.grid, target.shape, old_window_size=old_grid)
+    sie = state.get("sie_embed")
+    if sie is not None and ("sie_embed" not in own or sie.shape != own["sie_embed"].shape):
+        state.pop("sie_embed")  # camera embeddings of another dataset (other cameras): this one's start fresh
+        log.info("camera embeddings (SIE) %s of the weights left out: not this model's cameras", tuple(sie.shape))
     return state
 
 

@@ -88,6 +88,8 @@ def _config_hash(cfg: TrainConfig) -> str:
     if d["precision"] == "auto":  # keyed as before --precision existed, so earlier ablation folders are still reused
         del d["precision"]
         d["bf16"] = True
+    if not d["model"]["sie_cameras"]:  # keyed as before SIE existed, so earlier ablation folders are still reused
+        del d["model"]["sie_cameras"], d["model"]["sie_weight"]
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -173,7 +175,9 @@ def _shifted_map(model, v: Variant, cfg: AblationConfig, gallery, device) -> flo
     shifted = np.zeros_like(q.images)
     shifted[:, dy:, dx:] = q.images[:, : h - dy, : w - dx]
     feats = FeatureSplit(
-        embed_images(model, shifted, device, flip=cfg.flip, precision=v.train.precision), q.pids, q.camids
+        embed_images(model, shifted, device, flip=cfg.flip, precision=v.train.precision, camids=q.camids),
+        q.pids,
+        q.camids,
     )
     return evaluate(feats, gallery, EvalConfig(engine="torch", device=str(device))).metrics.mAP
 

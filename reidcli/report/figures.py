@@ -130,7 +130,8 @@ def plot_relation_vectors(model, data: str | Path, path: Path, top_n: int, title
     rows = np.array(_triple(pids))
     images = read_images(data, "train", rows)
     model.eval()
-    out = model(normalize_batch(torch.from_numpy(images)))
+    cams = torch.from_numpy(parts["train"].camids[rows]) if model.uses_cameras else None
+    out = model(normalize_batch(torch.from_numpy(images)), cams)
     top = top_patches(out.feat, out.tokens, top_n).numpy()
     rel = relation_vectors(model, out.feat, out.tokens, top_n).numpy()
     plt = _plt()

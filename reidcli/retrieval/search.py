@@ -95,12 +95,14 @@ def search_images(
     precision: str = "auto",
     batch: int = 256,
     images_from: str | Path | bool | None = None,
+    camid: int | None = None,
 ) -> SearchResult:
     """The ``top_k`` gallery rows nearest each query image, from the index at ``index_path``. ``features`` (default:
     the file the index records) holds the indexed split's labels and paths and names the ``run`` (default: the one
     it records) whose weights embed the queries; those weights must be the ones that extracted the gallery.
     ``images_from``: the dataset file with the gallery's images (True: the one the features file records), checked
-    to hold them before any work."""
+    to hold them before any work. ``camid``: the camera (0-based) that took the query images, which a model with
+    camera embeddings (SIE) needs."""
     from reidcli.data.prepare import decode_image
     from reidcli.engine.checkpoint import load_run_model
     from reidcli.engine.extract import PRECISIONS, embed_images
@@ -144,10 +146,21 @@ def search_images(
             "and gallery must be embedded by the same weights; pass the --run they came from, or extract and index "
             "the gallery again"
         )
+    if model.uses_cameras and camid is None:
+        raise ConfigError(
+            f"{run}'s model embeds each image's camera (SIE, {model.cfg.sie_cameras} cameras): pass --camid, the "
+            "camera that took the query images (0-based, as the gallery's camid column)"
+        )
+    if camid is not None and not model.uses_cameras:
+        raise ConfigError(f"--camid has no effect: {run}'s model has no camera embeddings (SIE); leave it out")
+    if camid is not None and not 0 <= camid < model.cfg.sie_cameras:
+        raise ConfigError(f"--camid {camid}: {run}'s model embeds cameras 0–{model.cfg.sie_cameras - 1} (SIE)")
     size = tuple(model.cfg.image_size)
     fix = "pass image files (JPEG, PNG, BMP)"
     pixels = np.stack([decode_image(f.read_bytes(), size, str(f), fix) for f in files])
-    queries = embed_images(model, pixels, dev, batch, flip=bool(attrs.get("flip", 1)), precision=precision)
+    cams = None if camid is None else np.full(len(files), camid, dtype=np.int64)
+    flip = bool(attrs.get("flip", 1))
+    queries = embed_images(model, pixels, dev, batch, flip=flip, precision=precision, camids=cams)
     if queries.shape[1] != index.d:
         raise FormatError(f"the model embeds {queries.shape[1]}-d features but the index holds {index.d}-d ones")
     searched, on_gpu = to_search_device(index)

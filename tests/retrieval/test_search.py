@@ -120,6 +120,7 @@ def test_search_refuses_other_weights_missing_files_and_non_images(indexed, tiny
         ((query,), {"images_from": _other_dataset(tmp_path)}, "does not hold the gallery images of"),
         ((query,), {"top_k": 0}, "--top-k must be at least 1"),
         ((query,), {"precision": "fp8"}, "unknown --precision 'fp8'"),
+        ((query,), {"camid": 0}, "--camid has no effect: "),  # the model has no camera embeddings
     ]
     for images, kwargs, message in cases:
         with pytest.raises(ReidError) as e:
