@@ -8,6 +8,8 @@ averaging), and searched in the saved index (exact for a flat index, approximate
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -157,7 +159,8 @@ def search_images(
         raise ConfigError(f"--camid {camid}: {run}'s model embeds cameras 0–{model.cfg.sie_cameras - 1} (SIE)")
     size = tuple(model.cfg.image_size)
     fix = "pass image files (JPEG, PNG, BMP)"
-    pixels = np.stack([decode_image(f.read_bytes(), size, str(f), fix) for f in files])
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # PIL decodes without the GIL, as in prepare
+        pixels = np.stack(list(pool.map(lambda f: decode_image(f.read_bytes(), size, str(f), fix), files)))
     cams = None if camid is None else np.full(len(files), camid, dtype=np.int64)
     flip = bool(attrs.get("flip", 1))
     queries = embed_images(model, pixels, dev, batch, flip=flip, precision=precision, camids=cams)
