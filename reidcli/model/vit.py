@@ -76,7 +76,9 @@ class ModelConfig:
         if self.neck_feat not in ("before", "after"):
             raise ConfigError("--neck-feat must be 'before' or 'after'")
         if self.sie_cameras < 0 or self.sie_weight < 0:
-            raise ConfigError(f"SIE needs a camera count ≥ 0 and --sie-weight ≥ 0, got {self.sie_weight}")
+            raise ConfigError(
+                f"SIE needs a camera count ≥ 0 and --sie-weight ≥ 0, got {self.sie_cameras} and {self.sie_weight}"
+            )
         return self
 
     def to_dict(self) -> dict:

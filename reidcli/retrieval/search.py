@@ -131,18 +131,17 @@ def search_images(
     files = query_files([Path(p) for p in images])  # checked before the model is loaded
     dataset = None
     if images_from:
-        recorded = str(attrs.get("dataset_file", ""))
         dataset = (
             Path(images_from)
             if images_from is not True
-            else resolve_recorded(recorded, features, "dataset file", "--data")
+            else resolve_recorded(str(attrs.get("dataset_file", "")), features, "dataset file", "--data")
         )
         _check_gallery_images(dataset, split, gallery, features)
     run = Path(run) if run else resolve_recorded(str(attrs.get("run", "")), features, "run", "--run")
     dev = resolve_device(device)
     model, _, source = load_run_model(run, dev)
-    recorded = attrs.get("checkpoint_sha256")
-    if recorded and sha256_file(source) != recorded:
+    digest = attrs.get("checkpoint_sha256")
+    if digest and sha256_file(source) != digest:
         raise ConfigError(
             f"{source} is not the weights the gallery in {features} was extracted with (the SHA-256 differs): queries "
             "and gallery must be embedded by the same weights; pass the --run they came from, or extract and index "
@@ -179,7 +178,7 @@ def search_images(
         dataset,
         run,
         bool(meta.get("exact", False)),
-        bool(recorded),
+        bool(digest),
     )
 
 
