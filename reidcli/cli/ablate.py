@@ -22,6 +22,10 @@ from reidcli.cli.options import (
     EvalEveryOpt,
     HeadsOpt,
     ImageSizeOpt,
+    JpmGroupsOpt,
+    JpmOpt,
+    JpmShiftOpt,
+    JpmShuffleOpt,
     JsonOpt,
     KOpt,
     LabelSmoothingOpt,
@@ -79,6 +83,10 @@ def ablate(
     neck_feat: NeckFeatOpt = "before",
     sie: SieOpt = False,
     sie_weight: SieWeightOpt = 3.0,
+    jpm: JpmOpt = False,
+    jpm_groups: JpmGroupsOpt = 4,
+    jpm_shift: JpmShiftOpt = 4,
+    jpm_shuffle: JpmShuffleOpt = 2,
     init: Annotated[Path | None, typer.Option(help="timm-format ViT weights every run starts from.")] = None,
     perturb: Annotated[float, typer.Option(help="Query misalignment for the robustness column (0: off).")] = 0.1,
     device: DeviceOpt = "auto",
@@ -101,7 +109,14 @@ def ablate(
 
       reid ablate --data demo/synthetic.h5 --out demo/ablation --preset vit_tiny --dim 96 --depth 4 --epochs 8 --dry-run
     """
-    from reidcli.cli.train import check_image_size, dataset_image_size, loss_options, model_options, sie_cameras
+    from reidcli.cli.train import (
+        check_image_size,
+        dataset_image_size,
+        jpm_options,
+        loss_options,
+        model_options,
+        sie_cameras,
+    )
     from reidcli.engine.train import TrainConfig
     from reidcli.errors import ConfigError
     from reidcli.report.ablate import AblationConfig, plan, run_ablation
@@ -116,9 +131,10 @@ def ablate(
     if image_size:
         check_image_size(size, data)
     cameras = sie_cameras(ctx, sie, data)
+    local = jpm_options(ctx, jpm, jpm_groups, jpm_shift, jpm_shuffle)
     first = pes[0] if pes else "ape"
     mcfg = model_options(
-        first, preset, dim, depth, heads, patch_size, stride, size, drop_path, neck_feat, cameras, sie_weight
+        first, preset, dim, depth, heads, patch_size, stride, size, drop_path, neck_feat, cameras, sie_weight, local
     )
     template = TrainConfig(
         data=str(data),

@@ -60,6 +60,20 @@ SieOpt = Annotated[
     ),
 ]
 SieWeightOpt = Annotated[float, typer.Option(help="SIE coefficient (TransReID's 3).")]
+JpmOpt = Annotated[
+    bool,
+    typer.Option(
+        "--jpm/--no-jpm",
+        help="TransReID's jigsaw patch module: a copy of the last block over shifted, shuffled patch groups gives "
+        "local features (trained with their own ID and triplet losses; the test feature appends them).",
+    ),
+]
+JpmGroupsOpt = Annotated[int, typer.Option(help="JPM: patch groups (local features).")]
+JpmShiftOpt = Annotated[
+    int,
+    typer.Option(help="JPM: patches the tokens are rolled by before the shuffle (TransReID's SHIFT_NUM 5 rolls by 4)."),
+]
+JpmShuffleOpt = Annotated[int, typer.Option(help="JPM: interleave factor of the patch shuffle.")]
 CudaGraphOpt = Annotated[
     bool,
     typer.Option(

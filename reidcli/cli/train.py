@@ -22,6 +22,10 @@ from reidcli.cli.options import (
     EvalEveryOpt,
     HeadsOpt,
     ImageSizeOpt,
+    JpmGroupsOpt,
+    JpmOpt,
+    JpmShiftOpt,
+    JpmShuffleOpt,
     JsonOpt,
     KOpt,
     LabelSmoothingOpt,
@@ -66,6 +70,7 @@ def model_options(
     neck_feat: str,
     sie_cameras: int = 0,
     sie_weight: float = 3.0,
+    jpm: tuple[bool, int, int, int] = (False, 4, 4, 2),
 ):
     from reidcli.model.vit import ModelConfig
 
@@ -82,7 +87,17 @@ def model_options(
         neck_feat=neck_feat,
         sie_cameras=sie_cameras,
         sie_weight=sie_weight,
+        jpm=jpm[0],
+        jpm_groups=jpm[1],
+        jpm_shift=jpm[2],
+        jpm_shuffle=jpm[3],
     ).validate()
+
+
+def jpm_options(ctx: typer.Context, jpm: bool, groups: int, shift: int, shuffle: int) -> tuple[bool, int, int, int]:
+    """``--jpm`` and its settings; the settings without ``--jpm`` are refused."""
+    refuse_unused(ctx, ("jpm_groups", "jpm_shift", "jpm_shuffle"), jpm, "--jpm", "add --jpm")
+    return jpm, groups, shift, shuffle
 
 
 def sie_cameras(ctx: typer.Context, sie: bool, data: Path) -> int:
@@ -160,6 +175,10 @@ def train(
     neck_feat: NeckFeatOpt = "before",
     sie: SieOpt = False,
     sie_weight: SieWeightOpt = 3.0,
+    jpm: JpmOpt = False,
+    jpm_groups: JpmGroupsOpt = 4,
+    jpm_shift: JpmShiftOpt = 4,
+    jpm_shuffle: JpmShuffleOpt = 2,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     device: DeviceOpt = "auto",
     precision: TrainPrecisionOpt = "auto",
@@ -208,8 +227,9 @@ def train(
     if image_size and not print_model:
         check_image_size(size, data)
     cameras = sie_cameras(ctx, sie, data)
+    local = jpm_options(ctx, jpm, jpm_groups, jpm_shift, jpm_shuffle)
     mcfg = model_options(
-        pe, preset, dim, depth, heads, patch_size, stride, size, drop_path, neck_feat, cameras, sie_weight
+        pe, preset, dim, depth, heads, patch_size, stride, size, drop_path, neck_feat, cameras, sie_weight, local
     )
     if print_model:
         _print_model(mcfg, json_out)
@@ -252,7 +272,22 @@ def _report(result, out: Path, json_out: bool) -> None:
 
 # Command-line options → fields of the saved config they set (for --resume).
 _MODEL_OPTIONS = {
-    o: o for o in ("pe", "dim", "depth", "heads", "patch_size", "stride", "drop_path", "neck_feat", "sie_weight")
+    o: o
+    for o in (
+        "pe",
+        "dim",
+        "depth",
+        "heads",
+        "patch_size",
+        "stride",
+        "drop_path",
+        "neck_feat",
+        "sie_weight",
+        "jpm",
+        "jpm_groups",
+        "jpm_shift",
+        "jpm_shuffle",
+    )
 }
 _LOSS_OPTIONS = {"loss": "spec"} | {
     o: o for o in ("label_smoothing", "margin", "top_n", "rp_form", "rp_weight", "patch_weight")
@@ -339,6 +374,8 @@ def _print_model(mcfg, json_out: bool) -> None:
         ("APE", report["ape"], f"{report['ape'] / report['total']:.3%}"),
         ("RPE", report["rpe"], f"{report['rpe'] / report['total']:.3%}"),
     ]
+    if mcfg.jpm:
+        rows.append((f"JPM ({mcfg.jpm_groups} groups)", report["jpm"], f"{report['jpm'] / report['total']:.3%}"))
     if "sie" in report:
         rows.append((f"SIE ({mcfg.sie_cameras} cameras)", report["sie"], f"{report['sie'] / report['total']:.3%}"))
     print_table(

@@ -209,7 +209,7 @@ def embed_images(
         if on_batch:
             on_batch(min(i + batch, len(images)))
     if not out:
-        return np.zeros((0, model.cfg.dim), np.float32)
+        return np.zeros((0, model.cfg.feature_dim), np.float32)
     feats = torch.cat(out)
     if precision == "fp16" and cuda:  # half precision overflowed somewhere (huge activations): redo those in fp32
         bad = (~torch.isfinite(feats).all(1)).nonzero()[:, 0].cpu().numpy()

@@ -264,6 +264,8 @@ def _build(cfg: TrainConfig, num_classes: int, device: torch.device, initial_wei
         from reidcli.model.weights import load_pretrained
 
         _report_init(cfg.pretrained, load_pretrained(model, cfg.pretrained))
+    if initial_weights and (cfg.init or cfg.pretrained):
+        model.sync_jpm()  # the JPM branch starts as the loaded last block, as TransReID's does
     model.to(device)
     return _State(model, _optimizer(model, cfg), torch.Generator().manual_seed(cfg.seed))
 

@@ -75,12 +75,26 @@ def compute_losses(
     """
     names = cfg.names
     losses: dict[str, torch.Tensor] = {}
+    local = getattr(out, "local_feat", None) is not None  # JPM: half global, half the mean over the groups
     if "ce" in names:
         if out.logits is None:
             raise ConfigError("the ce loss needs a classifier; build the model with num_classes > 0")
-        losses["ce"] = cfg.ce_weight * F.cross_entropy(out.logits.float(), labels, label_smoothing=cfg.label_smoothing)
+
+        def ce(logits: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
+
+        value = ce(out.logits)
+        if local:
+            groups = out.local_logits.shape[1]
+            value = 0.5 * value + 0.5 * sum(ce(out.local_logits[:, g]) for g in range(groups)) / groups
+        losses["ce"] = cfg.ce_weight * value
     if "triplet" in names:
-        losses["triplet"] = cfg.triplet_weight * batch_hard_triplet(out.feat, labels, cfg.margin)
+        value = batch_hard_triplet(out.feat, labels, cfg.margin)
+        if local:
+            groups = out.local_feat.shape[1]
+            parts = sum(batch_hard_triplet(out.local_feat[:, g], labels, cfg.margin) for g in range(groups))
+            value = 0.5 * value + 0.5 * parts / groups
+        losses["triplet"] = cfg.triplet_weight * value
     if "patch-triplet" in names:
         emb = patch_embedding(out.feat, out.tokens, cfg.top_n)
         losses["patch-triplet"] = cfg.patch_weight * batch_hard_triplet(emb, labels, cfg.margin)

@@ -27,12 +27,13 @@ class Attention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B, N, D); bias: (heads, N, N) added to the scaled logits ``QKᵀ/√d``."""
+        """x: (B, N, D); bias: (heads, N, N), or (B, heads, N, N) per sample, added to the scaled logits ``QKᵀ/√d``."""
         b, n, d = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # (B, h, N, hd)
         if bias is not None:
             # Same dtype as q and contiguous, or CUDA silently drops to the slow math kernel.
-            bias = bias.to(q.dtype).unsqueeze(0).contiguous()
+            bias = bias.to(q.dtype)
+            bias = (bias.unsqueeze(0) if bias.dim() == 3 else bias).contiguous()
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=self.attn_drop if self.training else 0.0)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, d)))
 

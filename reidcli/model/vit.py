@@ -25,6 +25,7 @@ __all__ = [
     "parameter_report",
     "flop_report",
     "check_cameras",
+    "jpm_groups_index",
 ]
 
 PE_CHOICES = ("none", "ape", "sincos", "rpe", "both")
@@ -50,6 +51,15 @@ class ModelConfig:
     neck_feat: Literal["before", "after"] = "before"  # test feature: CLS before the BNNeck (TransReID) or after
     sie_cameras: int = 0  # > 0: TransReID's side-information (camera) embedding, one learnable vector per camera
     sie_weight: float = 3.0  # its coefficient (TransReID's λ = 3)
+    jpm: bool = False  # TransReID's jigsaw patch module: local features from shifted, shuffled patch groups
+    jpm_groups: int = 4  # local groups (TransReID's divide length)
+    jpm_shift: int = 4  # patch tokens rolled by this many before the shuffle (TransReID's SHIFT_NUM 5 rolls by 4)
+    jpm_shuffle: int = 2  # interleave factor of the patch shuffle
+
+    @property
+    def feature_dim(self) -> int:
+        """Width of the test feature: the global CLS, plus each JPM group's local feature."""
+        return self.dim * (1 + self.jpm_groups) if self.jpm else self.dim
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -75,6 +85,13 @@ class ModelConfig:
             raise ConfigError(f"--pe sincos needs --dim divisible by 4, got {self.dim}")
         if self.neck_feat not in ("before", "after"):
             raise ConfigError("--neck-feat must be 'before' or 'after'")
+        if self.jpm:
+            patches = self.grid[0] * self.grid[1]
+            if not 1 <= self.jpm_groups <= patches or self.jpm_shuffle < 1 or self.jpm_shift < 0:
+                raise ConfigError(
+                    f"--jpm-groups {self.jpm_groups} must be between 1 and the {patches} patches, --jpm-shuffle at "
+                    f"least 1 and --jpm-shift at least 0 (got {self.jpm_shuffle}, {self.jpm_shift})"
+                )
         if self.sie_cameras < 0 or self.sie_weight < 0:
             raise ConfigError(
                 f"SIE needs a camera count ≥ 0 and --sie-weight ≥ 0, got {self.sie_cameras} and {self.sie_weight}"
@@ -101,6 +118,8 @@ class ReIDOutput(NamedTuple):
     feat: torch.Tensor  # (B, D) CLS embedding before the BNNeck
     logits: torch.Tensor | None  # (B, classes) from the BN feature; None without a classifier
     tokens: torch.Tensor  # (B, N, D) patch tokens after the final norm
+    local_feat: torch.Tensor | None = None  # (B, G, D) JPM's local CLS features before their BNNecks
+    local_logits: torch.Tensor | None = None  # (B, G, classes) from their BN features
 
 
 class PatchEmbed(nn.Module):
@@ -136,7 +155,56 @@ class ViTReID(nn.Module):
         self.bottleneck = nn.BatchNorm1d(dim)
         self.bottleneck.bias.requires_grad_(False)  # BNNeck: the shift stays zero
         self.classifier = Linear(dim, cfg.num_classes, bias=False) if cfg.num_classes else None
+        if cfg.jpm:
+            self._build_jpm()
         self._init_weights()
+        if cfg.jpm:
+            self.sync_jpm()
+
+    def _build_jpm(self) -> None:
+        """The jigsaw patch module's own copy of the last block (and of its norm and relative-position table), and a
+        BNNeck and classifier per group. Each group's tokens: the CLS token and a fixed subset of the patch tokens
+        entering the last block, after a roll by ``jpm_shift`` and an interleaving shuffle (TransReID)."""
+        cfg = self.cfg
+        self.jpm_block = Block(cfg.dim, cfg.heads, cfg.mlp_ratio, 0.0)
+        self.jpm_norm = nn.LayerNorm(cfg.dim, eps=1e-6)
+        self.jpm_rel_pos = RelativePositionBias(cfg.grid, cfg.heads) if self.rel_pos is not None else None
+        self.jpm_bottlenecks = nn.ModuleList(nn.BatchNorm1d(cfg.dim) for _ in range(cfg.jpm_groups))
+        for bn in self.jpm_bottlenecks:
+            bn.bias.requires_grad_(False)
+        self.jpm_classifiers = (
+            nn.ModuleList(Linear(cfg.dim, cfg.num_classes, bias=False) for _ in range(cfg.jpm_groups))
+            if cfg.num_classes
+            else None
+        )
+        self.register_buffer("jpm_index", jpm_groups_index(cfg), persistent=False)
+
+    @torch.no_grad()
+    def sync_jpm(self) -> None:
+        """Start the JPM branch as a copy of the last block, its norm and relative-position table (TransReID copies
+        the pretrained last layer): called when the model is built and after initial weights are loaded."""
+        if not self.cfg.jpm:
+            return
+        self.jpm_block.load_state_dict(self.blocks[-1].state_dict())
+        self.jpm_norm.load_state_dict(self.norm.state_dict())
+        if self.jpm_rel_pos is not None:
+            self.jpm_rel_pos.load_state_dict(self.rel_pos[-1].state_dict())
+
+    def _jpm_local(self, last_in: torch.Tensor) -> torch.Tensor:
+        """(B, G, D) local CLS features from the tokens entering the last block."""
+        b, _, d = last_in.shape
+        groups, size = self.jpm_index.shape
+        patches = last_in[:, 1:][:, self.jpm_index]  # (B, G, L, D)
+        cls = last_in[:, :1, None].expand(-1, groups, -1, -1)  # (B, G, 1, D)
+        tokens = torch.cat([cls, patches], dim=2).flatten(0, 1)  # (B·G, L+1, D)
+        bias = None
+        if self.jpm_rel_pos is not None:  # each group's pairs, looked up in the full (heads, N+1, N+1) bias
+            sel = torch.cat([self.jpm_index.new_zeros(groups, 1), self.jpm_index + 1], dim=1)  # (G, L+1)
+            full = self.jpm_rel_pos()
+            per_group = full[:, sel[:, :, None], sel[:, None, :]].permute(1, 0, 2, 3)  # (G, heads, L+1, L+1)
+            bias = per_group.unsqueeze(0).expand(b, -1, -1, -1, -1).flatten(0, 1)
+        out = self.jpm_norm(self.jpm_block(tokens, bias))[:, 0]
+        return out.view(b, groups, d)
 
     def _init_weights(self) -> None:
         nn.init.trunc_normal_(self.cls_token, std=1e-6)
@@ -149,12 +217,18 @@ class ViTReID(nn.Module):
                     nn.init.zeros_(m.bias)
         if self.classifier is not None:
             nn.init.normal_(self.classifier.weight, std=0.001)
+        for clf in getattr(self, "jpm_classifiers", None) or ():
+            nn.init.normal_(clf.weight, std=0.001)
         nn.init.ones_(self.bottleneck.weight)
         nn.init.zeros_(self.bottleneck.bias)
 
     def forward_features(self, x: torch.Tensor, camids: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, 3, H, W) normalised → (B, N+1, D) tokens after the final norm. ``camids`` (B,) int64: each image's
         camera (0-based), which a model with camera embeddings (``sie_cameras``) needs and any other ignores."""
+        return self._encode(x, camids)[0]
+
+    def _encode(self, x: torch.Tensor, camids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tokens after the final norm, and the tokens entering the last block (the JPM branch's input)."""
         x = self.patch_embed(x)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         if self.pos is not None:
@@ -166,15 +240,24 @@ class ViTReID(nn.Module):
                     "dataset and features files store them)"
                 )
             x = x + self.cfg.sie_weight * self.sie_embed[camids]
+        entering = x
         for i, block in enumerate(self.blocks):
+            entering = x
             x = block(x, self.rel_pos[i]() if self.rel_pos is not None else None)
-        return self.norm(x)
+        return self.norm(x), entering
 
     def forward(self, x: torch.Tensor, camids: torch.Tensor | None = None) -> ReIDOutput:
-        tokens = self.forward_features(x, camids)
+        tokens, entering = self._encode(x, camids)
         feat = tokens[:, 0]
         logits = self.classifier(self.bottleneck(feat)) if self.classifier is not None else None
-        return ReIDOutput(feat, logits, tokens[:, 1:])
+        if not self.cfg.jpm:
+            return ReIDOutput(feat, logits, tokens[:, 1:])
+        local = self._jpm_local(entering)
+        local_logits = None
+        if self.jpm_classifiers is not None:
+            heads = zip(self.jpm_bottlenecks, self.jpm_classifiers, strict=True)
+            local_logits = torch.stack([clf(bn(local[:, g])) for g, (bn, clf) in enumerate(heads)], dim=1)
+        return ReIDOutput(feat, logits, tokens[:, 1:], local, local_logits)
 
     @torch.no_grad()
     def embed(self, x: torch.Tensor, flip: bool = False, camids: torch.Tensor | None = None) -> torch.Tensor:
@@ -194,8 +277,17 @@ class ViTReID(nn.Module):
         return self.sie_embed is not None
 
     def _test_feature(self, x: torch.Tensor, camids: torch.Tensor | None = None) -> torch.Tensor:
-        feat = self.forward_features(x, camids)[:, 0]
-        return self.bottleneck(feat) if self.cfg.neck_feat == "after" else feat
+        """The CLS feature before (or after) the BNNeck; with JPM the group features follow it, each divided by the
+        number of groups (TransReID)."""
+        tokens, entering = self._encode(x, camids)
+        after = self.cfg.neck_feat == "after"
+        feat = self.bottleneck(tokens[:, 0]) if after else tokens[:, 0]
+        if not self.cfg.jpm:
+            return feat
+        local = self._jpm_local(entering)
+        if after:
+            local = torch.stack([bn(local[:, g]) for g, bn in enumerate(self.jpm_bottlenecks)], dim=1)
+        return torch.cat([feat, local.flatten(1) / self.cfg.jpm_groups], dim=1)
 
     def positional_relation(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """``r(a,b) = ⟨P_a, P_b⟩ + mean over layers and heads of B[idx(a,b)]`` for patch indices a, b (any shape).
@@ -238,6 +330,12 @@ def parameter_report(model: ViTReID) -> dict[str, float | int]:
         "pe_share": (ape + rpe) / total if total else math.nan,
         "grid": list(model.cfg.grid),
         **({"sie": model.sie_embed.numel()} if model.sie_embed is not None else {}),
+        **(
+            {"jpm": sum(p.numel() for n, p in model.named_parameters() if n.startswith("jpm_"))}
+            if model.cfg.jpm
+            else {}
+        ),
+        "feature_dim": model.cfg.feature_dim,
     }
 
 
@@ -275,3 +373,17 @@ def check_cameras(cfg: ModelConfig, camids, what: str) -> None:
             f"the model embeds {cfg.sie_cameras} cameras (SIE, ids 0–{cfg.sie_cameras - 1}) but camera {bad} is in "
             f"{what}; its cameras must be among the training dataset's"
         )
+
+
+def jpm_groups_index(cfg: ModelConfig) -> torch.Tensor:
+    """(G, L) patch indices of each JPM group: the patches rolled by ``jpm_shift``, then interleaved by a shuffle of
+    ``jpm_shuffle`` (a view as (shuffle, N/shuffle), transposed; a patch count that does not divide is padded by
+    repeating the second-to-last entry, as TransReID pads), then cut into G groups of L = ⌊N'/G⌋ consecutive
+    entries."""
+    n = cfg.grid[0] * cfg.grid[1]
+    order = torch.roll(torch.arange(n), -cfg.jpm_shift)
+    pad = -n % cfg.jpm_shuffle
+    order = torch.cat([order, order[-2:-1].expand(pad) if n > 1 else order[-1:].expand(pad)])
+    order = order.view(cfg.jpm_shuffle, -1).t().flatten()
+    size = len(order) // cfg.jpm_groups
+    return order[: size * cfg.jpm_groups].view(cfg.jpm_groups, size).clone()

@@ -69,7 +69,7 @@ def _adapt(model: ViTReID, state: dict[str, torch.Tensor], old_grid: tuple[int, 
         state["patch_embed.proj.weight"] = resample_patch_embed(w, list(own["patch_embed.proj.weight"].shape[-2:]))
     for k in [k for k in state if k.startswith("blocks.") and k.endswith("relative_position_bias_table")]:
         state[f"rel_pos.{k.split('.')[1]}.relative_position_bias_table"] = state.pop(k)  # BEiT-style key
-    for k in [k for k in state if k.startswith("rel_pos.")]:
+    for k in [k for k in state if k.startswith(("rel_pos.", "jpm_rel_pos."))]:
         target = own.get(k)
         if target is not None and state[k].shape != target.shape:
             state[k] = resize_rel_pos_bias_table(state[k], model.cfg.grid, target.shape, old_window_size=old_grid)

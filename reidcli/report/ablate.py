@@ -90,6 +90,9 @@ def _config_hash(cfg: TrainConfig) -> str:
         d["bf16"] = True
     if not d["model"]["sie_cameras"]:  # keyed as before SIE existed, so earlier ablation folders are still reused
         del d["model"]["sie_cameras"], d["model"]["sie_weight"]
+    if not d["model"]["jpm"]:  # likewise before JPM
+        for key in ("jpm", "jpm_groups", "jpm_shift", "jpm_shuffle"):
+            del d["model"][key]
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
 
 
