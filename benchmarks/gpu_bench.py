@@ -66,7 +66,9 @@ def _bench_runner(model: ModelConfig, batch: int, images: torch.Tensor, graph: b
     )
     torch.manual_seed(0)
     state = _build(cfg, 751, DEV)
-    return _StepRunner(state, cfg, DEV, images, torch.arange(len(images), device=DEV) // cfg.k % 751)
+    rows = torch.arange(len(images), device=DEV)
+    cams = rows % model.sie_cameras if model.sie_cameras else None  # --sie: each image's camera
+    return _StepRunner(state, cfg, DEV, images, rows // cfg.k % 751, cams)
 
 
 def engine_step(
@@ -178,6 +180,8 @@ def graph_equivalence(smoke: bool, steps: int = 6) -> dict:
 
 def train_steps(smoke: bool, out_dir: Path) -> dict:
     """The trainer's step for every --pe at batch 64 (and 256), eager and as one CUDA graph, then a profile."""
+    from dataclasses import replace
+
     out = {}
     cfg = _bench_model(smoke)
     b = 8 if smoke else 64
@@ -190,6 +194,15 @@ def train_steps(smoke: bool, out_dir: Path) -> dict:
             out[f"train {pe} b64 graph"] = engine_step(pe, cfg, b, smoke, graph=True)
         except Exception as e:  # noqa: BLE001
             out[f"train {pe} b64 graph"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    # TransReID's modules: JPM (a fifth of a block's tokens ×4 groups through a copy of the last block, each group
+    # with its own bias) eager with the fused-kernel check, and JPM + SIE as one CUDA graph
+    out["train both b64 jpm"] = engine_step("both", replace(cfg, jpm=True), b, smoke)
+    try:
+        out["train both b64 graph sie+jpm"] = engine_step(
+            "both", replace(cfg, jpm=True, sie_cameras=6), b, smoke, graph=True
+        )
+    except Exception as e:  # noqa: BLE001
+        out["train both b64 graph sie+jpm"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
     if DEV.type == "cuda":  # the biased attention through cuDNN instead of the memory-efficient kernel
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -535,7 +548,8 @@ def peer_for(key: str) -> tuple[str | None, bool, float | None]:
         batch = "b256" if " b256" in key else "b64"
         compiled = "compiled" in key and not rel and batch == "b64"  # the peer compiles only vit_base at b64
         peer = f"train {model} 256x128 {batch} bf16 {'compiled' if compiled else 'eager'}"
-        return peer, True, (4500 if rel else 5000) if batch == "b64" else None
+        target = (4500 if rel else 5000) if batch == "b64" and "jpm" not in key else None  # DESIGN.md's: plain ViTs
+        return peer, True, target
     if key.startswith("extract ") and "cos" not in key and "flip" not in key:
         return f"infer {model} 256x128 b512 bf16 eager", True, 20000
     if key.startswith("market epoch s"):

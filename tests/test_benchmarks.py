@@ -31,6 +31,10 @@ def test_gpu_bench_smoke(tmp_path):
         assert result["eval"][f"eval {size} sort ms"] > 0 and result["eval"][f"eval {size} fp16-features ms"] > 0
     assert result["epoch"]["graph"]["epoch2_s"] > 0 and "eval market ms" in r.stdout
     assert result["train"]["graph equivalence"]["graph-eager distance / moved"] < 1e-3
+    assert (
+        result["train"]["train both b64 jpm"]["loss_finite"]
+        and result["train"]["train both b64 graph sie+jpm"]["loss_finite"]
+    )
     assert (tmp_path / "profile_train_both.txt").is_file() and (tmp_path / "profile_extract_ape_fp16.txt").is_file()
     assert result["extract"]["extract both fp16 model-only"] > 0
     assert (
