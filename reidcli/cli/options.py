@@ -51,23 +51,24 @@ RpWeightOpt = Annotated[float, typer.Option(help="rp-triplet weight.")]
 PatchWeightOpt = Annotated[float, typer.Option(help="patch-triplet weight.")]
 EvalEveryOpt = Annotated[int, typer.Option(help="Evaluate on query/gallery every N epochs (0: never).")]
 CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile the model.")]
-SieOpt = Annotated[
-    bool,
-    typer.Option(
-        "--sie/--no-sie",
-        help="TransReID's side-information embedding: a learnable vector per camera of the dataset, added to every "
-        "token (extraction then uses each image's camera too).",
-    ),
-]
+
+
+def _switch(name: str, text: str):
+    """A ``--name/--no-name`` flag with its help ``text``."""
+    return Annotated[bool, typer.Option(f"--{name}/--no-{name}", help=text)]
+
+
+SieOpt = _switch(
+    "sie",
+    "TransReID's side-information embedding: a learnable vector per camera of the dataset, added to every token "
+    "(extraction then uses each image's camera too).",
+)
 SieWeightOpt = Annotated[float, typer.Option(help="SIE coefficient (TransReID's 3).")]
-JpmOpt = Annotated[
-    bool,
-    typer.Option(
-        "--jpm/--no-jpm",
-        help="TransReID's jigsaw patch module: a copy of the last block over shifted, shuffled patch groups gives "
-        "local features (trained with their own ID and triplet losses; the test feature appends them).",
-    ),
-]
+JpmOpt = _switch(
+    "jpm",
+    "TransReID's jigsaw patch module: a copy of the last block over shifted, shuffled patch groups gives local "
+    "features (trained with their own ID and triplet losses; the test feature appends them).",
+)
 JpmGroupsOpt = Annotated[int, typer.Option(help="JPM: patch groups (local features).")]
 JpmShiftOpt = Annotated[
     int,
