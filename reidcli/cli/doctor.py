@@ -115,7 +115,7 @@ def _check_data(path: Path) -> list[tuple[str, str, str]]:
 
 
 def _check_run(run: Path, data: Path | None) -> list[tuple[str, str, str]]:
-    from reidcli.data.store import read_dataset
+    from reidcli.data.store import camera_count, read_dataset
     from reidcli.engine.checkpoint import RunFiles, load_run_model
 
     model, config, source = load_run_model(run, "cpu")
@@ -132,7 +132,7 @@ def _check_run(run: Path, data: Path | None) -> list[tuple[str, str, str]]:
             f"{model.cfg.image_size[1]} with {model.cfg.num_classes} classes"
         )
         if model.uses_cameras:  # every camera of the dataset needs its embedding
-            cameras = 1 + max(int(s.camids.max()) for s in splits.values() if len(s))
+            cameras = camera_count(splits)
             ok = ok and cameras <= model.cfg.sie_cameras
             detail += f"; dataset cameras {cameras}, model's camera embeddings (SIE) {model.cfg.sie_cameras}"
         rows.append(("run ↔ dataset", "ok" if ok else "FAIL", detail))

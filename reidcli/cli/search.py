@@ -55,14 +55,22 @@ def search(
     result = search_images(index, images, features, run, top_k, device, precision, images_from=images_from, camid=camid)
     if not result.checked:
         err.print(f"notice: {result.features} records no weights' SHA-256: the queries' model could not be checked")
-    pictures = _write(out, result) if out is not None else []
+    found = result.to_dict()
+    pictures = _write(out, result, found["queries"]) if out is not None else []
     if json_out:
-        print_json({**result.to_dict(), "pictures": [str(p) for p in pictures]})
+        print_json({**found, "pictures": [str(p) for p in pictures]})
         return
     rows = [
-        (str(q) if hit["rank"] == 1 else "", hit["rank"], f"{hit['score']:.4f}", hit["pid"], hit["camid"], hit["path"])
-        for q, entry in zip(result.queries, result.to_dict()["queries"], strict=True)
-        for hit in entry["results"]
+        (
+            e["query"] if hit["rank"] == 1 else "",
+            hit["rank"],
+            f"{hit['score']:.4f}",
+            hit["pid"],
+            hit["camid"],
+            hit["path"],
+        )
+        for e in found["queries"]
+        for hit in e["results"]
     ]
     title = f"top-{top_k} in {result.features} ({'exact' if result.exact else 'approximate'} index)"
     print_table(title, ["query", "rank", "score", "pid", "camid", "gallery image"], rows)
@@ -70,7 +78,7 @@ def search(
         err.print(f"written: {out / 'search.csv'}, {', '.join(str(p) for p in pictures)}")
 
 
-def _write(out: Path, result) -> list[Path]:
+def _write(out: Path, result, entries: list[dict]) -> list[Path]:
     """search.csv (one row per query and rank) and search.png (each query beside its ranked gallery images; more
     than 16 queries: search_01.png, search_02.png, …). Returns the pictures."""
     import numpy as np
@@ -82,7 +90,7 @@ def _write(out: Path, result) -> list[Path]:
     from reidcli.report.ranked import pages
 
     table = pd.DataFrame(
-        [{"query": e["query"], **hit} for e in result.to_dict()["queries"] for hit in e["results"]],
+        [{"query": e["query"], **hit} for e in entries for hit in e["results"]],
         columns=["query", "rank", "score", "row", "path", "pid", "camid"],
     )
     out.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,7 @@ __all__ = [
     "open_splits",
     "dataset_summary",
     "dataset_cameras",
+    "camera_count",
 ]
 
 DATASET_FORMAT = "reidcli.dataset"
@@ -169,7 +170,10 @@ def dataset_summary(splits: dict[str, DatasetSplit]) -> list[dict]:
 
 
 def dataset_cameras(path: str | Path) -> int:
-    """The number of camera ids of a dataset file (1 + the largest 0-based id over its splits): how many camera
-    embeddings a model with SIE trained on it gets."""
-    _, parts = read_dataset(path, images=False)
-    return 1 + max(int(p.camids.max()) for p in parts.values() if len(p))
+    """The number of camera ids of a dataset file: how many camera embeddings a model with SIE trained on it gets."""
+    return camera_count(read_dataset(path, images=False)[1])
+
+
+def camera_count(splits: dict[str, DatasetSplit]) -> int:
+    """1 + the largest 0-based camera id over the splits."""
+    return 1 + max(int(p.camids.max()) for p in splits.values() if len(p))

@@ -177,7 +177,9 @@ class ViTReID(nn.Module):
             if cfg.num_classes
             else None
         )
-        self.register_buffer("jpm_index", jpm_groups_index(cfg), persistent=False)
+        patches = jpm_groups_index(cfg)  # each group's token indices in the sequence, CLS (0) first
+        tokens = torch.cat([patches.new_zeros(len(patches), 1), patches + 1], dim=1)
+        self.register_buffer("jpm_tokens", tokens, persistent=False)
 
     @torch.no_grad()
     def sync_jpm(self) -> None:
@@ -193,18 +195,15 @@ class ViTReID(nn.Module):
     def _jpm_local(self, last_in: torch.Tensor) -> torch.Tensor:
         """(B, G, D) local CLS features from the tokens entering the last block."""
         b, _, d = last_in.shape
-        groups, size = self.jpm_index.shape
-        patches = last_in[:, 1:][:, self.jpm_index]  # (B, G, L, D)
-        cls = last_in[:, :1, None].expand(-1, groups, -1, -1)  # (B, G, 1, D)
-        tokens = torch.cat([cls, patches], dim=2).flatten(0, 1)  # (B·G, L+1, D)
+        sel = self.jpm_tokens  # (G, L+1)
+        tokens = last_in[:, sel].flatten(0, 1)  # (B·G, L+1, D)
         bias = None
         if self.jpm_rel_pos is not None:  # each group's pairs, looked up in the full (heads, N+1, N+1) bias
-            sel = torch.cat([self.jpm_index.new_zeros(groups, 1), self.jpm_index + 1], dim=1)  # (G, L+1)
             full = self.jpm_rel_pos()
             per_group = full[:, sel[:, :, None], sel[:, None, :]].permute(1, 0, 2, 3)  # (G, heads, L+1, L+1)
             bias = per_group.unsqueeze(0).expand(b, -1, -1, -1, -1).flatten(0, 1)
         out = self.jpm_norm(self.jpm_block(tokens, bias))[:, 0]
-        return out.view(b, groups, d)
+        return out.view(b, len(sel), d)
 
     def _init_weights(self) -> None:
         nn.init.trunc_normal_(self.cls_token, std=1e-6)
@@ -240,11 +239,10 @@ class ViTReID(nn.Module):
                     "dataset and features files store them)"
                 )
             x = x + self.cfg.sie_weight * self.sie_embed[camids]
-        entering = x
-        for i, block in enumerate(self.blocks):
-            entering = x
-            x = block(x, self.rel_pos[i]() if self.rel_pos is not None else None)
-        return self.norm(x), entering
+        biases = [r() for r in self.rel_pos] if self.rel_pos is not None else [None] * len(self.blocks)
+        for block, bias in zip(self.blocks[:-1], biases[:-1], strict=True):
+            x = block(x, bias)
+        return self.norm(self.blocks[-1](x, biases[-1])), x
 
     def forward(self, x: torch.Tensor, camids: torch.Tensor | None = None) -> ReIDOutput:
         tokens, entering = self._encode(x, camids)

@@ -12,7 +12,14 @@ from reidcli.report.plots import plot_ranked_lists
 from reidcli.retrieval.evaluate import ranked_lists
 from reidcli.retrieval.features import FeatureSplit
 
-__all__ = ["write_ranked_lists", "list_status", "pages"]
+__all__ = ["write_ranked_lists", "list_status", "pages", "holds_images"]
+
+
+def holds_images(data: Path, split: str, features: FeatureSplit) -> bool:
+    """Whether the dataset file's ``split`` holds the images these features rows were extracted from (same count,
+    same first paths)."""
+    _, parts = read_dataset(data, (split,), images=False)
+    return len(parts[split]) == len(features) and parts[split].paths[:5] == features.paths[:5]
 
 
 def list_status(lists: np.ndarray, query: FeatureSplit, gallery: FeatureSplit, rows: np.ndarray) -> np.ndarray:
@@ -47,9 +54,7 @@ def write_ranked_lists(
     """Ranked lists of ``n`` evenly spaced queries; ``rerank`` (an EvalConfig) draws the re-ranked lists. Up to
     :data:`QUERIES_PER_PAGE` queries go to ``path``; more to ``<stem>_01.png``, ``<stem>_02.png``, … Returns the
     pictures written."""
-    _, parts = read_dataset(data, ("query", "gallery"), images=False)
-    q_meta, g_meta = parts["query"], parts["gallery"]
-    if len(q_meta) != len(query) or len(g_meta) != len(gallery) or q_meta.paths[:5] != query.paths[:5]:
+    if not (holds_images(data, "query", query) and holds_images(data, "gallery", gallery)):
         raise FormatError(f"{data} does not hold the images these features were extracted from; pass the right --data")
     rows = np.unique(np.linspace(0, len(query) - 1, min(n, len(query))).astype(int))
     if rerank is not None:  # re-ranking needs every query: the neighbourhoods are joint

@@ -136,7 +136,10 @@ def search_images(
             if images_from is not True
             else resolve_recorded(str(attrs.get("dataset_file", "")), features, "dataset file", "--data")
         )
-        _check_gallery_images(dataset, split, gallery, features)
+        from reidcli.report.ranked import holds_images
+
+        if not holds_images(dataset, split, gallery):
+            raise FormatError(f"{dataset} does not hold the {split} images of {features}; pass the right --data")
     run = Path(run) if run else resolve_recorded(str(attrs.get("run", "")), features, "run", "--run")
     dev = resolve_device(device)
     model, _, source = load_run_model(run, dev)
@@ -180,12 +183,3 @@ def search_images(
         bool(meta.get("exact", False)),
         bool(digest),
     )
-
-
-def _check_gallery_images(dataset: Path, split: str, gallery: FeatureSplit, features: Path) -> None:
-    from reidcli.data.store import read_dataset
-
-    _, parts = read_dataset(dataset, (split,), images=False)
-    meta = parts[split]
-    if len(meta) != len(gallery) or meta.paths[:5] != gallery.paths[:5]:
-        raise FormatError(f"{dataset} does not hold the {split} images of {features}; pass the right --data")

@@ -47,7 +47,7 @@ def test_local_features_equal_the_last_block_copy_on_each_group():
     tokens, entering = model._encode(x, None)
     full = model.jpm_rel_pos()
     by_hand = []
-    for group in model.jpm_index:
+    for group in jpm_groups_index(model.cfg):
         sel = torch.cat([torch.zeros(1, dtype=torch.long), group + 1])
         part = entering[:, sel]
         bias = full[:, sel][:, :, sel]
