@@ -2,7 +2,7 @@
 # Small from-scratch models keep a large shared component in the CLS feature before the BNNeck (cosines ≈ 0.999),
 # so the demo retrieves with the feature after it (--neck-feat after), as in Luo et al.'s BNNeck paper.
 # The main job on embedded synthetic data: generate → prepare → ablate (ape, rpe, both: train → extract → evaluate)
-# → extract → FAISS index → evaluate with ranked-list pictures → search the index with an image → compare two variants. About 2.5 minutes on 2 CPU cores.
+# → extract → FAISS index → evaluate with ranked-list pictures → search the index with an image → export to ONNX → compare two variants. About 2.5 minutes on 2 CPU cores.
 set -euo pipefail
 OUT=${1:-demo}
 REID=${REID:-.venv/bin/reid}
@@ -25,7 +25,10 @@ $REID evaluate "$OUT/features.h5" --index "$OUT/gallery.faiss" --out "$OUT/eval"
 echo "== 3b. a new image searched in the saved index (here one of the query JPEGs, as a user would pass a crop)"
 $REID search "$(ls "$OUT"/synthetic/query/*.jpg | head -1)" --index "$OUT/gallery.faiss" --top-k 5 --out "$OUT/search"
 
+echo "== 3c. the run exported for serving: one ONNX file, checked in onnxruntime against the model"
+$REID export --run "$RUN" --out "$OUT/deploy/ape.onnx"
+
 echo "== 4. is 'both' really different from 'ape'? a paired bootstrap over the queries"
 $REID evaluate "$(ls -d "$OUT"/ablation/runs/both__*)/features.h5" --out "$OUT/eval_both" >/dev/null
 $REID compare "$OUT/eval" "$OUT/eval_both"
-echo "== done: tables in $OUT/ablation/results.md, pictures in $OUT/ablation/pictures and $OUT/eval"
+echo "== done: tables in $OUT/ablation/results.md, pictures in $OUT/ablation/pictures and $OUT/eval, ONNX in $OUT/deploy"

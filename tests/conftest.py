@@ -44,3 +44,14 @@ def train_tiny_run(data: Path, run: Path, pe: str, *args: str) -> Path:
     r = run_cli("train", "--data", str(data), "--out", str(run), "--pe", pe, *TINY_MODEL, "--batch", "16", *args)
     assert r.returncode == 0, r.stderr
     return run
+
+
+@pytest.fixture(scope="session")
+def both_run(tiny_data, tmp_path_factory) -> tuple[Path, Path]:
+    """(folder, run): a `both` run trained through the CLI, and its query/gallery features in folder / "f.h5" from
+    'reid extract' (shared by the tests of search and export)."""
+    root = tmp_path_factory.mktemp("both")
+    run = train_tiny_run(tiny_data, root / "run", "both", "--device", "cpu")
+    r = run_cli("extract", "--run", str(run), "--data", str(tiny_data), "--out", str(root / "f.h5"), "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    return root, run

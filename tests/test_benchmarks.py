@@ -66,6 +66,15 @@ def test_model_speed_smoke(tmp_path):
     assert [row["pe"] for row in rows] == ["ape", "rpe"] and all(row["train_img_s"] > 0 for row in rows)
 
 
+def test_onnx_cpu_smoke(tmp_path):
+    out = tmp_path / "onnx.json"
+    r = _run("benchmarks.onnx_cpu", "--smoke", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["models"].values()
+    assert row["onnxruntime img/s"] > 0 and row["reidcli fp32 img/s"] > 0
+    assert row["max |onnxruntime - reidcli fp32|"] < 1e-4 and "onnxruntime" in r.stdout
+
+
 def test_cpu_eval_market_size_counting_methods_agree():
     """The CPU benchmark's evaluators run at Market size, and the default counting (the scan) equals the torch
     methods'."""

@@ -89,7 +89,23 @@ def _environment() -> list[tuple[str, str, str]]:
         rows.append(("faiss", "ok", f"{faiss.__version__}, GPU support: {'yes' if gpus else 'no'}"))
     except ImportError:
         rows.append(("faiss", "FAIL", "not installed: run 'make install'"))
+    rows.append(_onnx())
     return rows
+
+
+def _onnx() -> tuple[str, str, str]:
+    """Whether ``reid export`` can write (onnx, onnxscript) and check (onnxruntime) an ONNX file: optional."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found, missing = [], []
+    for name in ("onnx", "onnxscript", "onnxruntime"):
+        try:
+            found.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            missing.append(name)
+    if not missing:
+        return ("ONNX export", "ok", ", ".join(found))
+    return ("ONNX export", "none", f"{', '.join(missing)} not installed: pip install 'reidcli[export]' for reid export")
 
 
 def _cpu_bf16() -> tuple[str, str, str]:

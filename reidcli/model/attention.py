@@ -13,6 +13,10 @@ from reidcli.onednn import Linear, linear_gelu
 __all__ = ["Attention", "Block", "Mlp"]
 
 
+def _exporting() -> bool:
+    return getattr(torch.compiler, "is_exporting", lambda: False)()
+
+
 class Attention(nn.Module):
     """Parameter names match timm's ViT (``qkv``, ``proj``) so its weights load unchanged."""
 
@@ -34,7 +38,14 @@ class Attention(nn.Module):
             # Same dtype as q and contiguous, or CUDA silently drops to the slow math kernel.
             bias = bias.to(q.dtype)
             bias = (bias.unsqueeze(0) if bias.dim() == 3 else bias).contiguous()
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=self.attn_drop if self.training else 0.0)
+        if _exporting():  # the same formula in plain products: torch.export's decomposition of SDPA's CPU kernel
+            # changes its output's strides, and the reshape below then fails (ONNX export)
+            logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+            x = (logits if bias is None else logits + bias).softmax(-1) @ v
+        else:
+            x = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=bias, dropout_p=self.attn_drop if self.training else 0.0
+            )
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, d)))
 
 

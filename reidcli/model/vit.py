@@ -264,7 +264,7 @@ class ViTReID(nn.Module):
         if flip:  # image and mirror in one batch: one pass of larger, more efficient kernels
             both = None if camids is None else torch.cat([camids, camids])
             feat = self._test_feature(torch.cat([x, x.flip(3)]), both).float()
-            feat = feat[: len(x)] + feat[len(x) :]
+            feat = feat[: x.shape[0]] + feat[x.shape[0] :]  # x.shape, not len(x): symbolic when exported
         else:
             feat = self._test_feature(x, camids).float()
         return F.normalize(feat, dim=1)

@@ -12,7 +12,19 @@ import pytest
 
 from tests.conftest import TINY_MODEL, run_cli
 
-COMMANDS = ("prepare", "train", "extract", "index", "search", "evaluate", "compare", "ablate", "plot", "doctor")
+COMMANDS = (
+    "prepare",
+    "train",
+    "extract",
+    "index",
+    "search",
+    "evaluate",
+    "compare",
+    "ablate",
+    "plot",
+    "export",
+    "doctor",
+)
 
 
 def test_help_lists_commands_without_importing_torch():
@@ -270,6 +282,7 @@ def test_doctor_checks_data_and_run(tiny_data, tmp_path):
     assert checks["CPU kernels"]["status"] == built and checks["CPU GEMM"]["detail"] == "oneDNN operator"
     has_bf16 = any(f in Path("/proc/cpuinfo").read_text() for f in ("avx512_bf16", "amx_bf16"))
     assert checks["CPU bf16"]["status"] == ("ok" if has_bf16 else "none")  # this x86 machine: avx512_bf16
+    assert checks["ONNX export"]["status"] == "ok" and "onnxruntime" in checks["ONNX export"]["detail"]  # [dev] has it
     assert "12 ids" in checks["dataset"]["detail"]
     r = run_cli("doctor", "--run", str(tmp_path / "nope"), "--json")
     assert r.returncode == 1

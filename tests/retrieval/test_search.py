@@ -16,16 +16,11 @@ from tests.conftest import run_cli, train_tiny_run
 
 
 @pytest.fixture(scope="module")
-def indexed(tiny_data, tmp_path_factory):
+def indexed(tiny_data, both_run):
     """A trained run, its features, a flat index over the gallery, and three query images written as PNG."""
-    root = tmp_path_factory.mktemp("search")
-    run = train_tiny_run(tiny_data, root / "run", "both", "--device", "cpu")
-    for args in (
-        ("extract", "--run", str(run), "--data", str(tiny_data), "--out", str(root / "f.h5"), "--device", "cpu"),
-        ("index", str(root / "f.h5"), "--out", str(root / "g.faiss")),
-    ):
-        r = run_cli(*args)
-        assert r.returncode == 0, r.stderr
+    root, run = both_run
+    r = run_cli("index", str(root / "f.h5"), "--out", str(root / "g.faiss"))
+    assert r.returncode == 0, r.stderr
     rows = [0, 7, 15]
     with h5py.File(tiny_data) as f:
         images = f["query/images"][rows]
