@@ -41,6 +41,14 @@ def evaluate(
             "fp16; the CPU always runs fp32."
         ),
     ] = "auto",
+    roc: Annotated[
+        bool,
+        typer.Option(
+            help="Also the verification view: TPR at fixed FPRs over every query-gallery pair, one global threshold "
+            "(fast-reid's TEST.ROC)."
+        ),
+    ] = False,
+    fpr: Annotated[str, typer.Option(help="--roc: comma-separated false-positive rates.")] = "1e-4,1e-3,1e-2",
     out: Annotated[
         Path | None, typer.Option(help="Folder for results.json, results.csv, per_query.csv and pictures.")
     ] = None,
@@ -61,12 +69,15 @@ def evaluate(
       reid evaluate feats/rpe.h5 --rerank --out results/rpe --visualize 8
 
       reid evaluate feats/rpe.h5 --aqe --rerank       # fast-reid's test-time AQE, then re-ranking
+
+      reid evaluate feats/rpe.h5 --roc                # + TPR at FPR 1e-4, 1e-3, 1e-2 over all pairs
     """
     from reidcli.errors import ConfigError
     from reidcli.report.compare import write_per_query
     from reidcli.retrieval.evaluate import EvalConfig
     from reidcli.retrieval.evaluate import evaluate as run_eval
     from reidcli.retrieval.features import read_features
+    from reidcli.retrieval.roc import parse_fprs
 
     if visualize < 0 or top_k < 1:
         raise ConfigError(
@@ -77,6 +88,7 @@ def evaluate(
         raise ConfigError("--visualize needs --out DIR for the pictures")
     refuse_unused(ctx, ("k1", "k2", "lambda_value"), rerank, "--rerank", "add --rerank")
     refuse_unused(ctx, ("aqe_k", "aqe_alpha"), aqe, "--aqe", "add --aqe")
+    refuse_unused(ctx, ("fpr",), roc, "--roc", "add --roc")
     if aqe and index is not None:
         raise ConfigError(
             "--index holds the gallery features before --aqe expands them; leave out --index (a flat search runs "
@@ -111,6 +123,7 @@ def evaluate(
         aqe_alpha=aqe_alpha,
         device=device,
         similarity=similarity,
+        roc=parse_fprs(fpr) if roc else (),
     ).validate()
     attrs, splits = read_features(features)
     images = _picture_source(data, attrs) if visualize else None  # checked before the work, not after
@@ -123,6 +136,8 @@ def evaluate(
             hint = "; --engine torch evaluates on the GPU" if "cuda" in result.device else ""
             err.print(f"notice: FAISS retrieval ran on the CPU (this FAISS has no GPU support){hint}")
     report = {**result.metrics.to_dict(), "seconds": result.seconds, "engine": result.engine, "device": result.device}
+    if result.roc is not None:
+        report["roc"] = {**result.roc.to_dict(), "seconds": result.roc_seconds}
     if out is not None:
         provenance = {
             "features": str(features),
@@ -144,6 +159,8 @@ def evaluate(
     rows = [("mAP", m.mAP), ("mINP", m.mINP), ("random-ranking mAP", m.chance_mAP)] + [
         (f"Rank-{r}", cmc[r - 1]) for r in (1, 5, 10, 20) if r <= len(cmc)
     ]
+    if result.roc is not None:
+        rows += list(result.roc.named().items())
     rows += [("valid queries", f"{m.num_valid_queries}/{m.num_queries}"), ("seconds", round(result.seconds, 4))]
     title = f"{features.name}: {result.engine} on {result.device}" + (" (approximate)" if m.approximate else "")
     print_table(title, ["metric", "value"], rows)
@@ -163,7 +180,9 @@ def _write_results(out: Path, report: dict, provenance: dict) -> None:
     from reidcli.fileio import atomic_path, write_json_atomic
 
     write_json_atomic(out / "results.json", {**report, **provenance})
-    flat = {k: v for k, v in report.items() if k != "cmc"}
+    flat = {k: v for k, v in report.items() if k not in ("cmc", "roc")}
+    if "roc" in report:  # fast-reid's column names
+        flat.update({f"TPR@FPR={f:.0e}": t for f, t in zip(report["roc"]["fpr"], report["roc"]["tpr"], strict=True)})
     flat.update({f"rank{r}": report["cmc"][r - 1] for r in (1, 5, 10, 20) if r <= len(report["cmc"])})
     with atomic_path(out / "results.csv", suffix=".csv") as tmp:
         pd.DataFrame([flat]).to_csv(tmp, index=False)

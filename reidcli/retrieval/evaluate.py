@@ -22,6 +22,7 @@ from reidcli.retrieval.metrics import (
     scan_available,
     summarize,
 )
+from reidcli.retrieval.roc import RocCounter, RocResult
 from reidcli.retrieval.similarity import MODES, Similarity, choose_mode
 
 __all__ = ["EvalConfig", "EvalOutput", "best_first", "evaluate", "ranked_lists", "resolve_device"]
@@ -59,6 +60,7 @@ class EvalConfig:
     memory_mb: int = 0  # working set of one chunk of queries; 0: 1 GiB on CPU, a quarter of free GPU memory
     counting: str = "auto"  # exact counting: "auto", "kernel" (Triton, GPU), "scan" (C, CPU), "sort"/"count" (torch)
     similarity: str = "auto"  # the scores' GEMM: "auto" (tensor cores on a GPU, as accurate as fp32), "fp32", …
+    roc: tuple[float, ...] = ()  # false-positive rates at which to report the TPR over all pairs (none: no ROC)
 
     def validate(self) -> EvalConfig:
         if self.engine not in ("faiss", "torch"):
@@ -71,6 +73,8 @@ class EvalConfig:
             raise ConfigError(f"--aqe-k {self.aqe_k} --aqe-alpha {self.aqe_alpha}: k must be at least 1, alpha ≥ 0")
         if self.similarity not in MODES:
             raise ConfigError(f"unknown similarity mode {self.similarity!r}; use one of {', '.join(MODES)}")
+        if not all(0.0 < f < 1.0 for f in self.roc):
+            raise ConfigError(f"--fpr {self.roc}: false-positive rates lie between 0 and 1")
         if self.counting not in COUNTING:
             raise ConfigError(f"unknown counting method {self.counting!r}; use one of {', '.join(COUNTING)}")
         return self
@@ -83,6 +87,8 @@ class EvalOutput:
     engine: str
     device: str
     expanded: tuple[FeatureSplit, FeatureSplit] | None = None  # with --aqe: the query and gallery as evaluated
+    roc: RocResult | None = None  # TPR at the asked FPRs (``cfg.roc``), over every pair; timed apart
+    roc_seconds: float = 0.0
 
 
 def _tensors(s: FeatureSplit, dev: torch.device, half: bool = False):
@@ -197,6 +203,7 @@ def evaluate(query: FeatureSplit, gallery: FeatureSplit, cfg: EvalConfig, index=
     _sync(dev)
     t0 = time.perf_counter() - expanding
     approximate = False
+    dist = None
     if cfg.rerank:
         from reidcli.retrieval.rerank import k_reciprocal_rerank
 
@@ -230,7 +237,27 @@ def evaluate(query: FeatureSplit, gallery: FeatureSplit, cfg: EvalConfig, index=
             "come from the same dataset and that pids/camids are right"
         )
     seconds = time.perf_counter() - t0
-    return EvalOutput(result, seconds, engine, str(dev), (query, gallery) if cfg.aqe else None)
+    roc, roc_seconds = None, 0.0
+    if cfg.roc:
+        t = time.perf_counter()
+        roc = _roc(q, qp, qc, g, gp, gc, chunk, cfg, dist)
+        _sync(dev)
+        roc_seconds = time.perf_counter() - t
+    expanded = (query, gallery) if cfg.aqe else None
+    return EvalOutput(result, seconds, engine, str(dev), expanded, roc, roc_seconds)
+
+
+def _roc(q, qp, qc, g, gp, gc, chunk: int, cfg: EvalConfig, dist=None) -> RocResult:
+    """TPR at ``cfg.roc``'s FPRs over every pair, on the scores the ranking used: the cosine similarity (of the
+    expanded features with --aqe), or minus the re-ranked distance."""
+    counter = RocCounter(gp, gc, qp, cfg.roc)
+    if dist is not None:
+        for i in range(0, len(qp), chunk):
+            counter.add(-dist[i : i + chunk], qp[i : i + chunk], qc[i : i + chunk])
+    else:
+        for sel, block in _score_blocks(q, g, chunk, cfg):
+            counter.add(block, qp[sel], qc[sel])
+    return counter.result()
 
 
 def _faiss_ranks(query, gallery, cfg, index, tensors, chunk) -> tuple[list[QueryRanks], bool]:

@@ -130,3 +130,21 @@ def alpha_query_expansion(feats, k=5, alpha=3.0):
         v = (w[:, None] * x[order]).sum(0)
         out[i] = v / np.linalg.norm(v)
     return out
+
+
+def tpr_at_fpr(scores, q_pids, g_pids, q_camids, g_camids, fprs):
+    """The ROC read at each FPR f, from its definition: over the thresholds t (every pair's score, and −∞), a pair
+    accepted when its score > t; the largest TPR whose false positives are at most ⌊f · negatives⌋. Pairs of the
+    query's pid and camera are left out (junk)."""
+    same = q_pids[:, None] == g_pids[None, :]
+    junk = same & (q_camids[:, None] == g_camids[None, :])
+    pos, neg = scores[same & ~junk], scores[~same]
+    out = []
+    for f in fprs:
+        allowed = np.floor(f * len(neg))
+        best = 0.0
+        for t in np.concatenate([np.unique(scores), [-np.inf]]):
+            if (neg > t).sum() <= allowed:
+                best = max(best, (pos > t).sum() / len(pos))
+        out.append(best)
+    return out
