@@ -515,6 +515,14 @@ def evaluation(smoke: bool, out_dir: Path) -> dict:
             out["aqe market gpu-cpu mAP diff"] = abs(
                 aqe_runs[0].metrics.mAP - evaluate(q, g, EvalConfig(engine="torch", device="cpu", aqe=True)).metrics.mAP
             )
+            roc = EvalConfig(engine="torch", device=str(DEV), roc=(1e-4, 1e-3, 1e-2), memory_mb=mem)
+            evaluate(q, g, roc)
+            roc_runs = [evaluate(q, g, roc) for _ in range(2)]
+            out["roc market ms"] = 1e3 * min(r.roc_seconds for r in roc_runs)
+            cpu_roc = evaluate(q, g, EvalConfig(engine="torch", device="cpu", roc=roc.roc)).roc
+            out["roc market gpu-cpu max TPR diff"] = max(
+                abs(a - b) for a, b in zip(roc_runs[0].roc.tpr, cpu_roc.tpr, strict=True)
+            )
     return out
 
 

@@ -42,6 +42,7 @@ def test_gpu_bench_smoke(tmp_path):
         and result["extract"]["extract ape fp16 from memory"] > 0
     )
     assert result["eval"]["aqe market ms"] > 0 and result["eval"]["aqe market gpu-cpu mAP diff"] < 1e-6
+    assert result["eval"]["roc market ms"] > 0 and result["eval"]["roc market gpu-cpu max TPR diff"] < 1e-6
 
 
 def test_model_speed_smoke(tmp_path):

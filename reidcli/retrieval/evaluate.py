@@ -253,10 +253,10 @@ def _roc(q, qp, qc, g, gp, gc, chunk: int, cfg: EvalConfig, dist=None) -> RocRes
     counter = RocCounter(gp, gc, qp, cfg.roc)
     if dist is not None:
         for i in range(0, len(qp), chunk):
-            counter.add(-dist[i : i + chunk], qp[i : i + chunk], qc[i : i + chunk])
+            counter.add(-dist[i : i + chunk], qp[i : i + chunk], qc[i : i + chunk], scratch=True)
     else:
         for sel, block in _score_blocks(q, g, chunk, cfg):
-            counter.add(block, qp[sel], qc[sel])
+            counter.add(block, qp[sel], qc[sel], scratch=True)
     return counter.result()
 
 

@@ -15,6 +15,7 @@ from tests.conftest import run_cli
 from tests.retrieval.reference import market_like, tpr_at_fpr
 
 FPRS = (0.002, 0.01, 0.1, 0.5)
+SMALL = (0.001, 0.003, 0.01)
 
 
 def _splits(seed=0, levels=None, **kw):
@@ -24,22 +25,29 @@ def _splits(seed=0, levels=None, **kw):
     return FeatureSplit(q.astype(np.float32), qp, qc), FeatureSplit(g.astype(np.float32), gp, gc)
 
 
-@pytest.mark.parametrize(("seed", "levels", "rows"), [(0, None, 7), (1, 2, 5), (2, 1, 64)])
-def test_block_by_block_counts_equal_the_definition(seed, levels, rows):
+@pytest.mark.parametrize(
+    ("seed", "levels", "rows", "fprs"),
+    [(0, None, 7, FPRS), (1, 2, 5, FPRS), (2, 1, 64, FPRS), (3, None, 3, SMALL), (4, 2, 2, SMALL), (5, 4, 4, SMALL)],
+)
+def test_block_by_block_counts_equal_the_definition(seed, levels, rows, fprs):
+    """Small rates keep few negatives: the running threshold and the cuts (with ties at levels 1 and 2) run."""
     query, gallery = _splits(seed, levels, num_query=30, num_gallery=160)
     scores = query.feats @ gallery.feats.T
     labels = (query.pids, query.camids, gallery.pids, gallery.camids)
     t = {k: torch.from_numpy(v) for k, v in zip(("qp", "qc", "gp", "gc"), labels, strict=True)}
-    counter = RocCounter(t["gp"], t["gc"], t["qp"], FPRS)
+    counter = RocCounter(t["gp"], t["gc"], t["qp"], fprs)
     for i in range(0, len(scores), rows):
         counter.add(torch.from_numpy(scores[i : i + rows]), t["qp"][i : i + rows], t["qc"][i : i + rows])
+    assert (counter.threshold > -np.inf) == (fprs == SMALL)  # a cut before the end sets the running threshold
     got = counter.result()
-    want = tpr_at_fpr(scores, query.pids, gallery.pids, query.camids, gallery.camids, FPRS)
+    negatives = np.sort(scores[query.pids[:, None] != gallery.pids[None, :]])
+    np.testing.assert_array_equal(np.sort(counter.top.numpy()), negatives[len(negatives) - counter.keep :])
+    want = tpr_at_fpr(scores, query.pids, gallery.pids, query.camids, gallery.camids, fprs)
     np.testing.assert_allclose(got.tpr, want, rtol=0, atol=1e-12)
     same = query.pids[:, None] == gallery.pids[None, :]
     assert got.negatives == int((~same).sum())
     assert got.positives == int((same & (query.camids[:, None] != gallery.camids[None, :])).sum())
-    for f, threshold in zip(FPRS, got.threshold, strict=True):  # at most ⌊f·negatives⌋ negatives pass
+    for f, threshold in zip(fprs, got.threshold, strict=True):  # at most ⌊f·negatives⌋ negatives pass
         assert (scores[~same] > threshold).sum() <= np.floor(f * got.negatives)
     assert list(got.tpr) == sorted(got.tpr) and 0 < got.tpr[-1] <= 1
 
