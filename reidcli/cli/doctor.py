@@ -19,10 +19,14 @@ def doctor(
         Path | None,
         typer.Option(help="A features HDF5 to check: against the weights it came from, --run and --data."),
     ] = None,
+    onnx: Annotated[
+        Path | None,
+        typer.Option(help="An ONNX file from 'reid export' to check: valid, and against the weights it came from."),
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Report the environment, and check that a dataset file, a run folder and a features file are readable and
-    consistent (a features file extracted from weights that have changed since is stale).
+    """Report the environment, and check that a dataset file, a run folder, a features file and an exported ONNX
+    file are readable and consistent (features or an ONNX file made from weights that have changed since are stale).
 
     Examples:
 
@@ -31,6 +35,8 @@ def doctor(
       reid doctor --data data/market1501.h5 --run runs/both
 
       reid doctor --features feats/both.h5 --run runs/both --data data/market1501.h5
+
+      reid doctor --onnx deploy/both.onnx --run runs/both     # exported from the run's weights as they are now?
     """
     from reidcli.errors import ReidError
 
@@ -39,6 +45,7 @@ def doctor(
         ("dataset", data, lambda: _check_data(data)),
         ("run", run, lambda: _check_run(run, data)),
         ("features", features, lambda: _check_features(features, run, data)),
+        ("ONNX", onnx, lambda: _check_onnx(onnx, run)),
     ):
         if arg is not None:
             try:
@@ -161,7 +168,6 @@ def _check_features(path: Path, run: Path | None, data: Path | None) -> list[tup
     import h5py
     import numpy as np
 
-    from reidcli.fileio import sha256_file
     from reidcli.retrieval.features import read_features
 
     read_features(path, ())  # the file and its format, or one line saying what is wrong
@@ -171,38 +177,17 @@ def _check_features(path: Path, run: Path | None, data: Path | None) -> list[tup
     dim = next(iter(splits.values())).feats.shape[1]
     counts = ", ".join(f"{name} {len(s)}" for name, s in splits.items())
     rows = [("features", "ok", f"{path}: {counts} rows of {dim} values ({next(iter(splits.values())).feats.dtype})")]
-    digest = attrs.get("checkpoint_sha256")
     if run is not None:
-        from reidcli.engine.checkpoint import RunFiles, read_run_config
+        from reidcli.engine.checkpoint import read_run_config
+        from reidcli.model.vit import ModelConfig
 
-        width = int(read_run_config(run)["model"]["dim"])
-        files = RunFiles(run)
-        final, ckpt = (sha256_file(f) if f.is_file() else None for f in (files.weights, files.checkpoint))
+        width = ModelConfig.from_dict(read_run_config(run)["model"]).feature_dim
         if width != dim:
-            status, detail = "FAIL", f"features {dim} wide, the run's model {width} wide: another run's features"
-        elif digest is not None and digest == final:
-            status, detail = "ok", f"extracted from {files.weights} as it is now"
-        elif digest is not None and digest == ckpt:
-            status = "FAIL" if final else "ok"
-            detail = (
-                "extracted from checkpoint.pt during training, and the run has finished since: extract again from "
-                "its final weights"
-                if final
-                else f"extracted from {files.checkpoint} as it is now (the run is still training)"
-            )
+            rows.append(("features ↔ run", "FAIL", f"features {dim} wide, the run's model {width}: another run's"))
         else:
-            status = "FAIL"
-            detail = f"not extracted from {run}'s weights as they are now (trained further or again since, or another "
-            detail += "run's features): extract them again"
-        rows.append(("features ↔ run", status, detail))
-    elif attrs.get("checkpoint") and digest:
-        weights = Path(attrs["checkpoint"])
-        if not weights.is_file():
-            rows.append(("features ↔ weights", "unknown", f"{weights} is not found from here; pass --run RUN"))
-        elif sha256_file(weights) != digest:
-            rows.append(("features ↔ weights", "FAIL", f"{weights} has changed since: the features are stale"))
-        else:
-            rows.append(("features ↔ weights", "ok", f"extracted from {weights} as it is now"))
+            rows += _weights_rows("features", attrs.get("checkpoint_sha256"), attrs.get("checkpoint"), run)
+    else:
+        rows += _weights_rows("features", attrs.get("checkpoint_sha256"), attrs.get("checkpoint"), None)
     if data is not None:
         from reidcli.data.store import read_dataset
 
@@ -221,6 +206,78 @@ def _check_features(path: Path, run: Path | None, data: Path | None) -> list[tup
         )
         rows.append(("features ↔ dataset", "FAIL" if differ else "ok", detail))
     return rows
+
+
+_MADE = {
+    "features": ("extracted", "extract them again", "the features are stale"),
+    "ONNX": ("exported", "export it again", "the ONNX file is stale"),
+}
+
+
+def _weights_rows(kind: str, digest: str | None, checkpoint: str | None, run: Path | None) -> list[tuple]:
+    """Whether the weights a features or ONNX file records (by SHA-256) are --run's as they are now, or, without
+    --run, the recorded weights file as it is now."""
+    from reidcli.fileio import sha256_file
+
+    made, again, stale = _MADE[kind]
+    if run is not None:
+        from reidcli.engine.checkpoint import RunFiles
+
+        files = RunFiles(run)
+        final, ckpt = (sha256_file(f) if f.is_file() else None for f in (files.weights, files.checkpoint))
+        if digest is not None and digest == final:
+            status, detail = "ok", f"{made} from {files.weights} as it is now"
+        elif digest is not None and digest == ckpt:
+            status = "FAIL" if final else "ok"
+            detail = (
+                f"{made} from checkpoint.pt during training, and the run has finished since: {again} from its final "
+                "weights"
+                if final
+                else f"{made} from {files.checkpoint} as it is now (the run is still training)"
+            )
+        else:
+            status = "FAIL"
+            detail = f"not {made} from {run}'s weights as they are now (trained further or again since, or another "
+            detail += f"run's): {again}"
+        return [(f"{kind} ↔ run", status, detail)]
+    if not (checkpoint and digest):
+        return []
+    weights = Path(checkpoint)
+    if not weights.is_file():
+        return [(f"{kind} ↔ weights", "unknown", f"{weights} is not found from here; pass --run RUN")]
+    if sha256_file(weights) != digest:
+        return [(f"{kind} ↔ weights", "FAIL", f"{weights} has changed since: {stale}; {again}")]
+    return [(f"{kind} ↔ weights", "ok", f"{made} from {weights} as it is now")]
+
+
+def _check_onnx(path: Path, run: Path | None) -> list[tuple[str, str, str]]:
+    """An exported file: valid ONNX, what it takes and gives, and whether its weights are still the run's."""
+    from reidcli.errors import ConfigError, FormatError
+
+    try:
+        import onnx
+    except ImportError as e:
+        raise ConfigError("checking an ONNX file needs the onnx package: pip install 'reidcli[export]'") from e
+    if not path.is_file():
+        raise FormatError(f"{path} not found; write one with 'reid export'")
+    try:
+        proto = onnx.load(str(path))
+        onnx.checker.check_model(proto)
+    except Exception as e:  # noqa: BLE001 — protobuf and checker errors alike: the file is not a valid model
+        raise FormatError(f"{path} is not a valid ONNX model ({type(e).__name__}: {str(e)[:200]})") from e
+    meta = {p.key: p.value for p in proto.metadata_props}
+    if "checkpoint_sha256" not in meta:
+        return [("ONNX", "ok", f"{path}: valid ONNX, but not written by 'reid export' (no provenance to check)")]
+
+    def shape(value) -> str:
+        dims = value.type.tensor_type.shape.dim
+        return "(" + ", ".join(d.dim_param or str(d.dim_value) for d in dims) + ")"
+
+    inputs = ", ".join(f"{v.name} {shape(v)}" for v in proto.graph.input)
+    outputs = ", ".join(f"{v.name} {shape(v)}" for v in proto.graph.output)
+    flip = "flip-averaged" if meta.get("flip") == "1" else "no flip"
+    rows = [("ONNX", "ok", f"{path}: {inputs} → {outputs}, {flip}, from {meta.get('producer', '?')}")]
+    return rows + _weights_rows("ONNX", meta["checkpoint_sha256"], meta.get("checkpoint"), run)
 
 
 def register(app: typer.Typer) -> None:

@@ -74,6 +74,18 @@ def test_a_camera_and_jigsaw_model_exports_with_a_camids_input_and_float_pixels(
     np.testing.assert_allclose(got, want, atol=1e-5)
     other = _session(out).run(["features"], {"images": x.numpy(), "camids": np.zeros(4, np.int64)})[0]
     assert np.abs(other - got).max() > 1e-3  # the camera input is used
+    # reid doctor: the file against the run, and a features file as wide as the JPM test feature (3 × 16)
+    from reidcli.cli.doctor import _check_features, _check_onnx
+    from reidcli.fileio import sha256_file
+    from reidcli.retrieval.features import FeatureSplit, write_features
+
+    (onnx_row, run_row) = _check_onnx(out, files.root)
+    assert onnx_row[1] == "ok" and "camids (batch)" in onnx_row[2] and "no flip" in onnx_row[2]
+    assert run_row[:2] == ("ONNX ↔ run", "ok")
+    split = FeatureSplit(np.eye(4, 48, dtype=np.float32), np.arange(4), np.zeros(4, np.int64))
+    provenance = {"checkpoint": str(files.weights), "checkpoint_sha256": sha256_file(files.weights)}
+    write_features(tmp_path / "f.h5", {"query": split, "gallery": split}, provenance)
+    assert _check_features(tmp_path / "f.h5", files.root, None)[1][:2] == ("features ↔ run", "ok")
 
 
 def test_a_file_that_fails_the_check_is_not_written(trained, monkeypatch):
@@ -110,3 +122,29 @@ def test_refusals_are_one_line_errors(trained, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxscript", None)
     with pytest.raises(ConfigError, match=r"needs the onnxscript package: pip install 'reidcli\[export\]'"):
         export_onnx(ExportConfig(run=str(run), out=str(tmp_path / "m.onnx")))
+
+
+def test_doctor_tells_a_stale_or_invalid_onnx_file(trained, tmp_path):
+    import shutil
+
+    from reidcli.cli.doctor import _check_onnx
+    from reidcli.errors import FormatError
+
+    _, run = trained
+    out = tmp_path / "m.onnx"
+    export_onnx(ExportConfig(run=str(run), out=str(out), check=False))
+    r = run_cli("doctor", "--onnx", str(out), "--run", str(run), "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    checks = {c["check"]: c for c in json.loads(r.stdout)}
+    assert checks["ONNX ↔ run"]["status"] == "ok" and "images (batch, 64, 32, 3)" in checks["ONNX"]["detail"]
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    weights = copy / "model.safetensors"
+    weights.write_bytes(weights.read_bytes() + b" ")  # trained again since
+    assert "export it again" in _check_onnx(out, copy)[1][2] and _check_onnx(out, copy)[1][1] == "FAIL"
+    meta_path = tmp_path / "moved.onnx"
+    shutil.copy(out, meta_path)
+    assert _check_onnx(meta_path, None)[1][:2] == ("ONNX ↔ weights", "ok")  # the weights it names, as they are now
+    (tmp_path / "bad.onnx").write_bytes(b"not a model")
+    with pytest.raises(FormatError, match="is not a valid ONNX model"):
+        _check_onnx(tmp_path / "bad.onnx", None)

@@ -242,7 +242,7 @@ def test_doctor_tells_stale_and_foreign_features(tiny_data, ape_run, tmp_path):
     assert code == 0 and c["features ↔ run"]["status"] == c["features ↔ dataset"]["status"] == "ok"
     assert "query" in c["features"]["detail"] and "rows of 32 values" in c["features"]["detail"]
     code, c = checks("--features", str(early), "--run", str(run))
-    assert code == 1 and "the run has finished since: extract again" in c["features ↔ run"]["detail"]
+    assert code == 1 and "the run has finished since: extract them again" in c["features ↔ run"]["detail"]
     other = tmp_path / "other"
     generate_synthetic(other / "raw", SMALL)
     prepare_dataset(PrepareConfig("synthetic", other / "raw", other / "o.h5", image_size=(64, 32)))
