@@ -15,7 +15,15 @@ from reidcli.engine.checkpoint import RunFiles, load_run_model, read_metrics
 from reidcli.errors import ConfigError
 from reidcli.report.plots import _plt, _save, plot_ape_similarity, plot_rpe_bias, plot_training_curves
 
-__all__ = ["PICTURES", "run_pictures", "variant_pictures", "plot_relation_vectors", "patch_origins"]
+__all__ = [
+    "PICTURES",
+    "run_pictures",
+    "variant_pictures",
+    "plot_relation_vectors",
+    "plot_attention",
+    "attention_maps",
+    "patch_origins",
+]
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +33,8 @@ PICTURES = {
     "ape_similarity": "cosine similarity of each patch's absolute position embedding to every patch's",
     "rpe_bias": "relative-position bias over (Δrow, Δcol), per layer (rows) and head (columns)",
     "relation_vectors": "the RP loss's top-N patches on an anchor, a positive and a negative, and their relations",
+    "attention": "where the CLS token looks: attention rollout over all blocks, and the last block's CLS attention, "
+    "on query images",
 }
 
 
@@ -43,21 +53,21 @@ def run_pictures(
     title = title or tag or files.root.name
     written: list[Path] = []
     skipped: list[str] = []
-    source = None  # the dataset of the relation-vector picture, checked before anything is drawn
-    if model.pos is None and model.rel_pos is None:
-        skipped.append("position pictures: the model has no positional encoding (--pe none)")
+    # the dataset of the pictures drawn on images, checked before anything is drawn
+    source = Path(data) if data is not None else Path(str(config.get("data") or ""))
+    if data is None and not source.is_file():
+        skipped.append(
+            f"relation_vectors, attention: the run's dataset {str(source) or '(none recorded)'} is not found from "
+            "here; pass --data"
+        )
+        source = None
     else:
-        source = Path(data) if data is not None else Path(str(config.get("data") or ""))
-        if data is None and not source.is_file():
-            skipped.append(
-                f"relation_vectors: the run's dataset {str(source) or '(none recorded)'} is not found from here; "
-                "pass --data"
-            )
-            source = None
-        else:
-            from reidcli.data.store import read_dataset
+        from reidcli.data.store import read_dataset
 
-            _check_image_size(model, read_dataset(source, ("train",), images=False)[0], source)
+        _check_image_size(model, read_dataset(source, ("train",), images=False)[0], source)
+    positional = model.pos is not None or model.rel_pos is not None
+    if not positional:
+        skipped.append("position pictures: the model has no positional encoding (--pe none)")
     metrics = read_metrics(files.metrics)
     if metrics:
         written.append(out / f"curves{suffix}.png")
@@ -73,10 +83,13 @@ def run_pictures(
         tables = torch.stack([r.relative_position_bias_table.detach() for r in model.rel_pos]).numpy()
         written.append(out / f"rpe_bias{suffix}.png")
         plot_rpe_bias(tables, grid, written[-1], title=f"{title}: RPE bias by offset")
-    if source is not None:
+    if source is not None and positional:
         top_n = int(config.get("loss", {}).get("top_n", 8))
         written.append(out / f"relation_vectors{suffix}.png")
         plot_relation_vectors(model, source, written[-1], top_n, title=title)
+    if source is not None:
+        written.append(out / f"attention{suffix}.png")
+        plot_attention(model, source, written[-1], title=title)
     return written, skipped
 
 
@@ -162,6 +175,74 @@ def plot_relation_vectors(model, data: str | Path, path: Path, top_n: int, title
     axes[3].set(title=f"positional relation r(a, b) of the top-{top_n} patch pairs", xlabel="pair (rank order)")
     axes[3].legend(fontsize=8)
     fig.suptitle(title, fontsize=9)
+    _save(fig, path)
+
+
+@torch.no_grad()
+def attention_maps(
+    model, x: torch.Tensor, camids: torch.Tensor | None = None
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(B, N) attention rollout of the CLS token over the N patches, and each block's attention weights
+    (B, heads, N+1, N+1), for normalised images ``x`` (the global branch; JPM's copy of the last block aside).
+
+    The forward runs as always (SDPA); each block's attention input and bias are taken on the way and its weights
+    ``softmax(QKᵀ/√d + B)`` computed from its own ``qkv`` layer. Rollout (Abnar & Zuidema, 2020): per block the
+    heads' mean with the residual as ½(A + I), rows renormalised, multiplied from the first block to the last."""
+    taken: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+    hooks = [b.attn.register_forward_pre_hook(lambda _m, args: taken.append(args)) for b in model.blocks]
+    try:
+        model.eval()
+        model.forward_features(x, camids)
+    finally:
+        for h in hooks:
+            h.remove()
+    weights = []
+    for block, (inp, bias) in zip(model.blocks, taken, strict=True):
+        attn = block.attn
+        b, n, d = inp.shape
+        q, k, _ = attn.qkv(inp).view(b, n, 3, attn.heads, d // attn.heads).permute(2, 0, 3, 1, 4)
+        logits = (q @ k.transpose(-2, -1)) * (d // attn.heads) ** -0.5
+        weights.append((logits if bias is None else logits + bias).softmax(-1))
+    eye = torch.eye(weights[0].shape[-1], device=x.device)
+    rollout = eye.expand(len(x), -1, -1)
+    for w in weights:
+        a = 0.5 * w.mean(1) + 0.5 * eye
+        rollout = (a / a.sum(-1, keepdim=True)) @ rollout
+    return rollout[:, 0, 1:], weights
+
+
+@torch.no_grad()
+def plot_attention(model, data: str | Path, path: Path, title: str = "", count: int = 6) -> None:
+    """``count`` query images of different identities, each with its attention rollout and the last block's CLS
+    attention (mean over heads) laid over it, upsampled from the patch grid to the pixels (each patch's value spread
+    over its stride cell)."""
+    from reidcli.data.augment import normalize_batch
+    from reidcli.data.store import read_dataset, read_images
+
+    attrs, parts = read_dataset(data, ("query",), images=False)
+    _check_image_size(model, attrs, data)
+    pids = parts["query"].pids
+    rows = np.sort(np.unique(pids, return_index=True)[1])[:count]
+    images = read_images(data, "query", rows)
+    cams = torch.from_numpy(parts["query"].camids[rows]) if model.uses_cameras else None
+    rollout, weights = attention_maps(model, normalize_batch(torch.from_numpy(images)), cams)
+    last = weights[-1].mean(1)[:, 0, 1:]
+    gh, gw = model.cfg.grid
+    h, w = model.cfg.image_size
+    plt = _plt()
+    fig, axes = plt.subplots(2, len(rows), figsize=(1.2 * len(rows) + 0.5, 5.0), squeeze=False)
+    for j, (image, row) in enumerate(zip(images, rows, strict=True)):
+        for i, (maps, name) in enumerate(((rollout, "rollout"), (last, "last block"))):
+            m = maps[j].view(1, 1, gh, gw)
+            m = torch.nn.functional.interpolate(m, size=(gh * model.cfg.stride, gw * model.cfg.stride))[0, 0]
+            full = torch.zeros(h, w)
+            full[: m.shape[0], : m.shape[1]] = m[:h, :w]
+            ax = axes[i, j]
+            ax.imshow(image)
+            ax.imshow((full / full.max().clamp_min(1e-12)).numpy(), cmap="jet", alpha=0.45, vmin=0, vmax=1)
+            ax.set_title(f"pid {pids[row]}: {name}" if j == 0 else f"pid {pids[row]}", fontsize=7)
+            ax.axis("off")
+    fig.suptitle(f"{title}: CLS attention (top: rollout over all blocks; bottom: last block)", fontsize=9)
     _save(fig, path)
 
 

@@ -27,15 +27,16 @@ def test_plot_draws_every_picture_of_a_both_run(both_run):
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
     names = [p.split("/")[-1] for p in report["pictures"]]
-    assert names == ["curves.png", "ape_similarity.png", "rpe_bias.png", "relation_vectors.png"]
+    assert names == ["curves.png", "ape_similarity.png", "rpe_bias.png", "relation_vectors.png", "attention.png"]
     assert report["out"] == str(both_run / "pictures") and report["skipped"] == []
     for name in names:
         assert (both_run / "pictures" / name).stat().st_size > 5000
     table = run_cli("plot", str(both_run), "--out", str(both_run / "again"))
     assert table.returncode == 0 and "relation_vectors.png" in table.stdout and "RP loss" in table.stdout
+    assert "attention rollout" in table.stdout
 
 
-def test_plot_without_the_runs_dataset_skips_one_picture_and_takes_data(both_run, tiny_data, tmp_path):
+def test_plot_without_the_runs_dataset_skips_the_image_pictures_and_takes_data(both_run, tiny_data, tmp_path):
     moved = tmp_path / "moved"
     shutil.copytree(both_run, moved, ignore=shutil.ignore_patterns("pictures", "again"))
     config = json.loads((moved / "config.json").read_text())
@@ -45,10 +46,13 @@ def test_plot_without_the_runs_dataset_skips_one_picture_and_takes_data(both_run
     report = json.loads(r.stdout)
     assert r.returncode == 0 and len(report["pictures"]) == 3
     assert report["skipped"] == [
-        f"relation_vectors: the run's dataset {tmp_path / 'gone.h5'} is not found from here; pass --data"
+        f"relation_vectors, attention: the run's dataset {tmp_path / 'gone.h5'} is not found from here; pass --data"
     ]
     r = run_cli("plot", str(moved), "--data", str(tiny_data), "--json")
-    assert r.returncode == 0 and json.loads(r.stdout)["pictures"][-1].endswith("relation_vectors.png")
+    assert r.returncode == 0 and [p.split("/")[-1] for p in json.loads(r.stdout)["pictures"][-2:]] == [
+        "relation_vectors.png",
+        "attention.png",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -91,3 +95,34 @@ def test_patch_boxes_sit_on_the_patches_the_rp_loss_picks(both_run, tiny_data):
     picked = top_patches(feat, tokens + 1e-3 * torch.randn_like(tokens), 1)
     y, x = patch_origins(picked.numpy(), w, model.cfg.stride)
     assert (y.item(), x.item()) == (model.cfg.stride, model.cfg.stride)
+
+
+def test_attention_weights_give_each_blocks_output_and_rollout_follows_its_definition():
+    """The weights attention_maps computes reproduce every block's SDPA output (bias and camera embedding included);
+    with one block the rollout's CLS row over the patches is ½ · the heads' mean CLS attention."""
+    from reidcli.model.vit import ModelConfig, ViTReID
+    from reidcli.report.figures import attention_maps
+
+    torch.manual_seed(0)
+    small = {"image_size": (32, 16), "patch_size": 8, "stride": 8, "dim": 16, "heads": 2, "drop_path": 0.0}
+    model = ViTReID(ModelConfig(pe="both", depth=3, sie_cameras=2, **small)).eval()
+    with torch.no_grad():
+        for r in model.rel_pos:
+            r.relative_position_bias_table.normal_()
+    x, cams = torch.randn(3, 3, 32, 16), torch.tensor([0, 1, 1])
+    seen = []
+    hooks = [b.attn.register_forward_hook(lambda m, args, out: seen.append((args[0], out))) for b in model.blocks]
+    rollout, weights = attention_maps(model, x, cams)
+    for h in hooks:
+        h.remove()
+    seen = seen[: len(model.blocks)]
+    assert len(weights) == 3 and rollout.shape == (3, 8)
+    for block, w, (inp, out) in zip(model.blocks, weights, seen, strict=True):
+        b, n, d = inp.shape
+        v = block.attn.qkv(inp).view(b, n, 3, 2, d // 2)[:, :, 2].transpose(1, 2)  # (B, heads, N, hd)
+        mixed = block.attn.proj((w @ v).transpose(1, 2).reshape(b, n, d))
+        torch.testing.assert_close(mixed, out, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(w.sum(-1), torch.ones(b, 2, n))
+    one = ViTReID(ModelConfig(pe="rpe", depth=1, **small)).eval()
+    rollout, (w,) = attention_maps(one, x)
+    torch.testing.assert_close(rollout, 0.5 * w.mean(1)[:, 0, 1:])
