@@ -20,7 +20,10 @@ from reidcli.cli.options import (
     DropPathOpt,
     EpochsOpt,
     EvalEveryOpt,
+    HeadMarginOpt,
+    HeadScaleOpt,
     HeadsOpt,
+    IdHeadOpt,
     ImageSizeOpt,
     JpmGroupsOpt,
     JpmOpt,
@@ -87,6 +90,9 @@ def ablate(
     jpm_groups: JpmGroupsOpt = 4,
     jpm_shift: JpmShiftOpt = 4,
     jpm_shuffle: JpmShuffleOpt = 2,
+    id_head: IdHeadOpt = "linear",
+    head_scale: HeadScaleOpt = 64.0,
+    head_margin: HeadMarginOpt = None,
     init: Annotated[Path | None, typer.Option(help="timm-format ViT weights every run starts from.")] = None,
     perturb: Annotated[float, typer.Option(help="Query misalignment for the robustness column (0: off).")] = 0.1,
     device: DeviceOpt = "auto",
@@ -112,6 +118,7 @@ def ablate(
     from reidcli.cli.train import (
         check_image_size,
         dataset_image_size,
+        head_options,
         jpm_options,
         loss_options,
         model_options,
@@ -132,9 +139,23 @@ def ablate(
         check_image_size(size, data)
     cameras = sie_cameras(ctx, sie, data)
     local = jpm_options(ctx, jpm, jpm_groups, jpm_shift, jpm_shuffle)
+    head = head_options(ctx, id_head, head_scale, head_margin)
     first = pes[0] if pes else "ape"
     mcfg = model_options(
-        first, preset, dim, depth, heads, patch_size, stride, size, drop_path, neck_feat, cameras, sie_weight, local
+        first,
+        preset,
+        dim,
+        depth,
+        heads,
+        patch_size,
+        stride,
+        size,
+        drop_path,
+        neck_feat,
+        cameras,
+        sie_weight,
+        local,
+        head,
     )
     template = TrainConfig(
         data=str(data),

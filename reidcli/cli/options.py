@@ -70,6 +70,17 @@ JpmOpt = _switch(
     "features (trained with their own ID and triplet losses; the test feature appends them).",
 )
 JpmGroupsOpt = Annotated[int, typer.Option(help="JPM: patch groups (local features).")]
+IdHeadOpt = Annotated[
+    str,
+    typer.Option(
+        help="ID classifier: linear, or cosine logits with a margin on the label: cosface, arcface, circle "
+        "(fast-reid's CosSoftmax, ArcSoftmax, CircleSoftmax)."
+    ),
+]
+HeadScaleOpt = Annotated[float, typer.Option(help="Cosine ID head: logit scale.")]
+HeadMarginOpt = Annotated[
+    float | None, typer.Option(help="Cosine ID head: margin (default cosface 0.35, arcface 0.5, circle 0.35).")
+]
 JpmShiftOpt = Annotated[
     int,
     typer.Option(help="JPM: patches the tokens are rolled by before the shuffle (TransReID's SHIFT_NUM 5 rolls by 4)."),
@@ -144,6 +155,7 @@ def refuse_unused(ctx: typer.Context, names: tuple[str, ...], applies: bool, wit
 # loss options → the --loss components they act on (--top-n also sets the patches `reid plot` boxes: always taken)
 LOSS_OPTION_NEEDS = {
     "label_smoothing": ("ce",),
+    "id_head": ("ce",),
     "margin": ("triplet", "patch-triplet"),
     "patch_weight": ("patch-triplet",),
     "rp_weight": ("rp-triplet",),

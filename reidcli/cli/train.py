@@ -20,7 +20,10 @@ from reidcli.cli.options import (
     DropPathOpt,
     EpochsOpt,
     EvalEveryOpt,
+    HeadMarginOpt,
+    HeadScaleOpt,
     HeadsOpt,
+    IdHeadOpt,
     ImageSizeOpt,
     JpmGroupsOpt,
     JpmOpt,
@@ -71,6 +74,7 @@ def model_options(
     sie_cameras: int = 0,
     sie_weight: float = 3.0,
     jpm: tuple[bool, int, int, int] = (False, 4, 4, 2),
+    head: tuple[str, float, float] = ("linear", 64.0, 0.35),
 ):
     from reidcli.model.vit import ModelConfig
 
@@ -91,7 +95,22 @@ def model_options(
         jpm_groups=jpm[1],
         jpm_shift=jpm[2],
         jpm_shuffle=jpm[3],
+        id_head=head[0],
+        head_scale=head[1],
+        head_margin=head[2],
     ).validate()
+
+
+def head_options(ctx: typer.Context, id_head: str, scale: float, margin: float | None) -> tuple[str, float, float]:
+    """``--id-head`` with its scale and margin (the head's own default margin when none is given); a scale or
+    margin for the linear head is refused."""
+    from reidcli.model.vit import HEAD_MARGINS
+
+    refuse_unused(
+        ctx, ("head_scale", "head_margin"), id_head != "linear", "a cosine --id-head", "add --id-head cosface, arcface "
+        "or circle"
+    )  # fmt: skip
+    return id_head, scale, HEAD_MARGINS.get(id_head, 0.35) if margin is None else margin
 
 
 def jpm_options(ctx: typer.Context, jpm: bool, groups: int, shift: int, shuffle: int) -> tuple[bool, int, int, int]:
@@ -179,6 +198,9 @@ def train(
     jpm_groups: JpmGroupsOpt = 4,
     jpm_shift: JpmShiftOpt = 4,
     jpm_shuffle: JpmShuffleOpt = 2,
+    id_head: IdHeadOpt = "linear",
+    head_scale: HeadScaleOpt = 64.0,
+    head_margin: HeadMarginOpt = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     device: DeviceOpt = "auto",
     precision: TrainPrecisionOpt = "auto",
@@ -228,8 +250,9 @@ def train(
         check_image_size(size, data)
     cameras = sie_cameras(ctx, sie, data)
     local = jpm_options(ctx, jpm, jpm_groups, jpm_shift, jpm_shuffle)
+    head = head_options(ctx, id_head, head_scale, head_margin)
     mcfg = model_options(
-        pe, preset, dim, depth, heads, patch_size, stride, size, drop_path, neck_feat, cameras, sie_weight, local
+        pe, preset, dim, depth, heads, patch_size, stride, size, drop_path, neck_feat, cameras, sie_weight, local, head
     )
     if print_model:
         _print_model(mcfg, json_out)
@@ -287,6 +310,9 @@ _MODEL_OPTIONS = {
         "jpm_groups",
         "jpm_shift",
         "jpm_shuffle",
+        "id_head",
+        "head_scale",
+        "head_margin",
     )
 }
 _LOSS_OPTIONS = {"loss": "spec"} | {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -11,7 +12,7 @@ from reidcli.errors import ConfigError
 from reidcli.losses.positional import patch_embedding, relation_vectors, rp_triplet
 from reidcli.losses.triplet import batch_hard_triplet
 
-__all__ = ["LOSS_NAMES", "LossConfig", "parse_loss_spec", "compute_losses"]
+__all__ = ["LOSS_NAMES", "LossConfig", "parse_loss_spec", "compute_losses", "margin_logits"]
 
 LOSS_NAMES = ("ce", "triplet", "patch-triplet", "rp-triplet")
 
@@ -65,6 +66,34 @@ class LossConfig:
         return self
 
 
+def margin_logits(cos: torch.Tensor, labels: torch.Tensor, head: str, scale: float, margin: float) -> torch.Tensor:
+    """The CE logits of a cosine head (``cos``: (B, classes) cosines) with its margin on the labelled class:
+
+    - cosface (CosFace / AM-Softmax): ``s·(cos − m)`` for the label, ``s·cos`` for the others;
+    - arcface (ArcFace): ``s·cos(θ + m)`` for the label (``s·(cos − m·sin m)`` once θ + m passes π, where
+      ``cos(θ + m)`` would rise again), ``s·cos`` for the others;
+    - circle (Circle loss, as fast-reid's CircleSoftmax): ``s·α_p·(cos − (1 − m))`` for the label with
+      ``α_p = [1 + m − cos]₊``, and ``s·α_n·(cos − m)`` for the others with ``α_n = [cos + m]₊`` (α not
+      differentiated);
+    - linear: ``cos`` as given (the logits of a linear classifier)."""
+    if head == "linear":
+        return cos
+    cos = cos.float()
+    target = F.one_hot(labels, cos.shape[1]).bool()
+    if head == "cosface":
+        return scale * (cos - margin * target)
+    if head == "arcface":
+        c = cos.clamp(-1.0 + 1e-7, 1.0 - 1e-7)
+        shifted = torch.cos(torch.acos(c) + margin)
+        shifted = torch.where(c > math.cos(math.pi - margin), shifted, c - margin * math.sin(margin))
+        return scale * torch.where(target, shifted, cos)
+    if head == "circle":
+        alpha_p = (1.0 + margin - cos).clamp_min(0.0).detach()
+        alpha_n = (cos + margin).clamp_min(0.0).detach()
+        return scale * torch.where(target, alpha_p * (cos - (1.0 - margin)), alpha_n * (cos - margin))
+    raise ConfigError(f"unknown ID head {head!r}")
+
+
 def compute_losses(
     model, out, labels: torch.Tensor, cfg: LossConfig, epoch: float | torch.Tensor = 0.0, stats: dict | None = None
 ) -> dict[str, torch.Tensor]:
@@ -80,7 +109,10 @@ def compute_losses(
         if out.logits is None:
             raise ConfigError("the ce loss needs a classifier; build the model with num_classes > 0")
 
+        head = getattr(model.cfg, "id_head", "linear")
+
         def ce(logits: torch.Tensor) -> torch.Tensor:
+            logits = margin_logits(logits, labels, head, model.cfg.head_scale, model.cfg.head_margin)
             return F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
 
         value = ce(out.logits)

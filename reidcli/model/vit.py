@@ -17,6 +17,9 @@ from reidcli.onednn import Linear
 
 __all__ = [
     "PE_CHOICES",
+    "ID_HEADS",
+    "HEAD_MARGINS",
+    "CosineClassifier",
     "PRESETS",
     "ModelConfig",
     "ReIDOutput",
@@ -29,6 +32,8 @@ __all__ = [
 ]
 
 PE_CHOICES = ("none", "ape", "sincos", "rpe", "both")
+ID_HEADS = ("linear", "cosface", "arcface", "circle")
+HEAD_MARGINS = {"cosface": 0.35, "arcface": 0.5, "circle": 0.35}  # each cosine head's default margin (fast-reid's)
 PRESETS = {
     "vit_tiny": {"dim": 192, "depth": 12, "heads": 3},
     "vit_small": {"dim": 384, "depth": 12, "heads": 6},
@@ -55,6 +60,11 @@ class ModelConfig:
     jpm_groups: int = 4  # local groups (TransReID's divide length)
     jpm_shift: int = 4  # patch tokens rolled by this many before the shuffle (TransReID's SHIFT_NUM 5 rolls by 4)
     jpm_shuffle: int = 2  # interleave factor of the patch shuffle
+    # The ID classifier: linear (TransReID, bag of tricks), or cosine logits trained with a margin (fast-reid's
+    # CosSoftmax, ArcSoftmax, CircleSoftmax): cosface, arcface, circle; scale and margin act in the CE loss.
+    id_head: str = "linear"
+    head_scale: float = 64.0
+    head_margin: float = 0.35
 
     @property
     def feature_dim(self) -> int:
@@ -92,6 +102,12 @@ class ModelConfig:
                     f"--jpm-groups {self.jpm_groups} must be between 1 and the {patches} patches, --jpm-shuffle at "
                     f"least 1 and --jpm-shift at least 0 (got {self.jpm_shuffle}, {self.jpm_shift})"
                 )
+        if self.id_head not in ID_HEADS:
+            raise ConfigError(f"unknown --id-head {self.id_head!r}; choose one of {', '.join(ID_HEADS)}")
+        if self.head_scale <= 0 or not 0 <= self.head_margin < 1:
+            raise ConfigError(
+                f"--head-scale {self.head_scale} must be positive and --head-margin {self.head_margin} in [0, 1)"
+            )
         if self.sie_cameras < 0 or self.sie_weight < 0:
             raise ConfigError(
                 f"SIE needs a camera count ≥ 0 and --sie-weight ≥ 0, got {self.sie_cameras} and {self.sie_weight}"
@@ -133,6 +149,24 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, N, D)
 
 
+class CosineClassifier(nn.Module):
+    """Cosine similarities of the (BN) feature to one learned vector per identity: the logits of a margin head before
+    its scale and margin (applied by the CE loss, which knows the labels). Same ``weight`` key as the linear one."""
+
+    def __init__(self, dim: int, classes: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(classes, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.normalize(x, dim=-1), F.normalize(self.weight, dim=-1))
+
+
+def _classifier(cfg: ModelConfig) -> nn.Module:
+    if cfg.id_head == "linear":
+        return Linear(cfg.dim, cfg.num_classes, bias=False)
+    return CosineClassifier(cfg.dim, cfg.num_classes)
+
+
 class ViTReID(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -154,7 +188,7 @@ class ViTReID(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.bottleneck = nn.BatchNorm1d(dim)
         self.bottleneck.bias.requires_grad_(False)  # BNNeck: the shift stays zero
-        self.classifier = Linear(dim, cfg.num_classes, bias=False) if cfg.num_classes else None
+        self.classifier = _classifier(cfg) if cfg.num_classes else None
         if cfg.jpm:
             self._build_jpm()
         self._init_weights()
@@ -173,9 +207,7 @@ class ViTReID(nn.Module):
         for bn in self.jpm_bottlenecks:
             bn.bias.requires_grad_(False)
         self.jpm_classifiers = (
-            nn.ModuleList(Linear(cfg.dim, cfg.num_classes, bias=False) for _ in range(cfg.jpm_groups))
-            if cfg.num_classes
-            else None
+            nn.ModuleList(_classifier(cfg) for _ in range(cfg.jpm_groups)) if cfg.num_classes else None
         )
         patches = jpm_groups_index(cfg)  # each group's token indices in the sequence, CLS (0) first
         tokens = torch.cat([patches.new_zeros(len(patches), 1), patches + 1], dim=1)

@@ -93,6 +93,9 @@ def _config_hash(cfg: TrainConfig) -> str:
     if not d["model"]["jpm"]:  # likewise before JPM
         for key in ("jpm", "jpm_groups", "jpm_shift", "jpm_shuffle"):
             del d["model"][key]
+    if d["model"]["id_head"] == "linear":  # likewise before the cosine ID heads
+        for key in ("id_head", "head_scale", "head_margin"):
+            del d["model"][key]
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
 
 
