@@ -20,6 +20,7 @@ from reidcli.cli.options import (
     DropPathOpt,
     EpochsOpt,
     EvalEveryOpt,
+    ExtraDataOpt,
     HeadMarginOpt,
     HeadScaleOpt,
     HeadsOpt,
@@ -60,6 +61,7 @@ def ablate(
     data: DataOpt,
     out: Annotated[Path, typer.Option(help="Ablation folder: runs/, results.csv, results.md, pictures/.")],
     pe: Annotated[str, typer.Option(help="Comma-separated encodings: none, ape, sincos, rpe, both.")] = "ape,rpe,both",
+    extra_data: ExtraDataOpt = None,
     loss: Annotated[str, typer.Option(help="Comma-separated loss specs, e.g. ce+triplet,rp-triplet.")] = "ce+triplet",
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds.")] = "0",
     preset: PresetOpt = "vit_base",
@@ -137,7 +139,8 @@ def ablate(
     size = parse_size(image_size) if image_size else dataset_image_size(data)
     if image_size:
         check_image_size(size, data)
-    cameras = sie_cameras(ctx, sie, data)
+    extra = tuple(str(p) for p in extra_data or ())
+    cameras = sie_cameras(ctx, sie, data, extra)
     local = jpm_options(ctx, jpm, jpm_groups, jpm_shift, jpm_shuffle)
     head = head_options(ctx, id_head, head_scale, head_margin)
     first = pes[0] if pes else "ape"
@@ -161,6 +164,7 @@ def ablate(
         data=str(data),
         run_dir="",
         model=mcfg,
+        extra_data=extra,
         loss=loss_options("ce+triplet", label_smoothing, margin, top_n, rp_form, rp_weight, patch_weight),
         epochs=epochs,
         batch=batch,

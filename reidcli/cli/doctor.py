@@ -148,10 +148,14 @@ def _check_run(run: Path, data: Path | None) -> list[tuple[str, str, str]]:
     if data is not None:
         attrs, splits = read_dataset(data, images=False)
         size = tuple(attrs["image_size"])
+        extra = [p for p in config.get("extra_data") or () if Path(p).is_file()]
+        # the run's classes: the train ids of --data and of each --extra-data dataset it was trained on
         ids = len(set(splits["train"].pids.tolist()))
+        ids += sum(len(set(read_dataset(p, ("train",), images=False)[1]["train"].pids.tolist())) for p in extra)
         ok = size == tuple(model.cfg.image_size) and ids == model.cfg.num_classes
+        joined = f" (+ {len(extra)} --extra-data)" if extra else ""
         detail = (
-            f"dataset {size[0]}x{size[1]} with {ids} train ids; model {model.cfg.image_size[0]}x"
+            f"dataset{joined} {size[0]}x{size[1]} with {ids} train ids; model {model.cfg.image_size[0]}x"
             f"{model.cfg.image_size[1]} with {model.cfg.num_classes} classes"
         )
         if model.uses_cameras:  # every camera of the dataset needs its embedding

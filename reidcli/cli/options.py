@@ -70,6 +70,14 @@ JpmOpt = _switch(
     "features (trained with their own ID and triplet losses; the test feature appends them).",
 )
 JpmGroupsOpt = Annotated[int, typer.Option(help="JPM: patch groups (local features).")]
+ExtraDataOpt = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--extra-data",
+        help="Another prepared dataset whose train split joins --data's (repeatable; identities and cameras kept "
+        "apart); evaluation stays on --data.",
+    ),
+]
 IdHeadOpt = Annotated[
     str,
     typer.Option(

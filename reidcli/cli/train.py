@@ -20,6 +20,7 @@ from reidcli.cli.options import (
     DropPathOpt,
     EpochsOpt,
     EvalEveryOpt,
+    ExtraDataOpt,
     HeadMarginOpt,
     HeadScaleOpt,
     HeadsOpt,
@@ -119,13 +120,17 @@ def jpm_options(ctx: typer.Context, jpm: bool, groups: int, shift: int, shuffle:
     return jpm, groups, shift, shuffle
 
 
-def sie_cameras(ctx: typer.Context, sie: bool, data: Path) -> int:
-    """The camera embeddings ``--sie`` asks for (the dataset's camera count), 0 without it; ``--sie-weight``
-    without ``--sie`` is refused."""
+def sie_cameras(ctx: typer.Context, sie: bool, data: Path, extra: tuple[str, ...] = ()) -> int:
+    """The camera embeddings ``--sie`` asks for (the datasets' camera count: --data's and each --extra-data's, kept
+    apart), 0 without it; ``--sie-weight`` without ``--sie`` is refused."""
+    refuse_unused(ctx, ("sie_weight",), sie, "--sie", "add --sie")
+    return all_cameras(data, extra) if sie else 0
+
+
+def all_cameras(data: str | Path, extra: tuple[str, ...] = ()) -> int:
     from reidcli.data.store import dataset_cameras
 
-    refuse_unused(ctx, ("sie_weight",), sie, "--sie", "add --sie")
-    return dataset_cameras(data) if sie else 0
+    return sum(dataset_cameras(p) for p in (data, *extra))
 
 
 def loss_options(spec: str, label_smoothing, margin, top_n, rp_form, rp_weight, patch_weight):
@@ -168,6 +173,7 @@ def train(
         Path | None,
         typer.Option("--data", help="Dataset HDF5 from 'reid prepare' (with --resume: the run's own by default)."),
     ] = None,
+    extra_data: ExtraDataOpt = None,
     pe: PeOpt = "ape",
     loss: LossOpt = "ce+triplet",
     preset: PresetOpt = "vit_base",
@@ -248,7 +254,8 @@ def train(
     size = parse_size(image_size) if image_size else dataset_image_size(data)
     if image_size and not print_model:
         check_image_size(size, data)
-    cameras = sie_cameras(ctx, sie, data)
+    extra = tuple(str(p) for p in extra_data or ())
+    cameras = sie_cameras(ctx, sie, data, extra)
     local = jpm_options(ctx, jpm, jpm_groups, jpm_shift, jpm_shuffle)
     head = head_options(ctx, id_head, head_scale, head_margin)
     mcfg = model_options(
@@ -261,6 +268,7 @@ def train(
         data=str(data),
         run_dir=str(out),
         model=mcfg,
+        extra_data=extra,
         loss=loss_options(loss, label_smoothing, margin, top_n, rp_form, rp_weight, patch_weight),
         epochs=epochs,
         batch=batch,
@@ -322,6 +330,7 @@ _RUN_OPTIONS = {"compile_": "compile"} | {
     o: o
     for o in (
         "data",
+        "extra_data",
         "epochs",
         "batch",
         "k",
@@ -356,16 +365,23 @@ def resumed_config(out: Path, given: dict):
         model = {"dim": base.dim, "depth": base.depth, "heads": base.heads, **model}
     if "image_size" in given:
         model["image_size"] = parse_size(given["image_size"])
-    if "sie" in given:  # compared as the camera count it resolves to
-        from reidcli.data.store import dataset_cameras
-
-        model["sie_cameras"] = dataset_cameras(given.get("data") or saved.data) if given["sie"] else 0
     loss = {f: given[o] for o, f in _LOSS_OPTIONS.items() if o in given}
     run = {f: given[o] for o, f in _RUN_OPTIONS.items() if o in given}
     run |= {f: str(run[f]) for f in ("data", "init") if run.get(f) is not None}
+    if "extra_data" in run:
+        run["extra_data"] = tuple(str(p) for p in run["extra_data"] or ())
+    if "sie" in given:  # compared as the camera count it resolves to
+        extra = run.get("extra_data", saved.extra_data)
+        model["sie_cameras"] = all_cameras(given.get("data") or saved.data, extra) if given["sie"] else 0
     if "data" not in run and not Path(saved.data).is_file():
         raise ConfigError(
             f"the dataset of {out} ({saved.data}, from its config.json) is not there from here; pass --data FILE"
+        )
+    gone = [p for p in run.get("extra_data", saved.extra_data) if not Path(p).is_file()]
+    if gone:
+        raise ConfigError(
+            f"the --extra-data dataset {gone[0]} of {out} (from its config.json) is not there from here; put it back "
+            "at that path (the joined datasets set the run's identities)"
         )
     return replace(
         saved, model=replace(saved.model, **model), loss=replace(saved.loss, **loss), run_dir=str(out), **run

@@ -15,7 +15,7 @@ import torch
 
 from reidcli.data.augment import AUGMENT_DRAWS, AugmentConfig, augment_batch
 from reidcli.data.sampler import PKSampler
-from reidcli.data.store import read_dataset
+from reidcli.data.store import DatasetSplit, read_dataset
 from reidcli.engine.checkpoint import (
     RunFiles,
     load_checkpoint,
@@ -64,6 +64,8 @@ class TrainConfig:
     data: str
     run_dir: str
     model: ModelConfig = field(default_factory=ModelConfig)
+    # more prepared datasets whose train splits join data's (identities and cameras kept apart); evaluation: data's
+    extra_data: tuple[str, ...] = ()
     loss: LossConfig = field(default_factory=LossConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     epochs: int = 120
@@ -117,6 +119,8 @@ class TrainConfig:
             raise ConfigError(f"unknown --compile-mode {self.compile_mode!r}; choose one of {', '.join(COMPILE_MODES)}")
         if self.cuda_graph and self.compile and self.compile_mode == "reduce-overhead":
             raise ConfigError("--cuda-graph already captures the step; use it with --compile-mode default, or alone")
+        if len({str(Path(p).resolve()) for p in (self.data, *self.extra_data)}) != 1 + len(self.extra_data):
+            raise ConfigError("--extra-data names --data or one file twice; give each dataset once")
         if weights_file and self.init and not Path(self.init).is_file():
             raise ConfigError(f"--init {self.init} not found; pass an existing .pth or .safetensors weights file")
         if "rp-triplet" in self.loss.names and self.model.pe == "none":
@@ -134,6 +138,7 @@ class TrainConfig:
         if "bf16" in d:  # config.json before --precision: bf16 autocast on CUDA only, i.e. "auto"
             d["precision"] = "auto" if d.pop("bf16") else "fp32"
         d["model"] = ModelConfig.from_dict(d["model"])
+        d["extra_data"] = tuple(d.get("extra_data", ()))
         d["loss"] = LossConfig(**d["loss"])
         aug = dict(d["augment"])
         aug["erase_area"] = tuple(aug["erase_area"])
@@ -180,10 +185,19 @@ def trajectory_changes(saved: TrainConfig, cfg: TrainConfig) -> list[str]:
     a["model"].pop("num_classes"), b["model"].pop("num_classes")  # set from the dataset at build time
     flat_a, flat_b = _flatten(a), _flatten(b)
     return [
-        f"--{_flag(key)} {flat_a[key]} (given {flat_b[key]})"
+        f"--{_flag(key)} {_shown(flat_a[key])} (given {_shown(flat_b.get(key))})"
         for key in flat_a
         if key.split(".")[0] not in RESUME_FREE and flat_a[key] != flat_b.get(key)
     ]
+
+
+def _shown(value) -> str:
+    """An option's value as typed: a list of paths comma-separated (``none`` when empty), sizes as ``HxW``."""
+    if isinstance(value, (list, tuple)):
+        if value and all(isinstance(v, int) for v in value):
+            return "x".join(map(str, value))
+        return ", ".join(map(str, value)) or "none"
+    return str(value)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -436,17 +450,50 @@ def _environment(cfg: TrainConfig, device: torch.device) -> dict:
 
 
 def _train_split(cfg: TrainConfig):
-    attrs, splits = read_dataset(cfg.data, ("train",))
-    size = tuple(attrs["image_size"])
-    if tuple(cfg.model.image_size) != size:
-        h, w = cfg.model.image_size
-        raise ConfigError(
-            f"the dataset images are {size[0]}x{size[1]} but the model expects {h}x{w}; train at the dataset's size "
-            f"(leave --image-size out) or prepare the dataset at {h}x{w} ('reid prepare --image-size {h}x{w}')"
-        )
+    """The train split of ``cfg.data``, or of it and ``cfg.extra_data`` joined (see :func:`joined_train_split`)."""
+    attrs, train = joined_train_split(cfg.data, cfg.extra_data, cfg.model.image_size)
     if cfg.model.sie_cameras:
-        check_cameras(cfg.model, splits["train"].camids, f"{cfg.data}'s train split")
-    return attrs, splits["train"]
+        what = f"{cfg.data}'s train split" + (" and the --extra-data ones" if cfg.extra_data else "")
+        check_cameras(cfg.model, train.camids, what)
+    return attrs, train
+
+
+def joined_train_split(data: str, extra: tuple[str, ...], image_size: tuple[int, int]):
+    """The train splits of ``data`` and each ``extra`` dataset as one: each file's pids and camera ids are shifted
+    past the previous files' (1 + largest pid; camera count over all its splits), so identities and cameras of
+    different datasets stay apart and ``data``'s keep their own ids (its query and gallery are evaluated as they
+    are). The attributes are ``data``'s, with the datasets' names joined by ``+``."""
+    from reidcli.data.store import camera_count
+
+    parts, names = [], []
+    pid_base = cam_base = 0
+    for path in (data, *extra):
+        attrs, splits = read_dataset(path, ("train",))
+        size = tuple(attrs["image_size"])
+        if tuple(image_size) != size:
+            h, w = image_size
+            raise ConfigError(
+                f"the images of {path} are {size[0]}x{size[1]} but the model expects {h}x{w}; train at the dataset's "
+                f"size (leave --image-size out) or prepare every dataset at {h}x{w} ('reid prepare --image-size "
+                f"{h}x{w}')"
+            )
+        train = splits["train"]
+        parts.append((train, pid_base, cam_base))
+        names.append(str(attrs.get("name", Path(path).stem)))
+        if path == data:
+            first = attrs
+        if extra:  # the shift of the next file: past this one's identities and cameras
+            pid_base += int(train.pids.max()) + 1 if len(train) else 0
+            cam_base += camera_count(read_dataset(path, images=False)[1])
+    if len(parts) == 1:
+        return first, parts[0][0]
+    joined = DatasetSplit(
+        np.concatenate([t.images for t, _, _ in parts]),
+        np.concatenate([t.pids + p for t, p, _ in parts]),
+        np.concatenate([t.camids + c for t, _, c in parts]),
+        [path for t, _, _ in parts for path in t.paths],
+    )
+    return {**first, "name": "+".join(names)}, joined
 
 
 def _make_step(state: _State, cfg: TrainConfig, device: torch.device):

@@ -93,6 +93,8 @@ def _config_hash(cfg: TrainConfig) -> str:
     if not d["model"]["jpm"]:  # likewise before JPM
         for key in ("jpm", "jpm_groups", "jpm_shift", "jpm_shuffle"):
             del d["model"][key]
+    if not d["extra_data"]:  # likewise before --extra-data
+        del d["extra_data"]
     if d["model"]["id_head"] == "linear":  # likewise before the cosine ID heads
         for key in ("id_head", "head_scale", "head_margin"):
             del d["model"][key]

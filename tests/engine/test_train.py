@@ -180,7 +180,7 @@ def test_trajectory_changes_name_the_options_resume_keeps(tmp_path):
     changed = replace(saved, model=model, loss=loss, lr=0.1, seed=3)
     assert trajectory_changes(saved, changed) == [
         "--pe both (given ape)",
-        "--image-size (64, 32) (given (128, 64))",
+        "--image-size 64x32 (given 128x64)",
         "--loss ce+triplet+rp-triplet (given ce)",
         "--rp-form stable (given raw)",
         "--lr 0.001 (given 0.1)",

@@ -1,0 +1,73 @@
+"""``--extra-data``: more datasets' train splits joined to --data's, identities and cameras kept apart."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from reidcli.data.prepare import PrepareConfig, prepare_dataset
+from reidcli.data.store import dataset_cameras, read_dataset
+from reidcli.data.synthetic import SyntheticConfig, generate_synthetic
+from reidcli.engine.train import joined_train_split
+from reidcli.errors import ConfigError
+from tests.conftest import TINY_MODEL, run_cli
+
+
+def _dataset(root, seed: int, size=(64, 32), cameras: int = 6):
+    config = SyntheticConfig(num_train_ids=5, num_test_ids=2, num_distractors=1, num_junk=0, images_per_camera=1,
+                             num_cameras=cameras, seed=seed)  # fmt: skip
+    generate_synthetic(root / "raw", config)
+    out = root / f"d{seed}.h5"
+    prepare_dataset(PrepareConfig("synthetic", root / "raw", out, image_size=size))
+    return out
+
+
+@pytest.fixture(scope="module")
+def second(tmp_path_factory):
+    return _dataset(tmp_path_factory.mktemp("second"), seed=9, cameras=3)
+
+
+def test_the_joined_split_keeps_identities_and_cameras_apart(tiny_data, second):
+    attrs, joined = joined_train_split(str(tiny_data), (str(second),), (64, 32))
+    _, a = read_dataset(tiny_data, ("train",))
+    _, b = read_dataset(second, ("train",))
+    a, b = a["train"], b["train"]
+    n = len(a)
+    assert len(joined) == n + len(b) and attrs["name"] == "synthetic+synthetic"
+    np.testing.assert_array_equal(joined.images[:n], a.images)
+    np.testing.assert_array_equal(joined.images[n:], b.images)
+    assert np.array_equal(joined.pids[:n], a.pids) and np.array_equal(joined.camids[:n], a.camids)  # --data's own
+    assert not set(joined.pids[:n]) & set(joined.pids[n:])
+    assert len(set(joined.pids.tolist())) == len(set(a.pids.tolist())) + len(set(b.pids.tolist()))
+    np.testing.assert_array_equal(joined.camids[n:], b.camids + dataset_cameras(tiny_data))
+    assert joined.paths == a.paths + b.paths
+    with pytest.raises(ConfigError, match=r"images of .* are 64x32 but the model expects 32x16"):
+        joined_train_split(str(tiny_data), (str(second),), (32, 16))
+
+
+def test_train_on_two_datasets_with_sie_resume_and_doctor(tiny_data, second, tmp_path):
+    out = tmp_path / "run"
+    args = ("--data", str(tiny_data), "--extra-data", str(second), "--pe", "ape", *TINY_MODEL, "--batch", "16",
+            "--device", "cpu", "--sie")  # fmt: skip
+    r = run_cli("train", "--out", str(out), *args, "--epochs", "1")
+    assert r.returncode == 0, r.stderr
+    config = json.loads((out / "config.json").read_text())
+    ids = [len(set(read_dataset(p, ("train",), images=False)[1]["train"].pids.tolist())) for p in (tiny_data, second)]
+    assert config["model"]["num_classes"] == sum(ids) and config["extra_data"] == [str(second)]
+    assert config["model"]["sie_cameras"] == dataset_cameras(tiny_data) + dataset_cameras(second)
+    assert config["dataset"] == "synthetic+synthetic"
+    r = run_cli("train", "--out", str(out), "--resume", "--epochs", "2")
+    assert r.returncode == 0, r.stderr
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    r = run_cli("doctor", "--run", str(out), "--data", str(tiny_data), "--json")
+    checks = {c["check"]: c for c in json.loads(r.stdout)}
+    assert r.returncode == 0 and checks["run ↔ dataset"]["status"] == "ok", r.stdout
+    other = tmp_path / "other.h5"
+    shutil.copy(second, other)
+    r = run_cli("train", "--out", str(out), "--resume", "--extra-data", str(other))
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert f"was trained with --extra-data {second} (given {other})" in r.stderr, r.stderr
+    r = run_cli("train", "--out", str(tmp_path / "twice"), "--data", str(tiny_data), "--extra-data", str(tiny_data),
+                *TINY_MODEL)  # fmt: skip
+    assert r.returncode == 1 and "--extra-data names --data or one file twice" in r.stderr
