@@ -203,6 +203,10 @@ def train_steps(smoke: bool, out_dir: Path) -> dict:
         )
     except Exception as e:  # noqa: BLE001
         out["train both b64 graph sie+jpm"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    try:  # a cosine ID head with its margin (fast-reid's CircleSoftmax) inside the captured step
+        out["train both b64 graph circle"] = engine_step("both", replace(cfg, id_head="circle"), b, smoke, graph=True)
+    except Exception as e:  # noqa: BLE001
+        out["train both b64 graph circle"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
     if DEV.type == "cuda":  # the biased attention through cuDNN instead of the memory-efficient kernel
         from torch.nn.attention import SDPBackend, sdpa_kernel
 

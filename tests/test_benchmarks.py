@@ -34,6 +34,7 @@ def test_gpu_bench_smoke(tmp_path):
     assert (
         result["train"]["train both b64 jpm"]["loss_finite"]
         and result["train"]["train both b64 graph sie+jpm"]["loss_finite"]
+        and result["train"]["train both b64 graph circle"]["loss_finite"]
     )
     assert (tmp_path / "profile_train_both.txt").is_file() and (tmp_path / "profile_extract_ape_fp16.txt").is_file()
     assert result["extract"]["extract both fp16 model-only"] > 0
