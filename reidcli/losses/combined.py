@@ -79,7 +79,7 @@ def margin_logits(cos: torch.Tensor, labels: torch.Tensor, head: str, scale: flo
     if head == "linear":
         return cos
     cos = cos.float()
-    # a scatter, not F.one_hot: one_hot checks the labels' range on the host (a sync a CUDA graph cannot capture)
+    # a scatter, not F.one_hot, which may check the labels' range on the host (a sync a CUDA graph cannot capture)
     target = torch.zeros_like(cos, dtype=torch.bool).scatter_(1, labels[:, None], True)
     if head == "cosface":
         return scale * (cos - margin * target)
