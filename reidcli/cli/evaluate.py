@@ -147,6 +147,8 @@ def evaluate(
         }
         _write_results(out, report, provenance)
         write_per_query(out / "per_query.csv", splits["query"], result.metrics.per_query)
+        if result.roc is not None:
+            _write_roc(out, result.roc, features.name)
         if visualize:
             # the lists as evaluated: with --aqe, from the expanded features
             shown = dict(zip(("query", "gallery"), result.expanded, strict=True)) if result.expanded else splits
@@ -186,6 +188,20 @@ def _write_results(out: Path, report: dict, provenance: dict) -> None:
     flat.update({f"rank{r}": report["cmc"][r - 1] for r in (1, 5, 10, 20) if r <= len(report["cmc"])})
     with atomic_path(out / "results.csv", suffix=".csv") as tmp:
         pd.DataFrame([flat]).to_csv(tmp, index=False)
+
+
+def _write_roc(out: Path, roc, name: str) -> None:
+    """roc.csv (the curve: fpr, tpr) and roc.png."""
+    import pandas as pd
+
+    from reidcli.fileio import atomic_path
+    from reidcli.report.plots import plot_roc
+
+    with atomic_path(out / "roc.csv", suffix=".csv") as tmp:
+        pd.DataFrame({"fpr": roc.curve_fpr, "tpr": roc.curve_tpr}).to_csv(tmp, index=False)
+    plot_roc(
+        roc, out / "roc.png", title=f"{name}: ROC over {roc.positives:,} positive, {roc.negatives:,} negative pairs"
+    )
 
 
 def _picture_source(data: Path | None, attrs: dict) -> Path:

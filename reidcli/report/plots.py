@@ -178,3 +178,18 @@ def _mean_curve(ax, runs: list[list[dict]], key: str, label: str, marker: str | 
     if by_epoch:
         epochs = sorted(by_epoch)
         ax.plot(epochs, [np.mean(by_epoch[e]) for e in epochs], label=label, marker=marker)
+
+
+def plot_roc(roc, path: str | Path, title: str = "") -> None:
+    """``evaluate --roc``'s curve: TPR against FPR (log scale) up to the largest asked rate, the asked points
+    marked with their values."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.2, 3.8))
+    ax.plot(roc.curve_fpr, roc.curve_tpr, drawstyle="steps-post", lw=1.4)
+    ax.scatter(roc.fpr, roc.tpr, s=18, zorder=3, color="tab:red")
+    for f, t in zip(roc.fpr, roc.tpr, strict=True):
+        ax.annotate(f"{t:.3f}", (f, t), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    ax.set(xscale="log", xlabel="false-positive rate (all pairs)", ylabel="true-positive rate", ylim=(0, 1.02))
+    ax.set_title(title or f"ROC over {roc.positives:,} positive and {roc.negatives:,} negative pairs", fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    _save(fig, path)

@@ -24,6 +24,7 @@ from reidcli.errors import ConfigError
 __all__ = ["DEFAULT_FPRS", "RocResult", "RocCounter", "parse_fprs"]
 
 DEFAULT_FPRS = (1e-4, 1e-3, 1e-2)
+CURVE_POINTS = 64
 
 
 def parse_fprs(text: str) -> tuple[float, ...]:
@@ -44,6 +45,8 @@ class RocResult:
     threshold: tuple[float, ...]  # accepted: score > threshold
     positives: int
     negatives: int
+    curve_fpr: tuple[float, ...] = ()  # the curve, log-spaced up to the largest asked rate (for pictures)
+    curve_tpr: tuple[float, ...] = ()
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -102,15 +105,32 @@ class RocCounter:
         self.top = torch.cat([above, kth.expand(self.keep - len(above))])
         self.threshold = float(kth)
 
-    def result(self) -> RocResult:
+    def result(self, points: int = CURVE_POINTS) -> RocResult:
+        """The TPRs at the asked FPRs, and the curve at ``points`` FPRs spaced evenly in log from one negative in
+        all of them to the largest asked rate."""
         self._cut()
-        pos = torch.sort(torch.cat(self.pos) if self.pos else torch.empty(0, device=self.top.device)).values
-        tprs, thresholds = [], []
-        for f in self.fprs:
-            m = math.floor(f * self.negatives)
-            # the (m+1)-th largest negative
-            t = float(self.top.kthvalue(len(self.top) - m).values) if m < len(self.top) else -math.inf
-            above = len(pos) - int(torch.searchsorted(pos, torch.tensor([t], device=pos.device), right=True))
-            tprs.append(above / len(pos) if len(pos) else math.nan)
-            thresholds.append(t)
-        return RocResult(self.fprs, tuple(tprs), tuple(thresholds), len(pos), self.negatives)
+        pos = torch.sort(torch.cat(self.pos).cpu() if self.pos else torch.empty(0)).values
+        top = self.top.cpu().sort(descending=True).values
+        curve_fprs = list(self.fprs)
+        if self.negatives:
+            grid = torch.logspace(
+                math.log10(1 / self.negatives), math.log10(max(self.fprs)), points, dtype=torch.float64
+            )
+            curve_fprs = sorted({float(f) for f in grid} | set(self.fprs))
+        m = torch.tensor([math.floor(f * self.negatives) for f in curve_fprs], dtype=torch.long)
+        # the (m+1)-th largest negative; pairs strictly above it are accepted (−∞ when every negative may pass)
+        thresholds = torch.full((len(m),), -math.inf)
+        inside = m < len(top)
+        thresholds[inside] = top[m[inside]].float()
+        above = len(pos) - torch.searchsorted(pos, thresholds.to(pos.dtype), right=True)
+        tprs = (above.double() / len(pos)).tolist() if len(pos) else [math.nan] * len(m)
+        at = {f: (t, float(th)) for f, t, th in zip(curve_fprs, tprs, thresholds.tolist(), strict=True)}
+        return RocResult(
+            self.fprs,
+            tuple(at[f][0] for f in self.fprs),
+            tuple(at[f][1] for f in self.fprs),
+            len(pos),
+            self.negatives,
+            tuple(curve_fprs),
+            tuple(tprs),
+        )

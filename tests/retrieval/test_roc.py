@@ -50,6 +50,12 @@ def test_block_by_block_counts_equal_the_definition(seed, levels, rows, fprs):
     for f, threshold in zip(fprs, got.threshold, strict=True):  # at most ⌊f·negatives⌋ negatives pass
         assert (scores[~same] > threshold).sum() <= np.floor(f * got.negatives)
     assert list(got.tpr) == sorted(got.tpr) and 0 < got.tpr[-1] <= 1
+    # the curve: log-spaced rates with the asked ones among them, each point the definition's value
+    assert list(got.curve_tpr) == sorted(got.curve_tpr) and set(fprs) <= set(got.curve_fpr)
+    some = got.curve_fpr[::16]
+    picked = [t for f, t in zip(got.curve_fpr, got.curve_tpr, strict=True) if f in some]
+    want = tpr_at_fpr(scores, query.pids, gallery.pids, query.camids, gallery.camids, some)
+    np.testing.assert_allclose(picked, want, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("cfg", [{"engine": "torch"}, {"engine": "faiss"}, {"rerank": True}, {"aqe": True}])
@@ -82,6 +88,9 @@ def test_cli_roc_table_json_and_csv(tmp_path):
     row = pd.read_csv(tmp_path / "o" / "results.csv").iloc[0]
     assert row["TPR@FPR=1e-02"] == pytest.approx(roc["tpr"][0]) and row["TPR@FPR=1e-01"] == pytest.approx(roc["tpr"][1])
     assert json.loads((tmp_path / "o" / "results.json").read_text())["roc"]["tpr"] == roc["tpr"]
+    curve = pd.read_csv(tmp_path / "o" / "roc.csv")
+    assert curve["fpr"].tolist() == pytest.approx(roc["curve_fpr"]) and curve["tpr"].is_monotonic_increasing
+    assert (tmp_path / "o" / "roc.png").stat().st_size > 5000
     r = run_cli("evaluate", str(tmp_path / "f.h5"), "--fpr", "0.1")
     assert r.returncode == 1 and "--fpr has no effect without --roc" in r.stderr
     with pytest.raises(ConfigError, match="between 0 and 1"):
