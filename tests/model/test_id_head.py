@@ -59,10 +59,19 @@ def test_train_with_a_circle_head_through_the_cli(tiny_data, tmp_path):
     assert math.isfinite(json.loads(r.stdout)["last"]["loss"])
     model = json.loads((out / "config.json").read_text())["model"]
     assert (model["id_head"], model["head_scale"], model["head_margin"]) == ("circle", 64.0, 0.35)
-    for args, message in (
-        (("--head-margin", "0.2"), "--head-margin has no effect without a cosine --id-head"),
+    r = run_cli("train", "--data", str(tiny_data), "--out", str(tmp_path / "x"), *TINY_MODEL, "--head-margin", "0.2")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "--head-margin has no effect without a cosine --id-head" in r.stderr
+    from typer.testing import CliRunner
+
+    from reidcli.cli.app import app
+
+    for args, message in (  # the same command line, in this process
         (("--id-head", "cosface", "--loss", "triplet"), "--id-head has no effect without ce in --loss"),
         (("--id-head", "cosface", "--head-margin", "1.5"), "--head-margin 1.5 in [0, 1)"),
     ):
-        r = run_cli("train", "--data", str(tiny_data), "--out", str(tmp_path / "x"), *TINY_MODEL, *args)
-        assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+        got = CliRunner().invoke(
+            app, ["train", "--data", str(tiny_data), "--out", str(tmp_path / "x"), *TINY_MODEL, *args]
+        )
+        assert isinstance(got.exception, ConfigError) and message in str(got.exception), (args, got.exception)
+    assert not (tmp_path / "x").exists()
