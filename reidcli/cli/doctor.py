@@ -148,12 +148,15 @@ def _check_run(run: Path, data: Path | None) -> list[tuple[str, str, str]]:
     if data is not None:
         attrs, splits = read_dataset(data, images=False)
         size = tuple(attrs["image_size"])
-        extra = [p for p in config.get("extra_data") or () if Path(p).is_file()]
-        # the run's classes: the train ids of --data and of each --extra-data dataset it was trained on
-        ids = len(set(splits["train"].pids.tolist()))
-        ids += sum(len(set(read_dataset(p, ("train",), images=False)[1]["train"].pids.tolist())) for p in extra)
+        from reidcli.engine.train import joined_train_split
+
+        extra = tuple(p for p in config.get("extra_data") or () if Path(p).is_file())
+        # the run's classes: the train ids of --data and of each --extra-data dataset (with --combine-all, of their
+        # query and gallery too)
+        combine = bool(config.get("combine_all"))
+        ids = len(set(joined_train_split(str(data), extra, size, combine, images=False)[1].pids.tolist()))
         ok = size == tuple(model.cfg.image_size) and ids == model.cfg.num_classes
-        joined = f" (+ {len(extra)} --extra-data)" if extra else ""
+        joined = (f" (+ {len(extra)} --extra-data)" if extra else "") + (" with --combine-all" if combine else "")
         detail = (
             f"dataset{joined} {size[0]}x{size[1]} with {ids} train ids; model {model.cfg.image_size[0]}x"
             f"{model.cfg.image_size[1]} with {model.cfg.num_classes} classes"

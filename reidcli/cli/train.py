@@ -174,6 +174,14 @@ def train(
         typer.Option("--data", help="Dataset HDF5 from 'reid prepare' (with --resume: the run's own by default)."),
     ] = None,
     extra_data: ExtraDataOpt = None,
+    combine_all: Annotated[
+        bool,
+        typer.Option(
+            "--combine-all",
+            help="Train on the query and gallery images too, distractors left out (torchreid's combineall: a final "
+            "model for deployment; nothing left to evaluate on).",
+        ),
+    ] = False,
     pe: PeOpt = "ape",
     loss: LossOpt = "ce+triplet",
     preset: PresetOpt = "vit_base",
@@ -269,6 +277,7 @@ def train(
         run_dir=str(out),
         model=mcfg,
         extra_data=extra,
+        combine_all=combine_all,
         loss=loss_options(loss, label_smoothing, margin, top_n, rp_form, rp_weight, patch_weight),
         epochs=epochs,
         batch=batch,
@@ -331,6 +340,7 @@ _RUN_OPTIONS = {"compile_": "compile"} | {
     for o in (
         "data",
         "extra_data",
+        "combine_all",
         "epochs",
         "batch",
         "k",

@@ -66,6 +66,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     # more prepared datasets whose train splits join data's (identities and cameras kept apart); evaluation: data's
     extra_data: tuple[str, ...] = ()
+    combine_all: bool = False  # torchreid's combineall: query and gallery images (not distractors) train too
     loss: LossConfig = field(default_factory=LossConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     epochs: int = 120
@@ -119,6 +120,11 @@ class TrainConfig:
             raise ConfigError(f"unknown --compile-mode {self.compile_mode!r}; choose one of {', '.join(COMPILE_MODES)}")
         if self.cuda_graph and self.compile and self.compile_mode == "reduce-overhead":
             raise ConfigError("--cuda-graph already captures the step; use it with --compile-mode default, or alone")
+        if self.combine_all and self.eval_every:
+            raise ConfigError(
+                "--combine-all trains on the query and gallery images too: --eval-every would evaluate on training "
+                "images; leave one of them out"
+            )
         if len({str(Path(p).resolve()) for p in (self.data, *self.extra_data)}) != 1 + len(self.extra_data):
             raise ConfigError("--extra-data names --data or one file twice; give each dataset once")
         if weights_file and self.init and not Path(self.init).is_file():
@@ -451,24 +457,32 @@ def _environment(cfg: TrainConfig, device: torch.device) -> dict:
 
 def _train_split(cfg: TrainConfig):
     """The train split of ``cfg.data``, or of it and ``cfg.extra_data`` joined (see :func:`joined_train_split`)."""
-    attrs, train = joined_train_split(cfg.data, cfg.extra_data, cfg.model.image_size)
+    attrs, train = joined_train_split(cfg.data, cfg.extra_data, cfg.model.image_size, cfg.combine_all)
     if cfg.model.sie_cameras:
         what = f"{cfg.data}'s train split" + (" and the --extra-data ones" if cfg.extra_data else "")
         check_cameras(cfg.model, train.camids, what)
     return attrs, train
 
 
-def joined_train_split(data: str, extra: tuple[str, ...], image_size: tuple[int, int]):
+def joined_train_split(
+    data: str,
+    extra: tuple[str, ...],
+    image_size: tuple[int, int],
+    combine_all: bool = False,
+    images: bool = True,
+):
     """The train splits of ``data`` and each ``extra`` dataset as one: each file's pids and camera ids are shifted
     past the previous files' (1 + largest pid; camera count over all its splits), so identities and cameras of
     different datasets stay apart and ``data``'s keep their own ids (its query and gallery are evaluated as they
-    are). The attributes are ``data``'s, with the datasets' names joined by ``+``."""
+    are). ``combine_all`` (torchreid's ``combineall``): each file's query and gallery images join its train images,
+    distractors (pid 0) left out. The attributes are ``data``'s, with the datasets' names joined by ``+``."""
     from reidcli.data.store import camera_count
 
     parts, names = [], []
     pid_base = cam_base = 0
+    splits_read = ("train", "query", "gallery") if combine_all else ("train",)
     for path in (data, *extra):
-        attrs, splits = read_dataset(path, ("train",))
+        attrs, splits = read_dataset(path, splits_read, images=images)
         size = tuple(attrs["image_size"])
         if tuple(image_size) != size:
             h, w = image_size
@@ -478,6 +492,16 @@ def joined_train_split(data: str, extra: tuple[str, ...], image_size: tuple[int,
                 f"{h}x{w}')"
             )
         train = splits["train"]
+        if combine_all:
+            keep = {s: splits[s].pids != 0 for s in ("query", "gallery")}
+            train = DatasetSplit(
+                np.concatenate([train.images, *(splits[s].images[k] for s, k in keep.items())])
+                if images
+                else train.images,
+                np.concatenate([train.pids, *(splits[s].pids[k] for s, k in keep.items())]),
+                np.concatenate([train.camids, *(splits[s].camids[k] for s, k in keep.items())]),
+                train.paths + [p for s, k in keep.items() for p, kept in zip(splits[s].paths, k, strict=True) if kept],
+            )
         parts.append((train, pid_base, cam_base))
         names.append(str(attrs.get("name", Path(path).stem)))
         if path == data:

@@ -95,6 +95,8 @@ def _config_hash(cfg: TrainConfig) -> str:
             del d["model"][key]
     if not d["extra_data"]:  # likewise before --extra-data
         del d["extra_data"]
+    if not d["combine_all"]:  # likewise before --combine-all
+        del d["combine_all"]
     if d["model"]["id_head"] == "linear":  # likewise before the cosine ID heads
         for key in ("id_head", "head_scale", "head_margin"):
             del d["model"][key]

@@ -72,3 +72,24 @@ def test_train_on_two_datasets_with_sie_resume_and_doctor(tiny_data, second, tmp
     saved = load_train_config(out)
     with pytest.raises(ConfigError, match="--extra-data names --data or one file twice"):
         replace(saved, extra_data=(str(tiny_data),)).validate()
+
+
+def test_combine_all_trains_on_query_and_gallery_without_distractors(tiny_data, second, tmp_path):
+    attrs, joined = joined_train_split(str(tiny_data), (), (64, 32), combine_all=True)
+    _, parts = read_dataset(tiny_data)
+    kept = {s: parts[s].pids != 0 for s in ("query", "gallery")}
+    assert len(joined) == len(parts["train"]) + sum(int(k.sum()) for k in kept.values())
+    np.testing.assert_array_equal(joined.images[len(parts["train"]) :][: int(kept["query"].sum())],
+                                  parts["query"].images[kept["query"]])  # fmt: skip
+    assert 0 not in set(joined.pids.tolist()) and (parts["gallery"].pids == 0).any()  # distractors stay out
+    ids = set(parts["train"].pids.tolist()) | set(parts["query"].pids.tolist()) | set(parts["gallery"].pids.tolist())
+    assert set(joined.pids.tolist()) == ids - {0}
+    out = tmp_path / "all"
+    r = run_cli("train", "--data", str(tiny_data), "--extra-data", str(second), "--combine-all", "--out", str(out),
+                *TINY_MODEL, "--batch", "16", "--epochs", "1", "--device", "cpu")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    config = json.loads((out / "config.json").read_text())
+    _, both = joined_train_split(str(tiny_data), (str(second),), (64, 32), combine_all=True, images=False)
+    assert config["combine_all"] and config["model"]["num_classes"] == len(set(both.pids.tolist())) > len(ids)
+    with pytest.raises(ConfigError, match="--eval-every would evaluate on training images"):
+        replace(load_train_config(out), eval_every=1).validate()
