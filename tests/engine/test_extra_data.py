@@ -72,6 +72,12 @@ def test_train_on_two_datasets_with_sie_resume_and_doctor(tiny_data, second, tmp
     saved = load_train_config(out)
     with pytest.raises(ConfigError, match="--extra-data names --data or one file twice"):
         replace(saved, extra_data=(str(tiny_data),)).validate()
+    from reidcli.cli.train import resumed_config
+
+    moved = replace(saved, extra_data=(str(tmp_path / "gone.h5"),))
+    (out / "config.json").write_text(json.dumps({**config, **moved.to_dict(), "model": config["model"]}))
+    with pytest.raises(ConfigError, match=r"--extra-data dataset .*gone.h5 of .* is not there from here; put it back"):
+        resumed_config(out, {})
 
 
 def test_combine_all_trains_on_query_and_gallery_without_distractors(tiny_data, second, tmp_path):
