@@ -261,7 +261,11 @@ def embed_dataset(
     precision: str = "auto",
     compile_: bool = False,
     cuda_graph: bool = True,
+    camera_offset: int = 0,
 ) -> dict[str, FeatureSplit]:
+    """Every image of ``splits`` embedded; ``camera_offset``: added to the file's camera ids before a camera-
+    embedding (SIE) model sees them (a file joined with ``--extra-data`` at training); the features file keeps the
+    file's own ids."""
     with open_splits(data, splits) as (attrs, parts):  # images read batch by batch, one batch ahead
         size = tuple(attrs["image_size"])
         if tuple(model.cfg.image_size) != size:
@@ -270,10 +274,21 @@ def embed_dataset(
                 f"{model.cfg.image_size[0]}x{model.cfg.image_size[1]}; prepare the data at that size"
             )
         for s, p in parts.items():  # before any image is embedded
-            check_cameras(model.cfg, p.camids, f"{data}'s {s} split")
+            check_cameras(model.cfg, p.camids + camera_offset, f"{data}'s {s} split")
         return {
             s: FeatureSplit(
-                embed_images(model, p.images, device, batch, flip, on_batch, precision, compile_, cuda_graph, p.camids),
+                embed_images(
+                    model,
+                    p.images,
+                    device,
+                    batch,
+                    flip,
+                    on_batch,
+                    precision,
+                    compile_,
+                    cuda_graph,
+                    p.camids + camera_offset,
+                ),
                 p.pids,
                 p.camids,
                 p.paths,
@@ -287,9 +302,12 @@ def extract_features(cfg: ExtractConfig, on_batch: Callable[[int], None] | None 
     cfg.validate()
     device = resolve_device(cfg.device)
     model, config, source = load_run_model(cfg.run, device)
+    # a camera-embedding model trained on joined files learned this file's cameras shifted (0 for --data)
+    offset = config.get("camera_offsets", {}).get(str(Path(cfg.data).resolve()), 0) if model.uses_cameras else 0
     feats = embed_dataset(
-        model, cfg.data, cfg.splits, device, cfg.batch, cfg.flip, on_batch, cfg.precision, cfg.compile, cfg.cuda_graph
-    )
+        model, cfg.data, cfg.splits, device, cfg.batch, cfg.flip, on_batch, cfg.precision, cfg.compile, cfg.cuda_graph,
+        offset,
+    )  # fmt: skip
     dtype = np.float16 if cfg.dtype == "float16" else np.float32
     feats = {s: FeatureSplit(f.feats.astype(dtype), f.pids, f.camids, f.paths) for s, f in feats.items()}
     provenance = {

@@ -407,6 +407,8 @@ def train(
             "world_size": info.world,
             "environment": _environment(cfg, device),
         }
+        if cfg.model.sie_cameras and cfg.extra_data:  # where each file's cameras sit among the model's
+            extra["camera_offsets"] = camera_offsets(cfg.data, cfg.extra_data)
         model_dict = {**cfg.model.to_dict(), "num_classes": len(pids)}
         write_json_atomic(files.config, {**cfg.to_dict(), "model": model_dict, **extra})
     images = torch.from_numpy(train_split.images).to(device)  # uint8 (N, H, W, 3), resident for the whole run
@@ -462,6 +464,18 @@ def _train_split(cfg: TrainConfig):
         what = f"{cfg.data}'s train split" + (" and the --extra-data ones" if cfg.extra_data else "")
         check_cameras(cfg.model, train.camids, what)
     return attrs, train
+
+
+def camera_offsets(data: str, extra: tuple[str, ...]) -> dict[str, int]:
+    """Each dataset file (resolved path) → the shift :func:`joined_train_split` gives its camera ids: a camera-
+    embedding model trained on joined files learned file k's camera c as c + its offset."""
+    from reidcli.data.store import dataset_cameras
+
+    offsets, base = {}, 0
+    for path in (data, *extra):
+        offsets[str(Path(path).resolve())] = base
+        base += dataset_cameras(path)
+    return offsets
 
 
 def joined_train_split(

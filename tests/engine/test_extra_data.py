@@ -58,8 +58,28 @@ def test_train_on_two_datasets_with_sie_resume_and_doctor(tiny_data, second, tmp
     assert config["model"]["num_classes"] == sum(ids) and config["extra_data"] == [str(second)]
     assert config["model"]["sie_cameras"] == dataset_cameras(tiny_data) + dataset_cameras(second)
     assert config["dataset"] == "synthetic+synthetic"
+    shift = dataset_cameras(tiny_data)
+    assert config["camera_offsets"] == {str(tiny_data.resolve()): 0, str(second.resolve()): shift}
     r = run_cli("train", "--out", str(out), "--resume", "--epochs", "2")
     assert r.returncode == 0, r.stderr
+    # extraction on the joined file: its cameras as the model learned them (shifted), its own ids in the file
+    r = run_cli("extract", "--run", str(out), "--data", str(second), "--out", str(tmp_path / "f.h5"), "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    import h5py
+    import torch
+
+    from reidcli.data.augment import normalize_batch
+    from reidcli.engine.checkpoint import load_run_model
+
+    model, _, _ = load_run_model(out)
+    _, parts = read_dataset(second, ("query",))
+    q = parts["query"]
+    want = model.embed(
+        normalize_batch(torch.from_numpy(q.images)), flip=True, camids=torch.from_numpy(q.camids + shift)
+    )
+    with h5py.File(tmp_path / "f.h5") as f:
+        np.testing.assert_allclose(f["query/feats"][:], want.numpy(), atol=1e-5)
+        np.testing.assert_array_equal(f["query/camids"][:], q.camids)
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
     from reidcli.cli.doctor import _check_run
 
