@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from reidcli import __version__
+from reidcli.data.augment import normalize_batch
 from reidcli.engine.checkpoint import RunFiles, load_run_model
 from reidcli.errors import ConfigError, ReidError
 from reidcli.fileio import atomic_path, sha256_file
@@ -100,7 +101,7 @@ def _example(model, uint8: bool, batch: int, seed: int = 0) -> tuple[torch.Tenso
     gen = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (batch, h, w, 3), generator=gen, dtype=torch.uint8)
     if not uint8:
-        images = images.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        images = normalize_batch(images)
     if not model.uses_cameras:
         return (images,)
     return images, torch.randint(0, model.cfg.sie_cameras, (batch,), generator=gen)

@@ -490,10 +490,9 @@ def joined_train_split(
     different datasets stay apart and ``data``'s keep their own ids (its query and gallery are evaluated as they
     are). ``combine_all`` (torchreid's ``combineall``): each file's query and gallery images join its train images,
     distractors (pid 0) left out. The attributes are ``data``'s, with the datasets' names joined by ``+``."""
-    from reidcli.data.store import camera_count
-
     parts, names = [], []
-    pid_base = cam_base = 0
+    pid_base = 0
+    cam_bases = camera_offsets(data, extra) if extra else {}
     splits_read = ("train", "query", "gallery") if combine_all else ("train",)
     for path in (data, *extra):
         attrs, splits = read_dataset(path, splits_read, images=images)
@@ -516,13 +515,11 @@ def joined_train_split(
                 np.concatenate([train.camids, *(splits[s].camids[k] for s, k in keep.items())]),
                 train.paths + [p for s, k in keep.items() for p, kept in zip(splits[s].paths, k, strict=True) if kept],
             )
-        parts.append((train, pid_base, cam_base))
-        names.append(str(attrs.get("name", Path(path).stem)))
-        if path == data:
+        if not parts:
             first = attrs
-        if extra:  # the shift of the next file: past this one's identities and cameras
-            pid_base += int(train.pids.max()) + 1 if len(train) else 0
-            cam_base += camera_count(read_dataset(path, images=False)[1])
+        parts.append((train, pid_base, cam_bases.get(str(Path(path).resolve()), 0)))
+        names.append(str(attrs.get("name", Path(path).stem)))
+        pid_base += int(train.pids.max()) + 1 if len(train) else 0  # the next file's identities: past this one's
     if len(parts) == 1:
         return first, parts[0][0]
     joined = DatasetSplit(

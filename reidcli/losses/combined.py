@@ -110,10 +110,10 @@ def compute_losses(
         if out.logits is None:
             raise ConfigError("the ce loss needs a classifier; build the model with num_classes > 0")
 
-        head = getattr(model.cfg, "id_head", "linear")
+        head = model.cfg
 
         def ce(logits: torch.Tensor) -> torch.Tensor:
-            logits = margin_logits(logits, labels, head, model.cfg.head_scale, model.cfg.head_margin)
+            logits = margin_logits(logits, labels, head.id_head, head.head_scale, head.head_margin)
             return F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
 
         value = ce(out.logits)

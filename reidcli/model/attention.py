@@ -33,20 +33,35 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, N, D); bias: (heads, N, N), or (B, heads, N, N) per sample, added to the scaled logits ``QKᵀ/√d``."""
         b, n, d = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # (B, h, N, hd)
+        q, k, v = self._qkv(x)
         if bias is not None:
             # Same dtype as q and contiguous, or CUDA silently drops to the slow math kernel.
             bias = bias.to(q.dtype)
             bias = (bias.unsqueeze(0) if bias.dim() == 3 else bias).contiguous()
         if _exporting():  # the same formula in plain products: torch.export's decomposition of SDPA's CPU kernel
             # changes its output's strides, and the reshape below then fails (ONNX export)
-            logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
-            x = (logits if bias is None else logits + bias).softmax(-1) @ v
+            x = _softmax(q, k, bias) @ v
         else:
             x = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=bias, dropout_p=self.attn_drop if self.training else 0.0
             )
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, d)))
+
+    def weights(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, heads, N, N) attention weights ``softmax(QKᵀ/√d + B)`` of this layer for its input ``x`` (pictures:
+        the forward itself never forms them)."""
+        q, k, _ = self._qkv(x)
+        return _softmax(q, k, bias)
+
+    def _qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """(3, B, heads, N, head dim): queries, keys and values."""
+        b, n, d = x.shape
+        return self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+
+
+def _softmax(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    return (logits if bias is None else logits + bias).softmax(-1)
 
 
 class Mlp(TimmMlp):

@@ -186,8 +186,9 @@ def attention_maps(
     (B, heads, N+1, N+1), for normalised images ``x`` (the global branch; JPM's copy of the last block aside).
 
     The forward runs as always (SDPA); each block's attention input and bias are taken on the way and its weights
-    ``softmax(QKᵀ/√d + B)`` computed from its own ``qkv`` layer. Rollout (Abnar & Zuidema, 2020): per block the
-    heads' mean with the residual as ½(A + I), rows renormalised, multiplied from the first block to the last."""
+    ``softmax(QKᵀ/√d + B)`` computed by the layer (:meth:`Attention.weights`). Rollout (Abnar & Zuidema, 2020): per
+    block the heads' mean with the residual as ½(A + I), rows renormalised, multiplied from the first block to the
+    last."""
     taken: list[tuple[torch.Tensor, torch.Tensor | None]] = []
     hooks = [b.attn.register_forward_pre_hook(lambda _m, args: taken.append(args)) for b in model.blocks]
     try:
@@ -196,13 +197,7 @@ def attention_maps(
     finally:
         for h in hooks:
             h.remove()
-    weights = []
-    for block, (inp, bias) in zip(model.blocks, taken, strict=True):
-        attn = block.attn
-        b, n, d = inp.shape
-        q, k, _ = attn.qkv(inp).view(b, n, 3, attn.heads, d // attn.heads).permute(2, 0, 3, 1, 4)
-        logits = (q @ k.transpose(-2, -1)) * (d // attn.heads) ** -0.5
-        weights.append((logits if bias is None else logits + bias).softmax(-1))
+    weights = [block.attn.weights(inp, bias) for block, (inp, bias) in zip(model.blocks, taken, strict=True)]
     eye = torch.eye(weights[0].shape[-1], device=x.device)
     rollout = eye.expand(len(x), -1, -1)
     for w in weights:
