@@ -50,14 +50,23 @@ def _timed_steps(fn, warm: int, blocks: int = 3, per_block: int = 10) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def _bench_runner(model: ModelConfig, batch: int, images: torch.Tensor, graph: bool, compile_mode: str | None = None):
+def _bench_runner(
+    model: ModelConfig,
+    batch: int,
+    images: torch.Tensor,
+    graph: bool,
+    compile_mode: str | None = None,
+    loss: str = "ce+triplet",
+):
     """The trainer's own step runner (engine.train._StepRunner) over resident ``images``, P×K labels, fused SGD."""
     from reidcli.engine.train import TrainConfig, _build, _StepRunner
+    from reidcli.losses.combined import LossConfig
 
     cfg = TrainConfig(
         data="",
         run_dir="",
         model=model,
+        loss=LossConfig(spec=loss),
         batch=batch,
         device=str(DEV),
         compile=compile_mode is not None,
@@ -72,7 +81,13 @@ def _bench_runner(model: ModelConfig, batch: int, images: torch.Tensor, graph: b
 
 
 def engine_step(
-    pe: str, model: ModelConfig, batch: int, smoke: bool, compile_mode: str | None = None, graph: bool = False
+    pe: str,
+    model: ModelConfig,
+    batch: int,
+    smoke: bool,
+    compile_mode: str | None = None,
+    graph: bool = False,
+    loss: str = "ce+triplet",
 ) -> dict:
     """img/s of reidcli's own training step as the trainer runs it (engine.train._StepRunner): gather from the
     resident uint8 images, batched augmentation, forward, ce+triplet, backward, gradient norm, fused SGD."""
@@ -81,7 +96,7 @@ def engine_step(
     from reidcli.data.augment import AUGMENT_DRAWS
 
     images = torch.randint(0, 256, (4 * batch, *model.image_size, 3), dtype=torch.uint8, device=DEV)
-    runner = _bench_runner(replace(model, pe=pe), batch, images, graph, compile_mode)
+    runner = _bench_runner(replace(model, pe=pe), batch, images, graph, compile_mode, loss)
     idx = [torch.arange(i * batch, (i + 1) * batch, device=DEV) for i in range(4)]
     r = torch.rand(4, batch, AUGMENT_DRAWS, device=DEV)
     calls = [0]
@@ -207,6 +222,10 @@ def train_steps(smoke: bool, out_dir: Path) -> dict:
         out["train both b64 graph circle"] = engine_step("both", replace(cfg, id_head="circle"), b, smoke, graph=True)
     except Exception as e:  # noqa: BLE001
         out["train both b64 graph circle"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    try:  # the center loss: its centres' own SGD step inside the captured step
+        out["train both b64 graph center"] = engine_step("both", cfg, b, smoke, graph=True, loss="ce+triplet+center")
+    except Exception as e:  # noqa: BLE001
+        out["train both b64 graph center"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
     if DEV.type == "cuda":  # the biased attention through cuDNN instead of the memory-efficient kernel
         from torch.nn.attention import SDPBackend, sdpa_kernel
 

@@ -11,6 +11,8 @@ from reidcli.cli.console import err, print_json, progress
 from reidcli.cli.console import out as console
 from reidcli.cli.options import (
     BatchOpt,
+    CenterLrOpt,
+    CenterWeightOpt,
     CompileOpt,
     CudaGraphOpt,
     DataOpt,
@@ -83,6 +85,8 @@ def ablate(
     rp_form: RpFormOpt = "stable",
     rp_weight: RpWeightOpt = 1.0,
     patch_weight: PatchWeightOpt = 1.0,
+    center_weight: CenterWeightOpt = 0.0005,
+    center_lr: CenterLrOpt = 0.5,
     label_smoothing: LabelSmoothingOpt = 0.0,
     margin: MarginOpt = None,
     neck_feat: NeckFeatOpt = "before",
@@ -165,7 +169,9 @@ def ablate(
         run_dir="",
         model=mcfg,
         extra_data=extra,
-        loss=loss_options("ce+triplet", label_smoothing, margin, top_n, rp_form, rp_weight, patch_weight),
+        loss=loss_options(
+            "ce+triplet", label_smoothing, margin, top_n, rp_form, rp_weight, patch_weight, (center_weight, center_lr)
+        ),
         epochs=epochs,
         batch=batch,
         k=k,

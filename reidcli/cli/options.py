@@ -49,6 +49,8 @@ LabelSmoothingOpt = Annotated[float, typer.Option(help="CE label smoothing.")]
 MarginOpt = Annotated[float | None, typer.Option(help="Triplet margin (default: soft margin).")]
 RpWeightOpt = Annotated[float, typer.Option(help="rp-triplet weight.")]
 PatchWeightOpt = Annotated[float, typer.Option(help="patch-triplet weight.")]
+CenterWeightOpt = Annotated[float, typer.Option(help="center loss weight (TransReID's 0.0005).")]
+CenterLrOpt = Annotated[float, typer.Option(help="Constant SGD step size of the center loss's centres.")]
 EvalEveryOpt = Annotated[int, typer.Option(help="Evaluate on query/gallery every N epochs (0: never).")]
 CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile the model.")]
 
@@ -168,6 +170,8 @@ LOSS_OPTION_NEEDS = {
     "patch_weight": ("patch-triplet",),
     "rp_weight": ("rp-triplet",),
     "rp_form": ("rp-triplet",),
+    "center_weight": ("center",),
+    "center_lr": ("center",),
 }
 
 

@@ -12,6 +12,8 @@ from reidcli.cli.console import err, print_json, print_table, progress
 from reidcli.cli.console import out as stdout
 from reidcli.cli.options import (
     BatchOpt,
+    CenterLrOpt,
+    CenterWeightOpt,
     CompileOpt,
     CudaGraphOpt,
     DepthOpt,
@@ -58,7 +60,7 @@ from reidcli.cli.options import (
 from reidcli.errors import ConfigError
 
 PeOpt = Annotated[str, typer.Option(help="Positional encoding: none, ape, sincos, rpe or both.")]
-LossOpt = Annotated[str, typer.Option(help="'+'-joined losses: ce, triplet, patch-triplet, rp-triplet.")]
+LossOpt = Annotated[str, typer.Option(help="'+'-joined losses: ce, triplet, center, patch-triplet, rp-triplet.")]
 
 
 def model_options(
@@ -133,11 +135,16 @@ def all_cameras(data: str | Path, extra: tuple[str, ...] = ()) -> int:
     return sum(dataset_cameras(p) for p in (data, *extra))
 
 
-def loss_options(spec: str, label_smoothing, margin, top_n, rp_form, rp_weight, patch_weight):
-    """The loss options shared by ``train`` and ``ablate`` (``ablate`` sets ``spec`` per variant)."""
+def loss_options(
+    spec: str, label_smoothing, margin, top_n, rp_form, rp_weight, patch_weight, center: tuple[float, float]
+):
+    """The loss options shared by ``train`` and ``ablate`` (``ablate`` sets ``spec`` per variant); ``center``: the
+    center loss's weight and centre step size."""
     from reidcli.losses.combined import LossConfig
 
     return LossConfig(
+        center_weight=center[0],
+        center_lr=center[1],
         spec=spec,
         label_smoothing=label_smoothing,
         margin=margin,
@@ -205,6 +212,8 @@ def train(
     rp_form: RpFormOpt = "stable",
     rp_weight: RpWeightOpt = 1.0,
     patch_weight: PatchWeightOpt = 1.0,
+    center_weight: CenterWeightOpt = 0.0005,
+    center_lr: CenterLrOpt = 0.5,
     neck_feat: NeckFeatOpt = "before",
     sie: SieOpt = False,
     sie_weight: SieWeightOpt = 3.0,
@@ -278,7 +287,9 @@ def train(
         model=mcfg,
         extra_data=extra,
         combine_all=combine_all,
-        loss=loss_options(loss, label_smoothing, margin, top_n, rp_form, rp_weight, patch_weight),
+        loss=loss_options(
+            loss, label_smoothing, margin, top_n, rp_form, rp_weight, patch_weight, (center_weight, center_lr)
+        ),
         epochs=epochs,
         batch=batch,
         k=k,
@@ -333,7 +344,17 @@ _MODEL_OPTIONS = {
     )
 }
 _LOSS_OPTIONS = {"loss": "spec"} | {
-    o: o for o in ("label_smoothing", "margin", "top_n", "rp_form", "rp_weight", "patch_weight")
+    o: o
+    for o in (
+        "label_smoothing",
+        "margin",
+        "top_n",
+        "rp_form",
+        "rp_weight",
+        "patch_weight",
+        "center_weight",
+        "center_lr",
+    )
 }
 _RUN_OPTIONS = {"compile_": "compile"} | {
     o: o

@@ -269,6 +269,9 @@ class _State:
     dist: DistInfo = field(default_factory=DistInfo)
     epoch: int = 0
     metrics: list[dict] = field(default_factory=list)
+    # the center loss's identity centres (classes, D) and their own SGD (constant lr); None without the center loss
+    centers: torch.nn.Parameter | None = None
+    center_opt: torch.optim.Optimizer | None = None
 
 
 def _build(cfg: TrainConfig, num_classes: int, device: torch.device, initial_weights: bool = True) -> _State:
@@ -287,7 +290,12 @@ def _build(cfg: TrainConfig, num_classes: int, device: torch.device, initial_wei
     if initial_weights and (cfg.init or cfg.pretrained):
         model.sync_jpm()  # the JPM branch starts as the loaded last block, as TransReID's does
     model.to(device)
-    return _State(model, _optimizer(model, cfg), torch.Generator().manual_seed(cfg.seed))
+    state = _State(model, _optimizer(model, cfg), torch.Generator().manual_seed(cfg.seed))
+    if "center" in cfg.loss.names:  # N(0, 1) centres as TransReID's CenterLoss, drawn after the model's weights
+        state.centers = torch.nn.Parameter(torch.randn(num_classes, cfg.model.dim).to(device))
+        fused = {"fused": True} if device.type == "cuda" else {}
+        state.center_opt = torch.optim.SGD([state.centers], lr=cfg.loss.center_lr, **fused)
+    return state
 
 
 def _report_init(source: str, keys: dict[str, list[str]]) -> None:
@@ -332,6 +340,11 @@ def _restore(state: _State, files: RunFiles) -> None:
             "resume with the run's own options or start a new run folder"
         ) from e
     state.opt.load_state_dict(ckpt["optimizer"])
+    if state.centers is not None:
+        if "centers" not in ckpt:
+            raise ConfigError(f"{files.checkpoint} holds no center-loss centres; resume with the run's own --loss")
+        with torch.no_grad():
+            state.centers.copy_(ckpt["centers"])
     state.gen.set_state(ckpt["generator"])
     torch.set_rng_state(ckpt["torch_rng"])
     if "cuda_rng" in ckpt and torch.cuda.is_available():
@@ -369,6 +382,7 @@ def _save(state: _State, files: RunFiles) -> None:
         {
             "model": state.model.state_dict(),
             "optimizer": state.opt.state_dict(),
+            **({"centers": state.centers.detach()} if state.centers is not None else {}),
             "generator": state.gen.get_state(),
             "torch_rng": torch.get_rng_state(),
             **({"cuda_rng": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {}),
@@ -548,15 +562,34 @@ def _make_step(state: _State, cfg: TrainConfig, device: torch.device):
         # no autocast weight cache: cached casts would be stale tensors inside a captured CUDA graph
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast, cache_enabled=False):
             out = model(x) if cams is None else model(x, cams)
-            comps = compute_losses(state.model, out, y, cfg.loss, epoch, stats)
+            comps = compute_losses(state.model, out, y, cfg.loss, epoch, stats, state.centers)
         loss = sum(comps.values())
         state.opt.zero_grad(set_to_none=True)
+        if state.center_opt is not None:
+            state.center_opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = _total_norm(params)
         state.opt.step()
+        if state.center_opt is not None:
+            _center_step(state, cfg.loss.center_weight)
         return comps, grad_norm, stats
 
     return step
+
+
+def _center_step(state: _State, weight: float) -> None:
+    """The centres' SGD step on the unweighted center-loss gradient (TransReID divides the centres' gradient by the
+    loss weight): the features feel ``weight``, the centres move at ``--center-lr`` whatever the weight. The centres
+    are outside DDP's module, so their gradient is averaged over the processes here."""
+    grad = state.centers.grad
+    if grad is None:
+        return
+    if weight > 0:
+        grad.mul_(1.0 / weight)
+    if state.dist.enabled:
+        torch.distributed.all_reduce(grad)
+        grad.div_(state.dist.world)
+    state.center_opt.step()
 
 
 def _total_norm(params: list[torch.Tensor]) -> torch.Tensor:
@@ -637,13 +670,16 @@ class _StepRunner:
         st = self.state
         model = {k: v.detach().clone() for k, v in st.model.state_dict(keep_vars=True).items()}
         opt = {p: {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()} for p, s in st.opt.state.items()}
-        return model, opt, torch.cuda.get_rng_state(self.device)
+        centers = None if st.centers is None else st.centers.detach().clone()  # their SGD keeps no state
+        return model, opt, centers, torch.cuda.get_rng_state(self.device)
 
     @torch.no_grad()
     def _restore(self, snap) -> None:
-        model, opt, rng = snap
+        model, opt, centers, rng = snap
         for k, v in self.state.model.state_dict(keep_vars=True).items():
             v.copy_(model[k])
+        if centers is not None:
+            self.state.centers.copy_(centers)
         for p, s in self.state.opt.state.items():
             old = opt.get(p, {})
             for k, v in s.items():
@@ -678,6 +714,8 @@ class _StepRunner:
             torch.cuda.synchronize(dev)
             self._restore(snap)
             opt.zero_grad(set_to_none=True)
+            if self.state.center_opt is not None:
+                self.state.center_opt.zero_grad(set_to_none=True)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 self._body(self.static_idx, self.static_r, self.static_epoch)

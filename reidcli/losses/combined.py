@@ -12,9 +12,9 @@ from reidcli.errors import ConfigError
 from reidcli.losses.positional import patch_embedding, relation_vectors, rp_triplet
 from reidcli.losses.triplet import batch_hard_triplet
 
-__all__ = ["LOSS_NAMES", "LossConfig", "parse_loss_spec", "compute_losses", "margin_logits"]
+__all__ = ["LOSS_NAMES", "LossConfig", "parse_loss_spec", "compute_losses", "center_loss", "margin_logits"]
 
-LOSS_NAMES = ("ce", "triplet", "patch-triplet", "rp-triplet")
+LOSS_NAMES = ("ce", "triplet", "center", "patch-triplet", "rp-triplet")
 
 
 def parse_loss_spec(spec: str) -> tuple[str, ...]:
@@ -28,6 +28,11 @@ def parse_loss_spec(spec: str) -> tuple[str, ...]:
         )
     if all(n in ("patch-triplet", "rp-triplet") for n in names):
         names = ["ce", "triplet", *names]
+    if "center" in names and not {"ce", "triplet"} & set(names):
+        raise ConfigError(
+            f"--loss {spec}: the center loss only pulls features to their identity's centre (alone, every feature "
+            "collapses onto it); join it to ce or triplet, e.g. ce+triplet+center"
+        )
     return tuple(n for n in LOSS_NAMES if n in names)
 
 
@@ -43,6 +48,8 @@ class LossConfig:
     top_n: int = 8  # patches kept by the patch / RP triplet
     rp_form: str = "stable"  # or "raw", the seed's form
     rp_warmup_epochs: int = 5  # RP weight ramps linearly from 0 over these epochs (stable form)
+    center_weight: float = 0.0005  # TransReID's CENTER_LOSS_WEIGHT
+    center_lr: float = 0.5  # the centres' own SGD step size, constant (TransReID's CENTER_LR)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -58,8 +65,10 @@ class LossConfig:
             raise ConfigError("--label-smoothing must be in [0, 1)")
         if self.margin is not None and self.margin <= 0:
             raise ConfigError(f"--margin {self.margin} must be positive (leave it out for the soft margin)")
+        if self.center_lr <= 0:
+            raise ConfigError(f"--center-lr {self.center_lr} must be positive (the centres' SGD step size)")
         weights = {"patch": self.patch_weight, "rp": self.rp_weight, "ce": self.ce_weight}
-        weights["triplet"] = self.triplet_weight
+        weights |= {"triplet": self.triplet_weight, "center": self.center_weight}
         negative = [f"--{name}-weight {w}" for name, w in weights.items() if w < 0]
         if negative:
             raise ConfigError(f"{', '.join(negative)}: loss weights cannot be negative (0 turns a loss off)")
@@ -95,11 +104,26 @@ def margin_logits(cos: torch.Tensor, labels: torch.Tensor, head: str, scale: flo
     raise ConfigError(f"unknown ID head {head!r}")
 
 
+def center_loss(feat: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
+    """Center loss (Wen et al. 2016, as TransReID and reid-strong-baseline weigh it): the batch mean of the squared
+    Euclidean distance ``‖f_i − c_{y_i}‖²`` of each feature to its identity's centre (``centers``: (classes, D)).
+    In float32: squared distances of 768-wide features lose their small differences in bf16."""
+    with torch.autocast(feat.device.type, enabled=False):
+        return (feat.float() - centers[labels].float()).pow(2).sum(1).mean()
+
+
 def compute_losses(
-    model, out, labels: torch.Tensor, cfg: LossConfig, epoch: float | torch.Tensor = 0.0, stats: dict | None = None
+    model,
+    out,
+    labels: torch.Tensor,
+    cfg: LossConfig,
+    epoch: float | torch.Tensor = 0.0,
+    stats: dict | None = None,
+    centers: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Weighted components by name; their sum is the training loss. ``epoch`` (a number or a 0-d tensor) drives the
-    RP weight warm-up.
+    RP weight warm-up; ``centers`` (classes, D) are the center loss's identity centres (the training loop owns and
+    updates them).
 
     ``stats``, when given, receives detached diagnostics (the mean norm of the RP relation vectors).
     """
@@ -128,6 +152,10 @@ def compute_losses(
             parts = sum(batch_hard_triplet(out.local_feat[:, g], labels, cfg.margin) for g in range(groups))
             value = 0.5 * value + 0.5 * parts / groups
         losses["triplet"] = cfg.triplet_weight * value
+    if "center" in names:
+        if centers is None:
+            raise ConfigError("the center loss needs its identity centres; train it through reid train")
+        losses["center"] = cfg.center_weight * center_loss(out.feat, labels, centers)  # the global feature only
     if "patch-triplet" in names:
         emb = patch_embedding(out.feat, out.tokens, cfg.top_n)
         losses["patch-triplet"] = cfg.patch_weight * batch_hard_triplet(emb, labels, cfg.margin)

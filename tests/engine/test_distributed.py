@@ -28,7 +28,7 @@ def test_two_process_gloo_run_trains_and_writes_one_checkpoint(tiny_data, tmp_pa
         "--pe",
         "both",
         "--loss",
-        "ce+triplet+rp-triplet",
+        "ce+triplet+center+rp-triplet",  # the centres' gradient is averaged over the processes
         *TINY_MODEL,
         "--epochs",
         "2",

@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from reidcli.data.augment import AUGMENT_DRAWS
-from reidcli.engine.train import TrainConfig, _build, _StepRunner
+from reidcli.engine.train import TrainConfig, _build, _make_step, _StepRunner
 from reidcli.losses.combined import LossConfig
 from reidcli.model.vit import ModelConfig
 
 
-def _runner(graph: bool, precision: str = "auto") -> _StepRunner:
+def _runner(graph: bool, precision: str = "auto", spec: str = "ce+triplet") -> _StepRunner:
     model = ModelConfig(pe="both", image_size=(32, 16), dim=32, depth=1, heads=2, drop_path=0.0)
-    loss = LossConfig(spec="ce+triplet")
+    loss = LossConfig(spec=spec)
     cfg = TrainConfig(data="", run_dir="", model=model, loss=loss, batch=8, k=4, device="cpu", precision=precision)
     torch.manual_seed(0)
     state = _build(cfg, 4, torch.device("cpu"))
@@ -29,7 +29,8 @@ def _train(runner: _StepRunner) -> torch.Tensor:
     for i in range(4):
         idx = torch.arange(i % 2 * 8, i % 2 * 8 + 8)
         runner(idx, torch.rand(8, AUGMENT_DRAWS, generator=gen), 0.01 * (i + 1), i / 4)
-    return torch.cat([p.detach().flatten() for p in runner.state.model.parameters()])
+    centers = [] if runner.state.centers is None else [runner.state.centers.detach().flatten()]
+    return torch.cat([p.detach().flatten() for p in runner.state.model.parameters()] + centers)
 
 
 def test_failed_capture_falls_back_to_eager_steps_on_the_same_trajectory(monkeypatch, caplog):
@@ -53,9 +54,11 @@ def test_failed_capture_falls_back_to_eager_steps_on_the_same_trajectory(monkeyp
     assert float(runner.sums.losses["ce"]) > 0
 
 
-def test_a_warm_up_that_fails_midway_is_rolled_back(monkeypatch):
-    """The capture's warm-up steps change weights and optimizer state; a failure after them restores both."""
-    eager = _train(_runner(graph=False))
+@pytest.mark.parametrize("spec", ["ce+triplet", "ce+triplet+center"])
+def test_a_warm_up_that_fails_midway_is_rolled_back(monkeypatch, spec):
+    """The capture's warm-up steps change weights and optimizer state (and the center loss's centres); a failure after
+    them restores all of it."""
+    eager = _train(_runner(graph=False, spec=spec))
     cpu_rng = torch.get_rng_state()
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device=None: cpu_rng)
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device=None: torch.set_rng_state(cpu_rng))
@@ -78,7 +81,7 @@ def test_a_warm_up_that_fails_midway_is_rolled_back(monkeypatch):
     monkeypatch.setattr(torch.cuda, "stream", lambda s: torch.autograd.profiler.record_function("fake-stream"))
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: FakeStream())
     monkeypatch.setattr(torch.cuda, "CUDAGraph", no_graph)
-    runner = _runner(graph=True)
+    runner = _runner(graph=True, spec=spec)
     fallback = _train(runner)  # three warm-up steps ran, then the capture failed: all of it is undone
     assert runner.graph is None
     assert torch.equal(fallback, eager)
@@ -126,3 +129,25 @@ def test_cuda_graph_with_torch_cudagraphs_is_refused(bad):
 
     with pytest.raises(ConfigError, match="--cuda-graph already captures the step"):
         TrainConfig(data="x", run_dir="y", **bad).validate()
+
+
+@pytest.mark.parametrize("weight", [0.0005, 0.05])
+def test_the_centres_move_at_center_lr_on_the_unweighted_gradient(weight):
+    """TransReID's rule: the features feel ``weight`` · center loss, the centres take an SGD step of ``--center-lr``
+    on the loss's own gradient ``(2/B) Σ_{i: y_i = j} (c_j − f_i)``, whatever the weight."""
+    model = ModelConfig(pe="ape", image_size=(32, 16), dim=16, depth=1, heads=2, drop_path=0.0)
+    loss = LossConfig(spec="ce+center", center_weight=weight, center_lr=0.5)
+    cfg = TrainConfig(data="", run_dir="", model=model, loss=loss, batch=8, k=2, device="cpu")
+    state = _build(cfg, 5, torch.device("cpu"))
+    step = _make_step(state, cfg, torch.device("cpu"))
+    x, y = torch.randn(8, 3, 32, 16, generator=torch.Generator().manual_seed(3)), torch.arange(8) // 2
+    with torch.no_grad():
+        feat = state.model(x).feat
+    before = state.centers.detach().clone()
+    comps, _, _ = step(x, y, 0.0)
+    assert float(comps["center"].detach()) == pytest.approx(
+        weight * float((feat - before[y]).pow(2).sum(1).mean()), rel=1e-5
+    )
+    grad = torch.zeros_like(before).index_add_(0, y, 2 * (before[y] - feat)) / 8
+    torch.testing.assert_close(state.centers.detach(), before - 0.5 * grad)
+    assert torch.equal(state.centers[4], before[4])  # no image of identity 4: its centre stays

@@ -35,24 +35,30 @@ class Stop(Exception):
 
 
 def test_resume_continues_the_same_trajectory(tiny_data, tmp_path):
-    straight = train(_cfg(tiny_data, tmp_path / "a"))
+    """With the center loss too: its centres (outside the model) are in the checkpoint and restored."""
+    loss = LossConfig(spec="ce+triplet+center+rp-triplet", top_n=4, center_weight=0.01)
+    straight = train(_cfg(tiny_data, tmp_path / "a", loss=loss))
 
     def interrupt(row):
         if row["epoch"] == 1:
             raise Stop
 
     with pytest.raises(Stop):
-        train(_cfg(tiny_data, tmp_path / "b"), on_epoch=interrupt)
-    assert load_checkpoint(RunFiles(tmp_path / "b").checkpoint)["epoch"] == 1
+        train(_cfg(tiny_data, tmp_path / "b", loss=loss), on_epoch=interrupt)
+    halfway = load_checkpoint(RunFiles(tmp_path / "b").checkpoint)
+    assert halfway["epoch"] == 1 and halfway["centers"].shape == (12, 32)
     with pytest.raises(ConfigError, match="--resume"):
-        train(_cfg(tiny_data, tmp_path / "b"))
-    resumed = train(_cfg(tiny_data, tmp_path / "b"), resume=True)
+        train(_cfg(tiny_data, tmp_path / "b", loss=loss))
+    resumed = train(_cfg(tiny_data, tmp_path / "b", loss=loss), resume=True)
     wa = load_file(str(RunFiles(tmp_path / "a").weights))
     wb = load_file(str(RunFiles(tmp_path / "b").weights))
     assert wa.keys() == wb.keys()
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=0)
-    for key in ("loss", "loss_ce", "loss_triplet", "loss_rp-triplet"):
+    centers = [load_checkpoint(RunFiles(tmp_path / r).checkpoint)["centers"] for r in "ab"]
+    assert torch.equal(*centers) and not torch.equal(centers[1], halfway["centers"])
+    assert "centers" not in wa  # training state, not part of the model's weights
+    for key in ("loss", "loss_ce", "loss_triplet", "loss_center", "loss_rp-triplet"):
         assert [m[key] for m in straight.metrics] == [m[key] for m in resumed.metrics]
 
 

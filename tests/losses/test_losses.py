@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from reidcli.errors import ConfigError
-from reidcli.losses.combined import LossConfig, compute_losses, parse_loss_spec
+from reidcli.losses.combined import LossConfig, center_loss, compute_losses, parse_loss_spec
 from reidcli.losses.positional import patch_embedding, relation_vectors, rp_triplet, top_patches
 from reidcli.losses.triplet import batch_hard_triplet, hardest_pairs, pairwise_distance
 from reidcli.model.vit import ModelConfig, ViTReID
@@ -100,3 +100,26 @@ def test_compute_losses_components_and_rp_warmup():
     full.backward()
     assert model.pos.pos_embed.grad.abs().sum() > 0  # the RP loss trains the position embedding
     assert model.blocks[0].attn.qkv.weight.grad is None  # and nothing else
+
+
+def test_center_loss_is_the_mean_squared_distance_to_the_label_centre():
+    feat = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 4.0]])
+    centers = torch.tensor([[0.0, 0.0], [1.0, 1.0]])
+    labels = torch.tensor([0, 1, 1])
+    # ‖(1,0)−(0,0)‖² = 1, ‖(0,2)−(1,1)‖² = 2, ‖(3,4)−(1,1)‖² = 13
+    assert float(center_loss(feat, labels, centers)) == pytest.approx((1 + 2 + 13) / 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert center_loss(feat.bfloat16(), labels, centers).dtype == torch.float32
+
+
+def test_center_loss_spec():
+    assert parse_loss_spec("center+triplet+ce") == ("ce", "triplet", "center")
+    assert parse_loss_spec("ce+center") == ("ce", "center")
+    with pytest.raises(ConfigError, match="join it to ce or triplet, e.g. ce\\+triplet\\+center"):
+        parse_loss_spec("center")
+    with pytest.raises(ConfigError, match="--center-lr 0.0 must be positive"):
+        LossConfig(spec="ce+center", center_lr=0.0).validate()
+    with pytest.raises(ConfigError, match="the center loss needs its identity centres"):
+        model = ViTReID(ModelConfig(pe="ape", image_size=(32, 16), dim=8, depth=1, heads=2, num_classes=2))
+        x = torch.randn(4, 3, 32, 16)
+        compute_losses(model, model(x), torch.tensor([0, 0, 1, 1]), LossConfig(spec="ce+center"))
