@@ -39,6 +39,38 @@ def run_cli(*args: str, timeout: int = 600, cwd: Path | None = None) -> subproce
     )
 
 
+def run_cli_here(*args: str) -> subprocess.CompletedProcess:
+    """The real ``reid`` entry point (``main``: Typer app and error boundary) in this process, for refusals that end
+    before any work: the same exit code, stdout and stderr (warnings logged as the app logs them) as
+    :func:`run_cli`, without a new interpreter importing torch and timm (about 4 s a call)."""
+    import contextlib
+    import io
+    import logging
+    import signal
+
+    from reidcli.cli.app import main
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    handler = logging.StreamHandler(stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.WARNING)
+    root, handlers = logging.getLogger(), (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
+    argv, code = sys.argv, 0
+    root.addHandler(handler)
+    sys.argv = ["reid", *args]
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = argv
+        root.removeHandler(handler)
+        signal.signal(signal.SIGINT, handlers[0])
+        signal.signal(signal.SIGTERM, handlers[1])
+    return subprocess.CompletedProcess(["reid", *args], code, stdout.getvalue(), stderr.getvalue())
+
+
 def train_tiny_run(data: Path, run: Path, pe: str, *args: str) -> Path:
     """A one-block, one-epoch run folder trained through the real CLI (for tests that need a finished run)."""
     r = run_cli("train", "--data", str(data), "--out", str(run), "--pe", pe, *TINY_MODEL, "--batch", "16", *args)

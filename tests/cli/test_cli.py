@@ -10,7 +10,7 @@ import h5py
 import pandas as pd
 import pytest
 
-from tests.conftest import TINY_MODEL, run_cli
+from tests.conftest import TINY_MODEL, run_cli, run_cli_here
 
 COMMANDS = (
     "prepare",
@@ -147,15 +147,15 @@ def test_end_to_end_pipeline_learns(tmp_path):
     assert len(per_query) == res["num_queries"] and per_query["AP"].notna().sum() == res["num_valid_queries"]
     assert abs(per_query["AP"].mean() - res["mAP"]) < 1e-9 and (per_query["first_hit_rank"].dropna() >= 1).all()
     assert per_query["path"].str.startswith("query/").all()
-    torch_res = json.loads(run_cli("evaluate", str(tmp_path / "f.h5"), "--engine", "torch", "--json").stdout)
+    torch_res = json.loads(run_cli_here("evaluate", str(tmp_path / "f.h5"), "--engine", "torch", "--json").stdout)
     assert abs(torch_res["mAP"] - res["mAP"]) < 1e-6
-    plain = run_cli("evaluate", str(tmp_path / "f.h5"), "--engine", "torch", "--similarity", "fp32", "--json")
+    plain = run_cli_here("evaluate", str(tmp_path / "f.h5"), "--engine", "torch", "--similarity", "fp32", "--json")
     assert json.loads(plain.stdout)["mAP"] == torch_res["mAP"]  # the CPU's GEMM is fp32 either way
-    aqe = run_cli("evaluate", str(tmp_path / "f.h5"), "--aqe", "--out", str(tmp_path / "aqe"), "--json")
+    aqe = run_cli_here("evaluate", str(tmp_path / "f.h5"), "--aqe", "--out", str(tmp_path / "aqe"), "--json")
     assert aqe.returncode == 0 and json.loads(aqe.stdout)["engine"] == "aqe+faiss", aqe.stderr
     saved = json.loads((tmp_path / "aqe" / "results.json").read_text())
     assert saved["aqe"] == {"k": 5, "alpha": 3.0} and saved["mAP"] != res["mAP"]
-    bad = run_cli("evaluate", str(tmp_path / "f.h5"), "--similarity", "tf32")
+    bad = run_cli_here("evaluate", str(tmp_path / "f.h5"), "--similarity", "tf32")
     assert bad.returncode == 1 and "unknown similarity mode 'tf32'" in bad.stderr and "Traceback" not in bad.stderr
     # the CPU's bf16 forward: recorded as such, retrieval as good as fp32's (the default, also recorded)
     r = run_cli(
@@ -170,12 +170,14 @@ def test_end_to_end_pipeline_learns(tmp_path):
         "bf16",
     )
     assert r.returncode == 0, r.stderr[-2000:]
-    bf16 = json.loads(run_cli("evaluate", str(tmp_path / "b.h5"), "--json", "--out", str(tmp_path / "evalb")).stdout)
+    bf16 = json.loads(
+        run_cli_here("evaluate", str(tmp_path / "b.h5"), "--json", "--out", str(tmp_path / "evalb")).stdout
+    )
     assert abs(bf16["mAP"] - res["mAP"]) < 0.02 and bf16["mAP"] != res["mAP"]
     with h5py.File(tmp_path / "b.h5") as f, h5py.File(tmp_path / "f.h5") as g:
         assert (f.attrs["precision"], g.attrs["precision"]) == ("bf16", "fp32")
     # the two evaluations compared query by query: their own mAPs, and a difference the bootstrap calls noise
-    r = run_cli("compare", str(tmp_path / "eval"), str(tmp_path / "evalb"), "--json")
+    r = run_cli_here("compare", str(tmp_path / "eval"), str(tmp_path / "evalb"), "--json")
     assert r.returncode == 0, r.stderr
     m_ap = json.loads(r.stdout)["metrics"][0]
     assert m_ap["A"] == pytest.approx(res["mAP"], abs=1e-12) and m_ap["B"] == pytest.approx(bf16["mAP"], abs=1e-12)
@@ -183,7 +185,7 @@ def test_end_to_end_pipeline_learns(tmp_path):
 
 
 def test_print_model_seed_figures(tiny_data):
-    r = run_cli(
+    r = run_cli_here(
         "train",
         "--data",
         str(tiny_data),
@@ -229,7 +231,7 @@ def test_print_model_seed_figures(tiny_data):
     ],
 )
 def test_train_option_errors(tiny_data, tmp_path, args, message):
-    r = run_cli(
+    r = run_cli_here(
         "train",
         "--data",
         str(tiny_data),
@@ -269,12 +271,12 @@ def test_pretrained_weights_offline_fail_at_once_in_one_line(tiny_data, tmp_path
 
 
 def test_train_out_under_a_file(tiny_data):
-    r = run_cli("train", "--data", str(tiny_data), "--out", f"{tiny_data}/run", *TINY_MODEL)
+    r = run_cli_here("train", "--data", str(tiny_data), "--out", f"{tiny_data}/run", *TINY_MODEL)
     assert r.returncode == 1 and f"{tiny_data} is a file, not a folder" in r.stderr and r.stderr.count("\n") == 1
 
 
 def test_doctor_checks_data_and_run(tiny_data, tmp_path):
-    r = run_cli("doctor", "--data", str(tiny_data), "--json")
+    r = run_cli_here("doctor", "--data", str(tiny_data), "--json")
     assert r.returncode == 0, r.stderr
     checks = {c["check"]: c for c in json.loads(r.stdout)}
     assert checks["torch"]["status"] == "ok" and "GPU support" in checks["faiss"]["detail"]
@@ -284,7 +286,7 @@ def test_doctor_checks_data_and_run(tiny_data, tmp_path):
     assert checks["CPU bf16"]["status"] == ("ok" if has_bf16 else "none")  # this x86 machine: avx512_bf16
     assert checks["ONNX export"]["status"] == "ok" and "onnxruntime" in checks["ONNX export"]["detail"]  # [dev] has it
     assert "12 ids" in checks["dataset"]["detail"]
-    r = run_cli("doctor", "--run", str(tmp_path / "nope"), "--json")
+    r = run_cli_here("doctor", "--run", str(tmp_path / "nope"), "--json")
     assert r.returncode == 1
     assert {c["check"]: c["status"] for c in json.loads(r.stdout)}["run"] == "FAIL"
 

@@ -11,7 +11,7 @@ from reidcli.data.prepare import PrepareConfig, prepare_dataset
 from reidcli.data.store import read_dataset
 from reidcli.data.synthetic import SyntheticConfig, generate_synthetic
 from reidcli.errors import DataError, FormatError
-from tests.conftest import run_cli
+from tests.conftest import run_cli, run_cli_here
 
 SMALL = SyntheticConfig(num_train_ids=4, num_test_ids=4, num_distractors=2, num_junk=2, images_per_camera=1, seed=5)
 
@@ -197,11 +197,11 @@ def test_reader_rejects_other_files(tmp_path, market):
 
 
 def test_cli_prepare_errors_are_one_line_exit_1(tmp_path):
-    r = run_cli("prepare", "market1501", "--root", str(tmp_path / "missing"), "--out", str(tmp_path / "x.h5"))
+    r = run_cli_here("prepare", "market1501", "--root", str(tmp_path / "missing"), "--out", str(tmp_path / "x.h5"))
     assert r.returncode == 1
     assert r.stderr.startswith("Error: dataset root") and r.stderr.count("\n") == 1
     assert "Traceback" not in r.stderr
-    r = run_cli("prepare", "imagenet", "--root", str(tmp_path))
+    r = run_cli_here("prepare", "imagenet", "--root", str(tmp_path))
     assert r.returncode == 1 and "unknown dataset 'imagenet'" in r.stderr
 
 

@@ -13,7 +13,7 @@ from reidcli.engine.checkpoint import RunFiles, save_weights, write_json_atomic
 from reidcli.engine.export import ExportConfig, export_onnx, onnx_metadata
 from reidcli.errors import ConfigError
 from reidcli.model.vit import ModelConfig, ViTReID
-from tests.conftest import run_cli
+from tests.conftest import run_cli, run_cli_here
 
 
 def _session(path) -> ort.InferenceSession:
@@ -113,7 +113,7 @@ def test_refusals_are_one_line_errors(trained, tmp_path, monkeypatch):
     for kwargs, message in cases:
         with pytest.raises(ConfigError, match=message):
             ExportConfig(**{"run": str(run), "out": str(tmp_path / "m.onnx"), **kwargs}).validate()
-    r = run_cli("export", "--run", str(tmp_path / "nothing"), "--out", str(tmp_path / "m.onnx"))
+    r = run_cli_here("export", "--run", str(tmp_path / "nothing"), "--out", str(tmp_path / "m.onnx"))
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.strip() == (
         f"Error: {tmp_path / 'nothing'} is not a run folder (no config.json); train one with 'reid train'"
@@ -133,7 +133,7 @@ def test_doctor_tells_a_stale_or_invalid_onnx_file(trained, tmp_path):
     _, run = trained
     out = tmp_path / "m.onnx"
     export_onnx(ExportConfig(run=str(run), out=str(out), check=False))
-    r = run_cli("doctor", "--onnx", str(out), "--run", str(run), "--json")
+    r = run_cli_here("doctor", "--onnx", str(out), "--run", str(run), "--json")
     assert r.returncode == 0, r.stdout + r.stderr
     checks = {c["check"]: c for c in json.loads(r.stdout)}
     assert checks["ONNX ↔ run"]["status"] == "ok" and "images (batch, 64, 32, 3)" in checks["ONNX"]["detail"]

@@ -12,7 +12,7 @@ from reidcli.data.store import dataset_cameras, read_dataset
 from reidcli.data.synthetic import SyntheticConfig, generate_synthetic
 from reidcli.engine.train import joined_train_split, load_train_config
 from reidcli.errors import ConfigError
-from tests.conftest import TINY_MODEL, run_cli
+from tests.conftest import TINY_MODEL, run_cli, run_cli_here
 
 
 def _dataset(root, seed: int, size=(64, 32), cameras: int = 6):
@@ -86,7 +86,7 @@ def test_train_on_two_datasets_with_sie_resume_and_doctor(tiny_data, second, tmp
     assert _check_run(out, tiny_data)[1][:2] == ("run ↔ dataset", "ok")  # its classes: both datasets' ids
     other = tmp_path / "other.h5"
     shutil.copy(second, other)
-    r = run_cli("train", "--out", str(out), "--resume", "--extra-data", str(other))
+    r = run_cli_here("train", "--out", str(out), "--resume", "--extra-data", str(other))
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert f"was trained with --extra-data {second} (given {other})" in r.stderr, r.stderr
     saved = load_train_config(out)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from reidcli.errors import ConfigError
 from reidcli.losses.combined import LossConfig, compute_losses, margin_logits
 from reidcli.model.vit import ModelConfig, ViTReID
-from tests.conftest import TINY_MODEL, run_cli
+from tests.conftest import TINY_MODEL, run_cli, run_cli_here
 
 SMALL = {"image_size": (32, 16), "patch_size": 8, "stride": 8, "dim": 16, "depth": 1, "heads": 2, "drop_path": 0.0}
 
@@ -59,7 +59,9 @@ def test_train_with_a_circle_head_through_the_cli(tiny_data, tmp_path):
     assert math.isfinite(json.loads(r.stdout)["last"]["loss"])
     model = json.loads((out / "config.json").read_text())["model"]
     assert (model["id_head"], model["head_scale"], model["head_margin"]) == ("circle", 64.0, 0.35)
-    r = run_cli("train", "--data", str(tiny_data), "--out", str(tmp_path / "x"), *TINY_MODEL, "--head-margin", "0.2")
+    r = run_cli_here(
+        "train", "--data", str(tiny_data), "--out", str(tmp_path / "x"), *TINY_MODEL, "--head-margin", "0.2"
+    )
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "--head-margin has no effect without a cosine --id-head" in r.stderr
     from typer.testing import CliRunner

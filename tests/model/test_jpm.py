@@ -11,7 +11,7 @@ from reidcli.errors import ConfigError
 from reidcli.losses.combined import LossConfig, compute_losses
 from reidcli.losses.triplet import batch_hard_triplet
 from reidcli.model.vit import ModelConfig, ViTReID, jpm_groups_index, parameter_report
-from tests.conftest import TINY_MODEL, run_cli
+from tests.conftest import TINY_MODEL, run_cli, run_cli_here
 
 SMALL = {"image_size": (32, 16), "patch_size": 8, "stride": 8, "dim": 16, "depth": 2, "heads": 2, "drop_path": 0.0}
 
@@ -109,11 +109,11 @@ def test_train_extract_resume_with_jpm(tiny_data, tmp_path):
     assert r.returncode == 0, r.stderr
     with h5py.File(tmp_path / "f.h5") as f:
         assert f["query/feats"].shape[1] == 32 * 3  # global + 2 groups
-    r = run_cli("evaluate", str(tmp_path / "f.h5"), "--json")
+    r = run_cli_here("evaluate", str(tmp_path / "f.h5"), "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["num_valid_queries"] > 0, r.stderr
     r = run_cli("train", "--out", str(run), "--resume", "--epochs", "2")
     assert r.returncode == 0 and len((run / "metrics.jsonl").read_text().splitlines()) == 2, r.stderr
-    r = run_cli("train", "--out", str(run), "--resume", "--epochs", "3", "--jpm-groups", "4")
+    r = run_cli_here("train", "--out", str(run), "--resume", "--epochs", "3", "--jpm-groups", "4")
     assert r.returncode == 1 and "was trained with --jpm-groups 2 (given 4)" in r.stderr
-    r = run_cli("train", "--data", str(tiny_data), "--out", str(tmp_path / "x"), "--jpm-shift", "2")
+    r = run_cli_here("train", "--data", str(tiny_data), "--out", str(tmp_path / "x"), "--jpm-shift", "2")
     assert r.returncode == 1 and "--jpm-shift has no effect without --jpm" in r.stderr

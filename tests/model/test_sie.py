@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from reidcli.errors import ConfigError
 from reidcli.model.vit import ModelConfig, ViTReID, parameter_report
 from reidcli.model.weights import load_init_weights
-from tests.conftest import TINY_MODEL, run_cli
+from tests.conftest import TINY_MODEL, run_cli, run_cli_here
 
 SMALL = {"image_size": (32, 16), "patch_size": 8, "stride": 8, "dim": 16, "depth": 2, "heads": 2, "drop_path": 0.0}
 
@@ -134,20 +134,20 @@ def test_train_extract_and_resume_with_sie(tiny_data, tmp_path):
     r = run_cli("train", "--out", str(run), "--resume", "--epochs", "2")
     assert r.returncode == 0 and json.loads((run / "config.json").read_text())["model"]["sie_cameras"] == cameras
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 2  # one more epoch, with the camera embeddings
-    r = run_cli("train", "--out", str(run), "--resume", "--epochs", "3", "--no-sie")
+    r = run_cli_here("train", "--out", str(run), "--resume", "--epochs", "3", "--no-sie")
     assert r.returncode == 1 and "was trained with --sie (cameras)" in r.stderr
     # a dataset with a camera the model has no embedding for: refused before anything is embedded
     other = tmp_path / "more_cameras.h5"
     other.write_bytes(tiny_data.read_bytes())
     with h5py.File(other, "a") as f:
         f["query/camids"][0] = cameras + 2
-    r = run_cli("extract", "--run", str(run), "--data", str(other), "--out", str(tmp_path / "g.h5"))
+    r = run_cli_here("extract", "--run", str(run), "--data", str(other), "--out", str(tmp_path / "g.h5"))
     assert r.returncode == 1 and f"but camera {cameras + 2} is in {other}'s query split" in r.stderr, r.stderr
     assert not (tmp_path / "g.h5").exists()
 
 
 def test_sie_options_without_sie_are_refused(tiny_data, tmp_path):
-    r = run_cli("train", "--data", str(tiny_data), "--out", str(tmp_path / "r"), "--sie-weight", "1")
+    r = run_cli_here("train", "--data", str(tiny_data), "--out", str(tmp_path / "r"), "--sie-weight", "1")
     assert (
         r.returncode == 1
         and r.stderr.strip() == "Error: --sie-weight has no effect without --sie; leave it out or add --sie"

@@ -12,7 +12,7 @@ from reidcli.data.prepare import PrepareConfig, prepare_dataset
 from reidcli.data.store import read_dataset
 from reidcli.data.synthetic import SyntheticConfig, generate_synthetic
 from reidcli.errors import DataError, FormatError
-from tests.conftest import TINY_MODEL, run_cli, train_tiny_run
+from tests.conftest import TINY_MODEL, run_cli, run_cli_here, train_tiny_run
 
 SMALL = SyntheticConfig(num_train_ids=3, num_test_ids=3, num_distractors=1, num_junk=1, images_per_camera=1, seed=9)
 TINY = (*TINY_MODEL, "--batch", "16", "--epochs", "1", "--device", "cpu")
@@ -66,7 +66,7 @@ def ape_run(tiny_data, tmp_path_factory):
 def test_resume_with_another_pe_is_refused(tiny_data, ape_run, tmp_path):
     run = tmp_path / "copy"
     shutil.copytree(ape_run, run)
-    r = run_cli(
+    r = run_cli_here(
         "train",
         "--data",
         str(tiny_data),
@@ -113,15 +113,15 @@ def test_damaged_config_json(tiny_data, ape_run, tmp_path, text, message):
     run = tmp_path / "copy"
     shutil.copytree(ape_run, run)
     (run / "config.json").write_text(text)
-    r = run_cli("train", "--out", str(run), "--resume")
+    r = run_cli_here("train", "--out", str(run), "--resume")
     assert r.returncode == 1 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
     if text == "{":
-        r = run_cli("extract", "--run", str(run), "--data", str(tiny_data), "--out", str(tmp_path / "f.h5"))
+        r = run_cli_here("extract", "--run", str(run), "--data", str(tiny_data), "--out", str(tmp_path / "f.h5"))
         assert r.returncode == 1 and message in r.stderr
 
 
 def test_train_without_data_names_the_option(tmp_path):
-    r = run_cli("train", "--out", str(tmp_path / "new"), "--resume")
+    r = run_cli_here("train", "--out", str(tmp_path / "new"), "--resume")
     assert r.returncode == 1 and "--data is missing" in r.stderr
 
 
@@ -131,7 +131,7 @@ def test_run_folder_whose_weights_do_not_fit_its_config(tiny_data, ape_run, tmp_
     config = json.loads((run / "config.json").read_text())
     config["model"]["pe"] = "both"
     (run / "config.json").write_text(json.dumps(config))
-    r = run_cli("extract", "--run", str(run), "--data", str(tiny_data), "--out", str(tmp_path / "f.h5"))
+    r = run_cli_here("extract", "--run", str(run), "--data", str(tiny_data), "--out", str(tmp_path / "f.h5"))
     assert r.returncode == 1 and "do not fit the model in config.json" in r.stderr
     assert not (tmp_path / "f.h5").exists()
 
@@ -141,22 +141,22 @@ def test_extract_on_a_dataset_of_another_size(ape_run, tmp_path):
     other = prepare_dataset(
         PrepareConfig(dataset="market1501", root=tmp_path / "m", out=tmp_path / "o.h5", image_size=(48, 24))
     ).out
-    r = run_cli("extract", "--run", str(ape_run), "--data", str(other), "--out", str(tmp_path / "f.h5"))
+    r = run_cli_here("extract", "--run", str(ape_run), "--data", str(other), "--out", str(tmp_path / "f.h5"))
     assert r.returncode == 1 and "prepare the data at that size" in r.stderr
 
 
 def test_not_a_run_folder(tiny_data, tmp_path):
-    r = run_cli("extract", "--run", str(tmp_path), "--data", str(tiny_data), "--out", str(tmp_path / "f.h5"))
+    r = run_cli_here("extract", "--run", str(tmp_path), "--data", str(tiny_data), "--out", str(tmp_path / "f.h5"))
     assert r.returncode == 1 and "is not a run folder" in r.stderr
 
 
 def test_evaluate_index_of_other_features(tiny_data, ape_run, tmp_path):
     feats = tmp_path / "f.h5"
-    assert run_cli("extract", "--run", str(ape_run), "--data", str(tiny_data), "--out", str(feats)).returncode == 0
-    assert run_cli("index", str(feats), "--out", str(tmp_path / "i.faiss")).returncode == 0
+    assert run_cli_here("extract", "--run", str(ape_run), "--data", str(tiny_data), "--out", str(feats)).returncode == 0
+    assert run_cli_here("index", str(feats), "--out", str(tmp_path / "i.faiss")).returncode == 0
     with h5py.File(feats, "a") as h5:
         h5["gallery/feats"][0] = -h5["gallery/feats"][0]
-    r = run_cli("evaluate", str(feats), "--index", str(tmp_path / "i.faiss"))
+    r = run_cli_here("evaluate", str(feats), "--index", str(tmp_path / "i.faiss"))
     assert r.returncode == 1 and "built from other features" in r.stderr
 
 
@@ -203,7 +203,7 @@ def test_options_that_would_do_nothing_are_refused_before_any_work(tmp_path, arg
     was silently dropped: the user believed in a result the command had not computed. The files named do not
     exist: the refusal comes before anything is read."""
     args = [str(tmp_path / a) if a in ("F", "D") else a for a in args]
-    r = run_cli(*args)
+    r = run_cli_here(*args)
     assert r.returncode == 1 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
@@ -229,13 +229,13 @@ def test_doctor_tells_stale_and_foreign_features(tiny_data, ape_run, tmp_path):
     final = run / "model.safetensors"
     final.rename(tmp_path / "final.safetensors")  # as during training: only checkpoint.pt
     early = tmp_path / "early.h5"
-    assert run_cli("extract", "--run", str(run), "--data", str(tiny_data), "--out", str(early)).returncode == 0
+    assert run_cli_here("extract", "--run", str(run), "--data", str(tiny_data), "--out", str(early)).returncode == 0
     (tmp_path / "final.safetensors").rename(final)  # the run finishes
     late = tmp_path / "late.h5"
-    assert run_cli("extract", "--run", str(run), "--data", str(tiny_data), "--out", str(late)).returncode == 0
+    assert run_cli_here("extract", "--run", str(run), "--data", str(tiny_data), "--out", str(late)).returncode == 0
 
     def checks(*args):
-        r = run_cli("doctor", *args, "--json")
+        r = run_cli_here("doctor", *args, "--json")
         return r.returncode, {c["check"]: c for c in json_.loads(r.stdout)}
 
     code, c = checks("--features", str(late), "--run", str(run), "--data", str(tiny_data))

@@ -13,7 +13,7 @@ from reidcli.engine.train import TrainConfig
 from reidcli.losses.combined import LossConfig
 from reidcli.model.vit import ModelConfig
 from reidcli.report.ablate import AblationConfig, plan, run_ablation
-from tests.conftest import TINY_TRAIN, run_cli
+from tests.conftest import TINY_TRAIN, run_cli, run_cli_here
 
 TINY = ("--preset", "vit_tiny", *TINY_TRAIN, "--warmup-epochs", "0")
 
@@ -107,12 +107,12 @@ def test_run_keys_made_before_precision_existed_still_match():
 def test_cli_dry_run_and_table(tiny_data, tmp_path):
     out = tmp_path / "abl"
     args = ("ablate", "--data", str(tiny_data), "--out", str(out), "--pe", "none,ape", "--epochs", "1", *TINY)
-    r = run_cli(*args, "--dry-run")
+    r = run_cli_here(*args, "--dry-run")
     assert r.returncode == 0 and r.stdout.count("train") >= 2
     r = run_cli(*args)
     assert r.returncode == 0, r.stderr
     assert "none · ce+triplet" in r.stdout and "ape · ce+triplet" in r.stdout and "PE share" in r.stdout
-    r = run_cli(*args, "--dry-run", "--json")
+    r = run_cli_here(*args, "--dry-run", "--json")
     assert r.stdout.count('"reuse"') == 2
     # the loss weights and run options of `reid train` reach every run (and its key: not reused)
     loss = ("--loss", "ce+triplet+rp-triplet", "--label-smoothing", "0.1", "--rp-weight", "0.5")

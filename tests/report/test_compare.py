@@ -9,7 +9,7 @@ import pytest
 
 from reidcli.errors import FormatError
 from reidcli.report.compare import compare, read_per_query
-from tests.conftest import run_cli
+from tests.conftest import run_cli, run_cli_here
 
 
 def _table(ap, first, inp=None, n_invalid=0, paths=None) -> pd.DataFrame:
@@ -97,10 +97,10 @@ def test_files_and_folders_are_read_and_bad_ones_refused(tmp_path):
         f.attrs["format"] = "reidcli.features"
     with pytest.raises(FormatError, match="is an HDF5 file, not an evaluation; evaluate it with 'reid evaluate"):
         read_per_query(tmp_path / "feats.h5")
-    r = run_cli("compare", str(tmp_path), str(tmp_path / "missing"))
+    r = run_cli_here("compare", str(tmp_path), str(tmp_path / "missing"))
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.strip().startswith(f"Error: {tmp_path / 'missing'} not found; write it with 'reid evaluate")
-    r = run_cli("compare", str(tmp_path), str(tmp_path / "per_query.csv"), "--json", "--resamples", "1000")
+    r = run_cli_here("compare", str(tmp_path), str(tmp_path / "per_query.csv"), "--json", "--resamples", "1000")
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     assert res["queries"] == 2 and [m["delta"] for m in res["metrics"]] == [0.0, 0.0, 0.0]
@@ -133,9 +133,9 @@ def test_several_evaluations_are_each_compared_with_the_first(tmp_path):
     same, better, worse = (c["metrics"][0] for c in res["comparisons"])
     assert same["delta"] == 0 and same["p_holm"] == 1.0
     assert better["low"] > 0.04 and better["p_holm"] < 0.01 and worse["high"] < 0 and worse["p_holm"] < 0.01
-    table = run_cli("compare", *folders, "--resamples", "2000")
+    table = run_cli_here("compare", *folders, "--resamples", "2000")
     assert table.returncode == 0 and "Holm-adjusted for 3 comparisons" in table.stdout
-    one = run_cli("compare", folders[0])
+    one = run_cli_here("compare", folders[0])
     assert one.returncode == 1 and "give at least two evaluations" in one.stderr
 
 

@@ -12,7 +12,7 @@ from reidcli.data.synthetic import SyntheticConfig, generate_synthetic
 from reidcli.engine.checkpoint import load_run_model
 from reidcli.losses.positional import top_patches
 from reidcli.report.figures import patch_origins
-from tests.conftest import run_cli, train_tiny_run
+from tests.conftest import run_cli, run_cli_here, train_tiny_run
 
 TINY = ("--epochs", "1", "--device", "cpu", "--top-n", "4")
 
@@ -42,13 +42,13 @@ def test_plot_without_the_runs_dataset_skips_the_image_pictures_and_takes_data(b
     config = json.loads((moved / "config.json").read_text())
     config["data"] = str(tmp_path / "gone.h5")
     (moved / "config.json").write_text(json.dumps(config))
-    r = run_cli("plot", str(moved), "--json")
+    r = run_cli_here("plot", str(moved), "--json")
     report = json.loads(r.stdout)
     assert r.returncode == 0 and len(report["pictures"]) == 3
     assert report["skipped"] == [
         f"relation_vectors, attention: the run's dataset {tmp_path / 'gone.h5'} is not found from here; pass --data"
     ]
-    r = run_cli("plot", str(moved), "--data", str(tiny_data), "--json")
+    r = run_cli_here("plot", str(moved), "--data", str(tiny_data), "--json")
     assert r.returncode == 0 and [p.split("/")[-1] for p in json.loads(r.stdout)["pictures"][-2:]] == [
         "relation_vectors.png",
         "attention.png",
@@ -77,7 +77,7 @@ def test_plot_bad_input_is_one_line_and_draws_nothing(both_run, tmp_path, case, 
     else:
         (tmp_path / "file").write_text("x")
         args[2] = str(tmp_path / "file" / "pics")
-    r = run_cli("plot", *args)
+    r = run_cli_here("plot", *args)
     assert r.returncode == 1 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "pics").exists()
 

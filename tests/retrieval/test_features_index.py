@@ -127,9 +127,9 @@ def test_bad_index_options(feats):
 
 
 def _cli_error(*args) -> str:
-    from tests.conftest import run_cli
+    from tests.conftest import run_cli_here
 
-    r = run_cli(*args)
+    r = run_cli_here(*args)
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 or r.stderr.startswith("notice"), r.stderr
     return r.stderr.strip().splitlines()[-1]

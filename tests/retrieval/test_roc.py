@@ -11,7 +11,7 @@ from reidcli.errors import ConfigError
 from reidcli.retrieval.evaluate import EvalConfig, evaluate
 from reidcli.retrieval.features import FeatureSplit, write_features
 from reidcli.retrieval.roc import RocCounter, parse_fprs
-from tests.conftest import run_cli
+from tests.conftest import run_cli, run_cli_here
 from tests.retrieval.reference import market_like, tpr_at_fpr
 
 FPRS = (0.002, 0.01, 0.1, 0.5)
@@ -91,7 +91,7 @@ def test_cli_roc_table_json_and_csv(tmp_path):
     curve = pd.read_csv(tmp_path / "o" / "roc.csv")
     assert curve["fpr"].tolist() == pytest.approx(roc["curve_fpr"]) and curve["tpr"].is_monotonic_increasing
     assert (tmp_path / "o" / "roc.png").stat().st_size > 5000
-    r = run_cli("evaluate", str(tmp_path / "f.h5"), "--fpr", "0.1")
+    r = run_cli_here("evaluate", str(tmp_path / "f.h5"), "--fpr", "0.1")
     assert r.returncode == 1 and "--fpr has no effect without --roc" in r.stderr
     with pytest.raises(ConfigError, match="between 0 and 1"):
         parse_fprs("0.1,2")

@@ -12,7 +12,7 @@ from PIL import Image
 
 from reidcli.errors import ConfigError, ReidError
 from reidcli.retrieval.search import query_files, resolve_recorded, search_images
-from tests.conftest import run_cli, train_tiny_run
+from tests.conftest import run_cli, run_cli_here, train_tiny_run
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def test_images_of_another_size_are_resized_as_prepare_does(indexed):
     root, _, _ = indexed
     big = Image.open(root / "queries" / "q00.png").resize((48, 96))
     big.convert("RGB").save(root / "big.jpg")
-    r = run_cli("search", str(root / "big.jpg"), "--index", str(root / "g.faiss"), "--json", "--top-k", "3")
+    r = run_cli_here("search", str(root / "big.jpg"), "--index", str(root / "g.faiss"), "--json", "--top-k", "3")
     assert r.returncode == 0, r.stderr
     (entry,) = json.loads(r.stdout)["queries"]
     assert [h["rank"] for h in entry["results"]] == [1, 2, 3] and entry["results"][0]["score"] > 0.5
@@ -85,7 +85,7 @@ def test_an_ivfpq_index_is_searched_and_reported_approximate(indexed):
     r = run_cli("index", str(root / "big.h5"), "--out", str(root / "pq.faiss"), "--kind", "ivfpq", "--nlist", "2",
                 "--m", "4", "--nprobe", "2")  # fmt: skip
     assert r.returncode == 0, r.stderr
-    r = run_cli("search", str(root / "queries" / "q00.png"), "--index", str(root / "pq.faiss"), "--json")
+    r = run_cli_here("search", str(root / "queries" / "q00.png"), "--index", str(root / "pq.faiss"), "--json")
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     assert res["exact"] is False and len(res["queries"][0]["results"]) == 10
@@ -122,7 +122,7 @@ def test_search_refuses_other_weights_missing_files_and_non_images(indexed, tiny
             search_images(**{"index_path": index, "images": [Path(p) for p in images], **kwargs})
         assert message in str(e.value), (images, kwargs, e.value)
     # on the command line: one line, exit 1; an option without its effect is refused before any work
-    r = run_cli("search", query, "--index", str(index), "--data", str(tiny_data))
+    r = run_cli_here("search", query, "--index", str(index), "--data", str(tiny_data))
     assert (
         r.returncode == 1
         and r.stderr.strip() == "Error: --data has no effect without --out; leave it out or add --out DIR"
