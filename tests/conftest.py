@@ -42,11 +42,13 @@ def run_cli(*args: str, timeout: int = 600, cwd: Path | None = None) -> subproce
 def run_cli_here(*args: str) -> subprocess.CompletedProcess:
     """The real ``reid`` entry point (``main``: Typer app and error boundary) in this process, for refusals that end
     before any work: the same exit code, stdout and stderr (warnings logged as the app logs them) as
-    :func:`run_cli`, without a new interpreter importing torch and timm (about 4 s a call)."""
+    :func:`run_cli`, without a new interpreter importing torch and timm (about 4 s a call). Python warnings are
+    shown under the interpreter's default filters, as a subprocess would print them (pytest would only record them)."""
     import contextlib
     import io
     import logging
     import signal
+    import warnings
 
     from reidcli.cli.app import main
 
@@ -59,8 +61,17 @@ def run_cli_here(*args: str) -> subprocess.CompletedProcess:
     root.addHandler(handler)
     sys.argv = ["reid", *args]
     try:
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            main()
+        outputs = contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr)
+        with outputs[0], outputs[1], warnings.catch_warnings(record=True) as shown:
+            warnings.resetwarnings()  # the interpreter's own defaults, not pytest's
+            warnings.simplefilter("default")
+            for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+                warnings.filterwarnings("ignore", category=category)
+            try:
+                main()
+            finally:
+                for w in shown:
+                    stderr.write(warnings.formatwarning(w.message, w.category, w.filename, w.lineno, w.line))
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     finally:

@@ -196,6 +196,14 @@ def test_evaluate_index_of_other_features(tiny_data, ape_run, tmp_path):
             ("ablate", "--data", "D", "--out", "a", "--loss", "ce,ce+triplet", "--rp-form", "raw"),
             "--rp-form has no effect",
         ),
+        (
+            ("train", "--data", "D", "--out", "r", "--center-lr", "0.1"),
+            "--center-lr has no effect without center in --loss",
+        ),
+        (
+            ("ablate", "--data", "D", "--out", "a", "--loss", "ce,ce+triplet", "--center-weight", "0.1"),
+            "--center-weight has no effect",
+        ),
     ],
 )
 def test_options_that_would_do_nothing_are_refused_before_any_work(tmp_path, args, message):
