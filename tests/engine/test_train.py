@@ -112,6 +112,12 @@ def test_run_folder_contents(tiny_data, tmp_path):
     )
     assert files.weights.is_file() and files.curves.is_file() and files.curves.stat().st_size > 1000
     assert not list(files.root.glob(".*tmp"))
+    # a config.json that says center loss over a checkpoint without centres (files of two runs mixed) is named
+    config["loss"]["spec"] = "ce+triplet+center+rp-triplet"
+    files.config.write_text(json.dumps(config))
+    loss = LossConfig(spec="ce+triplet+center+rp-triplet", top_n=4)
+    with pytest.raises(ConfigError, match="holds no center-loss centres; resume with the run's own --loss"):
+        train(_cfg(tiny_data, tmp_path / "r", epochs=2, loss=loss), resume=True)
 
 
 def test_nan_stops_with_the_component_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path, monkeypatch):
