@@ -49,6 +49,8 @@ LabelSmoothingOpt = Annotated[float, typer.Option(help="CE label smoothing.")]
 MarginOpt = Annotated[float | None, typer.Option(help="Triplet margin (default: soft margin).")]
 RpWeightOpt = Annotated[float, typer.Option(help="rp-triplet weight.")]
 PatchWeightOpt = Annotated[float, typer.Option(help="patch-triplet weight.")]
+CeWeightOpt = Annotated[float, typer.Option(help="ce (ID) loss weight (TransReID's ID_LOSS_WEIGHT).")]
+TripletWeightOpt = Annotated[float, typer.Option(help="triplet loss weight (TransReID's TRIPLET_LOSS_WEIGHT).")]
 CenterWeightOpt = Annotated[float, typer.Option(help="center loss weight (TransReID's 0.0005).")]
 CenterLrOpt = Annotated[float, typer.Option(help="Constant SGD step size of the center loss's centres.")]
 EvalEveryOpt = Annotated[int, typer.Option(help="Evaluate on query/gallery every N epochs (0: never).")]
@@ -170,6 +172,8 @@ LOSS_OPTION_NEEDS = {
     "patch_weight": ("patch-triplet",),
     "rp_weight": ("rp-triplet",),
     "rp_form": ("rp-triplet",),
+    "ce_weight": ("ce",),
+    "triplet_weight": ("triplet",),
     "center_weight": ("center",),
     "center_lr": ("center",),
 }

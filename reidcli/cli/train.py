@@ -14,6 +14,7 @@ from reidcli.cli.options import (
     BatchOpt,
     CenterLrOpt,
     CenterWeightOpt,
+    CeWeightOpt,
     CompileOpt,
     CudaGraphOpt,
     DepthOpt,
@@ -49,6 +50,7 @@ from reidcli.cli.options import (
     StrideOpt,
     TopNOpt,
     TrainPrecisionOpt,
+    TripletWeightOpt,
     WarmupOpt,
     WeightDecayOpt,
     check_loss_options,
@@ -135,24 +137,27 @@ def all_cameras(data: str | Path, extra: tuple[str, ...] = ()) -> int:
     return sum(dataset_cameras(p) for p in (data, *extra))
 
 
-def loss_options(
-    spec: str, label_smoothing, margin, top_n, rp_form, rp_weight, patch_weight, center: tuple[float, float]
-):
-    """The loss options shared by ``train`` and ``ablate`` (``ablate`` sets ``spec`` per variant); ``center``: the
-    center loss's weight and centre step size."""
+# the loss options of `train` and `ablate`: each command parameter is the LossConfig field of its name
+LOSS_FIELDS = (
+    "label_smoothing",
+    "margin",
+    "top_n",
+    "rp_form",
+    "ce_weight",
+    "triplet_weight",
+    "center_weight",
+    "center_lr",
+    "patch_weight",
+    "rp_weight",
+)
+
+
+def loss_options(spec: str, params: dict):
+    """The loss config of ``spec`` with the command's loss options (``params``: its parsed parameters by name);
+    ``ablate`` sets ``spec`` per variant."""
     from reidcli.losses.combined import LossConfig
 
-    return LossConfig(
-        center_weight=center[0],
-        center_lr=center[1],
-        spec=spec,
-        label_smoothing=label_smoothing,
-        margin=margin,
-        top_n=top_n,
-        rp_form=rp_form,
-        rp_weight=rp_weight,
-        patch_weight=patch_weight,
-    )
+    return LossConfig(spec=spec, **{f: params[f] for f in LOSS_FIELDS})
 
 
 def dataset_image_size(data: Path) -> tuple[int, int]:
@@ -212,6 +217,8 @@ def train(
     rp_form: RpFormOpt = "stable",
     rp_weight: RpWeightOpt = 1.0,
     patch_weight: PatchWeightOpt = 1.0,
+    ce_weight: CeWeightOpt = 1.0,
+    triplet_weight: TripletWeightOpt = 1.0,
     center_weight: CenterWeightOpt = 0.0005,
     center_lr: CenterLrOpt = 0.5,
     neck_feat: NeckFeatOpt = "before",
@@ -287,9 +294,7 @@ def train(
         model=mcfg,
         extra_data=extra,
         combine_all=combine_all,
-        loss=loss_options(
-            loss, label_smoothing, margin, top_n, rp_form, rp_weight, patch_weight, (center_weight, center_lr)
-        ),
+        loss=loss_options(loss, ctx.params),
         epochs=epochs,
         batch=batch,
         k=k,
@@ -343,19 +348,7 @@ _MODEL_OPTIONS = {
         "head_margin",
     )
 }
-_LOSS_OPTIONS = {"loss": "spec"} | {
-    o: o
-    for o in (
-        "label_smoothing",
-        "margin",
-        "top_n",
-        "rp_form",
-        "rp_weight",
-        "patch_weight",
-        "center_weight",
-        "center_lr",
-    )
-}
+_LOSS_OPTIONS = {"loss": "spec"} | {o: o for o in LOSS_FIELDS}
 _RUN_OPTIONS = {"compile_": "compile"} | {
     o: o
     for o in (

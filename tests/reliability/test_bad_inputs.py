@@ -95,11 +95,12 @@ def test_resume_takes_the_runs_own_options(tiny_data, ape_run, tmp_path):
     after = json.loads((run / "config.json").read_text())
     assert after == {**before, "epochs": 2, "run_dir": str(run)}
     assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
-    r = run_cli("train", "--out", str(run), "--resume", "--lr", "0.5", "--batch", "32")
+    r = run_cli_here("train", "--out", str(run), "--resume", "--lr", "0.5", "--batch", "32", "--ce-weight", "3")
     assert r.returncode == 1 and "--batch 16 (given 32), --lr 0.008 (given 0.5)" in r.stderr
+    assert "--ce-weight 1.0 (given 3.0)" in r.stderr
     # a dataset path that does not reach from here (config.json keeps it as given): named, with the fix
     (run / "config.json").write_text(json.dumps({**after, "data": "moved.h5"}))
-    r = run_cli("train", "--out", str(run), "--resume", "--epochs", "3")
+    r = run_cli_here("train", "--out", str(run), "--resume", "--epochs", "3")
     assert r.returncode == 1 and "(moved.h5, from its config.json) is not there from here; pass --data" in r.stderr
     r = run_cli("train", "--out", str(run), "--resume", "--epochs", "3", "--data", str(tiny_data))
     assert r.returncode == 0, r.stderr
@@ -195,6 +196,10 @@ def test_evaluate_index_of_other_features(tiny_data, ape_run, tmp_path):
         (
             ("ablate", "--data", "D", "--out", "a", "--loss", "ce,ce+triplet", "--rp-form", "raw"),
             "--rp-form has no effect",
+        ),
+        (
+            ("train", "--data", "D", "--out", "r", "--loss", "ce", "--triplet-weight", "2"),
+            "--triplet-weight has no effect without triplet in --loss",
         ),
         (
             ("train", "--data", "D", "--out", "r", "--center-lr", "0.1"),

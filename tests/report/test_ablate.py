@@ -115,12 +115,14 @@ def test_cli_dry_run_and_table(tiny_data, tmp_path):
     r = run_cli_here(*args, "--dry-run", "--json")
     assert r.stdout.count('"reuse"') == 2
     # the loss weights and run options of `reid train` reach every run (and its key: not reused)
-    loss = ("--loss", "ce+triplet+rp-triplet", "--label-smoothing", "0.1", "--rp-weight", "0.5")
+    loss = ("--loss", "ce+triplet+rp-triplet", "--label-smoothing", "0.1", "--rp-weight", "0.5", "--ce-weight", "2")
+    loss += ("--triplet-weight", "0.25")
     r = run_cli(*args, "--pe", "ape", *loss, "--eval-every", "1", "--json")
     assert r.returncode == 0, r.stderr
     (run,) = [d for d in (out / "runs").iterdir() if json.loads((d / "config.json").read_text())["eval_every"] == 1]
     config = json.loads((run / "config.json").read_text())
     assert config["eval_every"] == 1 and config["loss"]["label_smoothing"] == 0.1 and config["loss"]["rp_weight"] == 0.5
+    assert (config["loss"]["ce_weight"], config["loss"]["triplet_weight"]) == (2.0, 0.25)
     assert "eval_mAP" in json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
 
 
