@@ -88,6 +88,7 @@ def engine_step(
     compile_mode: str | None = None,
     graph: bool = False,
     loss: str = "ce+triplet",
+    frozen: bool = False,
 ) -> dict:
     """img/s of reidcli's own training step as the trainer runs it (engine.train._StepRunner): gather from the
     resident uint8 images, batched augmentation, forward, ce+triplet, backward, gradient norm, fused SGD."""
@@ -97,6 +98,8 @@ def engine_step(
 
     images = torch.randint(0, 256, (4 * batch, *model.image_size, 3), dtype=torch.uint8, device=DEV)
     runner = _bench_runner(replace(model, pe=pe), batch, images, graph, compile_mode, loss)
+    if frozen:  # --freeze-epochs: the head alone learns
+        runner.set_frozen(True)
     idx = [torch.arange(i * batch, (i + 1) * batch, device=DEV) for i in range(4)]
     r = torch.rand(4, batch, AUGMENT_DRAWS, device=DEV)
     calls = [0]
@@ -226,6 +229,10 @@ def train_steps(smoke: bool, out_dir: Path) -> dict:
         out["train both b64 graph center"] = engine_step("both", cfg, b, smoke, graph=True, loss="ce+triplet+center")
     except Exception as e:  # noqa: BLE001
         out["train both b64 graph center"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    try:  # --freeze-epochs: the backbone frozen (no weight gradients but the head's) inside the captured step
+        out["train both b64 graph frozen"] = engine_step("both", cfg, b, smoke, graph=True, frozen=True)
+    except Exception as e:  # noqa: BLE001
+        out["train both b64 graph frozen"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
     if DEV.type == "cuda":  # the biased attention through cuDNN instead of the memory-efficient kernel
         from torch.nn.attention import SDPBackend, sdpa_kernel
 

@@ -41,6 +41,13 @@ OptimizerOpt = Annotated[str, typer.Option(help="sgd or adamw.")]
 LrOpt = Annotated[float, typer.Option(help="Peak learning rate.")]
 WeightDecayOpt = Annotated[float, typer.Option(help="Weight decay (not on biases, norms, position tables).")]
 WarmupOpt = Annotated[float, typer.Option(help="Linear warm-up epochs.")]
+FreezeEpochsOpt = Annotated[
+    int,
+    typer.Option(
+        help="First epochs train the head alone (BNNeck, ID classifier), the backbone frozen (torchreid's "
+        "fixbase_epoch): for pretrained weights.",
+    ),
+]
 DropPathOpt = Annotated[float, typer.Option(help="Stochastic depth rate.")]
 TopNOpt = Annotated[int, typer.Option(help="Patches used by patch-triplet / rp-triplet.")]
 RpFormOpt = Annotated[str, typer.Option(help="rp-triplet form: stable (default) or raw (the seed's).")]

@@ -77,6 +77,9 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     warmup_epochs: float = 5.0
+    # the first epochs train the head alone (BNNecks, ID classifiers), the backbone frozen: torchreid's
+    # fixbase_epoch, fast-reid's FREEZE_ITERS; for a fresh classifier over pretrained weights
+    freeze_epochs: int = 0
     min_lr_factor: float = 0.002  # cosine floor as a fraction of lr (TransReID)
     seed: int = 0
     device: str = "auto"
@@ -105,6 +108,16 @@ class TrainConfig:
         for name, value in (("weight-decay", self.weight_decay), ("warmup-epochs", self.warmup_epochs)):
             if value < 0:
                 raise ConfigError(f"--{name} cannot be negative, got {value}")
+        if not 0 <= self.freeze_epochs < self.epochs:
+            raise ConfigError(
+                f"--freeze-epochs {self.freeze_epochs} must be at least 0 and below --epochs {self.epochs} (the "
+                "backbone needs epochs of its own)"
+            )
+        if self.freeze_epochs and "ce" not in self.loss.names:
+            raise ConfigError(
+                "--freeze-epochs trains the head (BNNeck and ID classifier) alone at first, which only the ce loss "
+                "reaches; add ce to --loss"
+            )
         if self.eval_every < 0:
             raise ConfigError(f"--eval-every must be 0 (never) or a number of epochs, got {self.eval_every}")
         metric_losses = set(self.loss.names) & {"triplet", "patch-triplet", "rp-triplet"}
@@ -644,6 +657,17 @@ class _StepRunner:
         self.sums = _Sums(device)
         self.use_graph = cfg.cuda_graph and device.type == "cuda" and not state.dist.enabled
         self.graph = None
+        self.frozen = False  # the backbone frozen (--freeze-epochs): the head trains alone
+
+    def set_frozen(self, frozen: bool) -> None:
+        """Freeze or thaw the backbone for the coming epoch (after ``model.train()``, which resets the modes). On a
+        change the step is made again (the gradient norm's parameter list, DDP's reducer) and a captured graph is
+        dropped: the next step captures the other set of learning parameters."""
+        self.state.model.freeze_backbone(frozen)
+        if frozen != self.frozen:
+            self.frozen = frozen
+            self.step_fn = _make_step(self.state, self.cfg, self.device)
+            self.graph = None
 
     def _body(self, idx: torch.Tensor, r: torch.Tensor, epoch) -> None:
         x = augment_batch(self.images[idx], self.cfg.augment, r=r)
@@ -736,6 +760,9 @@ class _StepRunner:
 
 def _run_epoch(state: _State, cfg, sampler, runner: _StepRunner, on_step) -> dict:
     state.model.train()
+    frozen = state.epoch < cfg.freeze_epochs
+    if cfg.freeze_epochs:
+        runner.set_frozen(frozen)
     images = runner.images
     # The epoch's batches and augmentation draws go to the device once: a step copies nothing from the host
     # (a blocking host-to-device copy per step would stall the GPU queue every step).
@@ -762,6 +789,8 @@ def _run_epoch(state: _State, cfg, sampler, runner: _StepRunner, on_step) -> dic
         "grad_norm_max": float(sums.grad_max),
         "step": "cuda-graph" if runner.graph is not None else "eager",
     }
+    if cfg.freeze_epochs:
+        row["backbone_frozen"] = frozen
     # losses averaged over all processes' batches
     row.update({f"loss_{k}": float(all_reduce_sum(v, state.dist)) / (n * world) for k, v in sums.losses.items()})
     row["loss"] = sum(v for k, v in row.items() if k.startswith("loss_"))

@@ -335,6 +335,24 @@ class ViTReID(nn.Module):
             rel = rel + mean_bias[index[a + 1, b + 1]]
         return rel
 
+    HEAD_MODULES = ("bottleneck", "classifier", "jpm_bottlenecks", "jpm_classifiers")
+
+    def freeze_backbone(self, frozen: bool) -> None:
+        """Train the head alone (``frozen``): every module but the BNNecks and ID classifiers stops learning and runs
+        in eval mode (no DropPath), as torchreid's ``open_specified_layers`` and fast-reid's layer freezing do;
+        ``False`` gives the backbone its gradients back (call it after ``train()``, which resets the modes).
+        Parameters that never learn (the BNNecks' shift, a sin-cos table) stay as they are."""
+        if not hasattr(self, "_learning"):  # the backbone parameters that learn, as built
+            self._learning = [
+                p for n, p in self.named_parameters() if p.requires_grad and n.split(".")[0] not in self.HEAD_MODULES
+            ]
+        for p in self._learning:
+            p.requires_grad_(not frozen)
+        if frozen:
+            for name, module in self.named_children():
+                if name not in self.HEAD_MODULES:
+                    module.eval()
+
     def no_weight_decay(self) -> set[str]:
         """Parameter names kept out of weight decay: position tables, CLS token (biases and norms by rule)."""
         names = {"cls_token"} | ({"sie_embed"} if self.sie_embed is not None else set())

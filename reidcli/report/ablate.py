@@ -100,6 +100,8 @@ def _config_hash(cfg: TrainConfig) -> str:
     if d["model"]["id_head"] == "linear":  # likewise before the cosine ID heads
         for key in ("id_head", "head_scale", "head_margin"):
             del d["model"][key]
+    if not d["freeze_epochs"]:  # likewise before --freeze-epochs
+        del d["freeze_epochs"]
     if "center" not in cfg.loss.names:  # likewise before the center loss
         del d["loss"]["center_weight"], d["loss"]["center_lr"]
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]

@@ -227,6 +227,7 @@ def test_print_model_seed_figures(tiny_data):
         (("--loss", "rp-triplet", "--rp-weight", "-1"), "--rp-weight -1.0: loss weights cannot be negative"),
         (("--weight-decay", "-1"), "--weight-decay cannot be negative"),
         (("--eval-every", "-1"), "--eval-every must be 0 (never)"),  # evaluated every epoch before
+        (("--freeze-epochs", "5", "--epochs", "2"), "--freeze-epochs 5 must be at least 0 and below --epochs 2"),
         (("--device", "tpu"), "unknown --device 'tpu'; use auto, cpu, cuda or cuda:N"),  # was torch's RuntimeError
     ],
 )

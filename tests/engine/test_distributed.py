@@ -32,6 +32,8 @@ def test_two_process_gloo_run_trains_and_writes_one_checkpoint(tiny_data, tmp_pa
         *TINY_MODEL,
         "--epochs",
         "2",
+        "--freeze-epochs",  # epoch 1 trains the head alone; at the thaw each process wraps the model in DDP again
+        "1",
         "--batch",
         "16",
         "--k",
@@ -52,4 +54,5 @@ def test_two_process_gloo_run_trains_and_writes_one_checkpoint(tiny_data, tmp_pa
     assert [p.name for p in run.iterdir() if p.suffix == ".pt"] == ["checkpoint.pt"]
     rows = [json.loads(line) for line in files.metrics.read_text().splitlines()]
     assert len(rows) == 2 and all(r["loss"] == r["loss"] for r in rows)
+    assert [r["backbone_frozen"] for r in rows] == [True, False]
     assert files.weights.is_file()

@@ -114,6 +114,10 @@ def test_cli_dry_run_and_table(tiny_data, tmp_path):
     assert "none · ce+triplet" in r.stdout and "ape · ce+triplet" in r.stdout and "PE share" in r.stdout
     r = run_cli_here(*args, "--dry-run", "--json")
     assert r.stdout.count('"reuse"') == 2
+    frozen = run_cli_here(*args, "--epochs", "2", "--freeze-epochs", "1", "--dry-run", "--json")
+    thawed = run_cli_here(*args, "--epochs", "2", "--dry-run", "--json")  # --freeze-epochs is part of a run's key
+    names = [{p["run"] for p in json.loads(r.stdout)} for r in (frozen, thawed)]
+    assert len(names[0]) == len(names[1]) == 2 and not names[0] & names[1]
     # the loss weights and run options of `reid train` reach every run (and its key: not reused)
     loss = ("--loss", "ce+triplet+rp-triplet", "--label-smoothing", "0.1", "--rp-weight", "0.5", "--ce-weight", "2")
     loss += ("--triplet-weight", "0.25")
