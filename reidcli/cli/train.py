@@ -426,6 +426,7 @@ def run_training(cfg, resume: bool):
             err.log(
                 f"epoch {row['epoch']}/{cfg.epochs}  loss {row['loss']:.4f}  {row['images_per_s']:.0f} img/s"
                 + (f"  mAP {row['eval_mAP']:.4f}" if "eval_mAP" in row else "")
+                + ("  (head only: backbone frozen)" if row.get("backbone_frozen") else "")
             )
 
         return train_run(cfg, resume=resume, on_epoch=on_epoch, on_step=update)
