@@ -16,7 +16,12 @@ from reidcli.errors import DataError
 
 def prepare(
     ctx: typer.Context,
-    dataset: Annotated[str, typer.Argument(help="market1501, dukemtmcreid, msmt17, cuhk03np or synthetic.")],
+    dataset: Annotated[
+        str,
+        typer.Argument(
+            help="market1501, dukemtmcreid, occludedduke, msmt17, cuhk03np, veri776 (vehicles), synthetic or custom."
+        ),
+    ],
     root: Annotated[Path, typer.Option(help="Extracted dataset folder or its zip; for synthetic, where to write it.")],
     out: Annotated[Path | None, typer.Option(help="Output HDF5 (default: data/<dataset>.h5).")] = None,
     image_size: Annotated[str, typer.Option(help="Stored image size HEIGHTxWIDTH.")] = "256x128",
@@ -38,6 +43,8 @@ def prepare(
       reid prepare market1501 --root ~/data/Market-1501-v15.09.15 --out data/market.h5
 
       reid prepare msmt17 --root ~/data/MSMT17_V1.zip
+
+      reid prepare veri776 --root ~/data/VeRi --image-size 256x256     # TransReID's vehicle benchmark
 
       reid prepare synthetic --root demo/synthetic --seed 0 --ids 60 --image-size 128x64
     """

@@ -16,8 +16,10 @@ from reidcli.errors import DataError
 __all__ = ["Record", "DATASETS", "parse_layout", "SPLITS"]
 
 SPLITS = ("train", "query", "gallery")
-DATASETS = ("market1501", "dukemtmcreid", "msmt17", "cuhk03np", "synthetic", "custom")
+DATASETS = ("market1501", "dukemtmcreid", "occludedduke", "msmt17", "cuhk03np", "veri776", "synthetic", "custom")
 _MARKET_FOLDERS = {"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"}
+# VeRi-776 (vehicles, TransReID's benchmark): `0001_c001_00016450_0.jpg` in image_train/, image_query/, image_test/
+_VERI_FOLDERS = {"train": "image_train", "query": "image_query", "gallery": "image_test"}
 
 
 @dataclass(frozen=True)
@@ -46,16 +48,21 @@ def _find_prefix(files: list[str], marker: str, source: Source, hint: str) -> st
     return prefixes.pop()
 
 
-def _market_style(source: Source, files: list[str], subset: str = "") -> dict[str, list[Record]]:
-    hint = "the Market-1501 layout: bounding_box_train/, query/, bounding_box_test/"
-    prefix = _find_prefix(files, "bounding_box_train", source, hint)
+def _market_style(
+    source: Source, files: list[str], subset: str = "", folders: dict[str, str] = _MARKET_FOLDERS, name: str = ""
+) -> dict[str, list[Record]]:
+    """Market-1501's naming in its three folders (``folders``: VeRi-776 names them otherwise); ``subset``: the
+    folder holding them (CUHK03-NP's detected/labeled)."""
+    hint = f"the {name or 'Market-1501'} layout: {', '.join(f + '/' for f in folders.values())}"
+    marker = folders["train"]
+    prefix = _find_prefix(files, marker, source, hint)
     if subset and not prefix.endswith(subset):
-        candidates = [f for f in files if f"/{subset}/bounding_box_train/" in f"/{f}"]
+        candidates = [f for f in files if f"/{subset}/{marker}/" in f"/{f}"]
         if not candidates:
-            raise DataError(f"no '{subset}/bounding_box_train' under {source.label}; expected {hint} in {subset}/")
-        prefix = _find_prefix(candidates, "bounding_box_train", source, hint)
+            raise DataError(f"no '{subset}/{marker}' under {source.label}; expected {hint} in {subset}/")
+        prefix = _find_prefix(candidates, marker, source, hint)
     out: dict[str, list[Record]] = {}
-    for split, folder in _MARKET_FOLDERS.items():
+    for split, folder in folders.items():
         base = f"{prefix}/{folder}/" if prefix else f"{folder}/"
         names = [f for f in files if f.startswith(base) and "/" not in f[len(base) :] and _is_image(f)]
         records = []
@@ -113,8 +120,10 @@ def parse_layout(dataset: str, source: Source, cuhk03_subset: str = "detected") 
     files = source.files()
     if not files:
         raise DataError(f"dataset root {source.label} is empty; pass the extracted dataset folder with --root")
-    if dataset in ("market1501", "dukemtmcreid", "synthetic", "custom"):  # custom: your data in Market's layout
+    if dataset in ("market1501", "dukemtmcreid", "occludedduke", "synthetic", "custom"):  # custom: Market's layout
         splits = _market_style(source, files)
+    elif dataset == "veri776":
+        splits = _market_style(source, files, folders=_VERI_FOLDERS, name="VeRi-776")
     elif dataset == "cuhk03np":
         splits = _market_style(source, files, subset=cuhk03_subset)
     elif dataset == "msmt17":

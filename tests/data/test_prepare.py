@@ -180,6 +180,33 @@ def test_cuhk03np_detected_subset(market, tmp_path):
         )
 
 
+def test_veri776_and_occluded_duke_layouts(market, tmp_path):
+    """VeRi-776 (`image_train/`, `image_query/`, `image_test/`, `0001_c001_00016450_0.jpg`) and Occluded-Duke
+    (Market's layout, Duke's names) give the identities and cameras of the same images in Market's layout."""
+    import shutil
+
+    reference = read_dataset(_prepare(market, tmp_path / "m.h5").out)[1]
+    veri = tmp_path / "VeRi"
+    for folder, vfolder in (
+        ("bounding_box_train", "image_train"),
+        ("query", "image_query"),
+        ("bounding_box_test", "image_test"),
+    ):
+        (veri / vfolder).mkdir(parents=True)
+        for i, p in enumerate(sorted((market / folder).glob("*.jpg"))):
+            pid, rest = p.name.split("_c", 1)
+            shutil.copy(p, veri / vfolder / f"{pid}_c{int(rest[0]):03d}_{i:08d}_0.jpg")
+    shutil.copytree(market, tmp_path / "dukes" / "Occluded_Duke")
+    for dataset, root in (("veri776", veri), ("occludedduke", tmp_path / "dukes")):
+        cfg = PrepareConfig(dataset=dataset, root=root, out=tmp_path / f"{dataset}.h5", image_size=(32, 16))
+        splits = read_dataset(prepare_dataset(cfg).out)[1]
+        for name, split in splits.items():
+            pairs = sorted(zip(split.pids.tolist(), split.camids.tolist(), strict=True))
+            assert pairs == sorted(zip(reference[name].pids.tolist(), reference[name].camids.tolist(), strict=True))
+    with pytest.raises(DataError, match="no 'image_train' found under .*; expected the VeRi-776 layout: image_train/"):
+        prepare_dataset(PrepareConfig(dataset="veri776", root=market, out=tmp_path / "x.h5", image_size=(32, 16)))
+
+
 def test_reader_rejects_other_files(tmp_path, market):
     other = tmp_path / "other.h5"
     with h5py.File(other, "w") as h5:
