@@ -1,7 +1,5 @@
 """--freeze-epochs: the head (BNNecks, ID classifiers) trains alone at first, then the whole model."""
 
-from dataclasses import replace
-
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -11,27 +9,15 @@ from reidcli.engine.train import TrainConfig, _build, train
 from reidcli.errors import ConfigError
 from reidcli.losses.combined import LossConfig
 from reidcli.model.vit import ModelConfig, ViTReID
+from tests.engine.test_train import _cfg as train_cfg
 
 HEAD = ("bottleneck.", "classifier.", "jpm_bottlenecks.", "jpm_classifiers.")
 
 
 def _cfg(data, run, **kw) -> TrainConfig:
-    model = ModelConfig(pe="both", image_size=(64, 32), dim=32, depth=2, heads=4, drop_path=0.1)
-    base = TrainConfig(
-        data=str(data),
-        run_dir=str(run),
-        model=model,
-        loss=LossConfig(spec="ce+triplet"),
-        epochs=2,
-        freeze_epochs=1,
-        batch=16,
-        k=4,
-        optimizer="sgd",
-        lr=0.05,
-        warmup_epochs=0,
-        device="cpu",
-    )
-    return replace(base, **kw)
+    """test_train's tiny run, with SGD (its step moves every weight it reaches) and the first epoch frozen."""
+    frozen = {"loss": LossConfig(spec="ce+triplet"), "freeze_epochs": 1, "optimizer": "sgd", "lr": 0.05}
+    return train_cfg(data, run, **{**frozen, "warmup_epochs": 0, **kw})
 
 
 def test_freeze_backbone_leaves_the_head_learning_and_restores_what_learned():
