@@ -56,9 +56,12 @@ from reidcli.cli.options import (
     WeightDecayOpt,
     check_loss_options,
     check_out_folder,
+    check_swept_losses,
+    given_options,
     parse_list,
     parse_size,
 )
+from reidcli.errors import ConfigError
 
 
 def ablate(
@@ -69,6 +72,13 @@ def ablate(
     extra_data: ExtraDataOpt = None,
     loss: Annotated[str, typer.Option(help="Comma-separated loss specs, e.g. ce+triplet,rp-triplet.")] = "ce+triplet",
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds.")] = "0",
+    vary: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="OPTION=V1,V2,… : one variant per value of a training option (e.g. rp-weight=0.5,1,2, lr=1e-3,3e-4); "
+            "repeatable (every combination)."
+        ),
+    ] = None,
     preset: PresetOpt = "vit_base",
     dim: DimOpt = None,
     depth: DepthOpt = None,
@@ -125,6 +135,8 @@ def ablate(
 
       reid ablate --data data/market1501.h5 --out ablations/loss --pe both --loss ce+triplet,rp-triplet
 
+      reid ablate --data data/market1501.h5 --out ablations/rpw --pe both --loss rp-triplet --vary rp-weight=0.5,1,2
+
       reid ablate --data demo/synthetic.h5 --out demo/ablation --preset vit_tiny --dim 96 --depth 4 --epochs 8 --dry-run
     """
     from reidcli.cli.train import (
@@ -137,11 +149,16 @@ def ablate(
         sie_cameras,
     )
     from reidcli.engine.train import TrainConfig
-    from reidcli.errors import ConfigError
-    from reidcli.report.ablate import AblationConfig, plan, run_ablation
+    from reidcli.report.ablate import AblationConfig, parse_vary, plan, run_ablation
 
     pes, losses = tuple(parse_list(pe)), tuple(parse_list(loss))
     check_loss_options(ctx, list(losses))
+    sweeps = tuple(parse_vary(v) for v in vary or ())
+    check_swept_losses([option for option, _ in sweeps], list(losses))
+    typed = given_options(ctx)
+    both = [option for option, _ in sweeps if option.replace("-", "_") in typed]
+    if both:
+        raise ConfigError(f"--{both[0]} is set per variant by --vary {both[0]}; leave --{both[0]} out")
     try:
         seed_list = tuple(int(s) for s in parse_list(seeds))
     except ValueError:
@@ -191,9 +208,10 @@ def ablate(
         eval_every=eval_every,
         init=str(init) if init else None,
     )
+    _check_swept_model(template, [option for option, _ in sweeps])
     out = check_out_folder(out)
     cfg = AblationConfig(
-        out=str(out), template=template, pes=pes, losses=losses, seeds=seed_list, perturb=perturb
+        out=str(out), template=template, pes=pes, losses=losses, seeds=seed_list, perturb=perturb, vary=sweeps
     ).validate()
     if dry_run:
         _print_plan(plan(cfg), json_out)
@@ -206,6 +224,22 @@ def ablate(
         print_json(summary)
         return
     _print_summary(summary, out)
+
+
+def _check_swept_model(template, options: list[str]) -> None:
+    """Refuse a ``--vary`` of an option the template's model or optimiser ignores (every variant would be alike)."""
+    m = template.model
+    needs = {
+        "head-scale": (m.id_head != "linear", "a cosine --id-head", "add --id-head cosface, arcface or circle"),
+        "head-margin": (m.id_head != "linear", "a cosine --id-head", "add --id-head cosface, arcface or circle"),
+        "sie-weight": (bool(m.sie_cameras), "--sie", "add --sie"),
+        "momentum": (template.optimizer == "sgd", "--optimizer sgd", "use --optimizer sgd"),
+        **{f"jpm-{o}": (m.jpm, "--jpm", "add --jpm") for o in ("groups", "shift", "shuffle")},
+    }
+    for option in options:
+        ok, what, fix = needs.get(option, (True, "", ""))
+        if not ok:
+            raise ConfigError(f"--vary {option} has no effect without {what}: every variant would be alike; {fix}")
 
 
 def _print_plan(variants, json_out: bool) -> None:

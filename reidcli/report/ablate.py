@@ -1,4 +1,6 @@
-"""``reid ablate``: every (pe, loss, seed) variant trained → extracted → evaluated, finished runs reused.
+"""``reid ablate``: every (pe, loss, setting, seed) variant trained → extracted → evaluated, finished runs reused.
+
+A setting is one value of each ``--vary OPTION=V1,V2`` (their product when several are given).
 
 A run's folder name carries a hash of its resolved training config, so a changed option never reuses a stale run,
 and an interrupted ablation resumes: finished runs (``DONE``) are read back, a run with a checkpoint continues.
@@ -8,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
 import logging
 from collections.abc import Callable
@@ -21,7 +24,7 @@ from reidcli.engine.train import TrainConfig
 from reidcli.errors import ConfigError
 from reidcli.fileio import write_json_atomic
 
-__all__ = ["AblationConfig", "Variant", "plan", "run_ablation", "summarize_runs", "COLUMNS"]
+__all__ = ["AblationConfig", "Variant", "plan", "run_ablation", "summarize_runs", "parse_vary", "COLUMNS", "VARY"]
 
 log = logging.getLogger(__name__)
 COLUMNS = [
@@ -41,23 +44,97 @@ COLUMNS = [
 ]
 
 
+# The options `--vary` sweeps: the training config's part that holds each (the flag is the field, dashed).
+VARY = {
+    "run": ("lr", "weight_decay", "warmup_epochs", "freeze_epochs", "epochs", "batch", "k", "optimizer", "momentum"),
+    "model": (
+        "depth",
+        "dim",
+        "heads",
+        "stride",
+        "drop_path",
+        "neck_feat",
+        "sie_weight",
+        "jpm_groups",
+        "jpm_shift",
+        "jpm_shuffle",
+        "head_scale",
+        "head_margin",
+    ),
+    "loss": (
+        "label_smoothing",
+        "margin",
+        "top_n",
+        "rp_form",
+        "rp_warmup_epochs",
+        "ce_weight",
+        "triplet_weight",
+        "center_weight",
+        "center_lr",
+        "patch_weight",
+        "rp_weight",
+    ),
+}
+_VARY_PART = {field.replace("_", "-"): part for part, fields in VARY.items() for field in fields}
+
+
+def parse_vary(text: str) -> tuple[str, tuple[str, ...]]:
+    """``'rp-weight=0.5,1,2'`` → ``('rp-weight', ('0.5', '1', '2'))``; an option ``--vary`` cannot sweep is refused
+    with the ones it can."""
+    option, sep, values = text.partition("=")
+    option = option.strip().removeprefix("--")
+    parts = tuple(v.strip() for v in values.split(",") if v.strip())
+    if not sep or not option or not parts:
+        raise ConfigError(f"--vary {text!r}: give OPTION=V1,V2,… (e.g. --vary rp-weight=0.5,1,2)")
+    if option in ("pe", "loss", "seed", "seeds"):
+        raise ConfigError(f"--vary {option}: --pe, --loss and --seeds have options of their own; list the values there")
+    if option not in _VARY_PART:
+        raise ConfigError(f"--vary cannot sweep {option!r}; it sweeps {', '.join(sorted(_VARY_PART))}")
+    return option, parts
+
+
+def apply_setting(cfg: TrainConfig, option: str, raw: str) -> TrainConfig:
+    """``cfg`` with one ``--vary`` value, converted to the type of the option it replaces."""
+    part, field = _VARY_PART[option], option.replace("-", "_")
+    holder = cfg if part == "run" else getattr(cfg, part)
+    current = getattr(holder, field)
+    try:
+        if field == "margin":  # None (soft margin) or a number
+            value = None if raw.lower() in ("none", "soft") else float(raw)
+        elif isinstance(current, bool) or not isinstance(current, (int, float)):
+            value = raw
+        else:
+            value = type(current)(raw)
+    except ValueError:
+        raise ConfigError(f"--vary {option}={raw}: not a {type(current).__name__}") from None
+    if part == "run":
+        return replace(cfg, **{field: value})
+    return replace(cfg, **{part: replace(holder, **{field: value})})
+
+
 @dataclass(frozen=True)
 class AblationConfig:
     out: str
-    template: TrainConfig  # every option but pe, loss, seed and run_dir
+    template: TrainConfig  # every option but pe, loss, seed, the --vary ones and run_dir
     pes: tuple[str, ...] = ("ape", "rpe", "both")
     losses: tuple[str, ...] = ("ce+triplet",)
     seeds: tuple[int, ...] = (0,)
     perturb: float = 0.1  # query misalignment for the robustness column (fraction of the image); 0 = off
     flip: bool = True
+    vary: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (option, its values) per --vary
 
     def validate(self) -> AblationConfig:
         if not self.pes or not self.losses or not self.seeds:
             raise ConfigError("--pe, --loss and --seeds each need at least one value")
-        for option, values in (("--pe", self.pes), ("--loss", self.losses), ("--seeds", self.seeds)):
+        lists = [("--pe", self.pes), ("--loss", self.losses), ("--seeds", self.seeds)]
+        lists += [(f"--vary {option}", values) for option, values in self.vary]
+        for option, values in lists:
             twice = sorted({str(v) for v in values if values.count(v) > 1})
             if twice:  # one run folder would be counted as two seeds or variants
                 raise ConfigError(f"{option} lists {', '.join(twice)} more than once; give each value once")
+        options = [option for option, _ in self.vary]
+        if len(set(options)) < len(options):
+            raise ConfigError("--vary names one option twice; list all its values in one --vary")
         for v in plan(self):
             v.train.validate()
         if not 0.0 <= self.perturb < 0.5:
@@ -71,10 +148,17 @@ class Variant:
     loss: str
     seed: int
     train: TrainConfig
+    setting: tuple[tuple[str, str], ...] = ()  # (option, value) per --vary
 
     @property
     def label(self) -> str:
-        return f"{self.pe} · {self.loss}"
+        return " · ".join([self.pe, self.loss, *(f"{option} {value}" for option, value in self.setting)])
+
+    @property
+    def tag(self) -> str:
+        """The label as a file-name part: ``ape__ce-triplet`` (``__rp-weight-0.5`` per setting)."""
+        parts = [self.pe, self.loss.replace("+", "-"), *(f"{o}-{v}" for o, v in self.setting)]
+        return "__".join(p.replace("/", "-") for p in parts)
 
     @property
     def run_dir(self) -> Path:
@@ -109,18 +193,23 @@ def _config_hash(cfg: TrainConfig) -> str:
 
 def plan(cfg: AblationConfig) -> list[Variant]:
     out = []
+    settings = list(itertools.product(*[[(option, v) for v in values] for option, values in cfg.vary]))
     for loss in cfg.losses:
         for pe in cfg.pes:
-            for seed in cfg.seeds:
-                t = replace(
-                    cfg.template,
-                    model=replace(cfg.template.model, pe=pe),
-                    seed=seed,
-                    loss=replace(cfg.template.loss, spec=loss),
-                    run_dir="",
-                )
-                name = f"{pe}__{loss.replace('+', '-')}__s{seed}__{_config_hash(t)}"
-                out.append(Variant(pe, loss, seed, replace(t, run_dir=str(Path(cfg.out) / "runs" / name))))
+            for setting in settings:
+                for seed in cfg.seeds:
+                    t = replace(
+                        cfg.template,
+                        model=replace(cfg.template.model, pe=pe),
+                        seed=seed,
+                        loss=replace(cfg.template.loss, spec=loss),
+                        run_dir="",
+                    )
+                    for option, value in setting:
+                        t = apply_setting(t, option, value)
+                    v = Variant(pe, loss, seed, t, setting)
+                    name = f"{v.tag}__s{seed}__{_config_hash(t)}"
+                    out.append(replace(v, train=replace(t, run_dir=str(Path(cfg.out) / "runs" / name))))
     return out
 
 
@@ -136,7 +225,7 @@ def _run_variant(v: Variant, cfg: AblationConfig, on_step) -> dict:
     files = RunFiles(v.run_dir)
     cached = v.run_dir / "results.json"
     if files.done.is_file() and cached.is_file():
-        return json.loads(cached.read_text())
+        return {**json.loads(cached.read_text()), "variant": v.label, **dict(v.setting)}
     result = train(v.train, resume=files.checkpoint.is_file(), on_step=on_step)
     from reidcli.engine.checkpoint import load_run_model
 
@@ -147,8 +236,10 @@ def _run_variant(v: Variant, cfg: AblationConfig, on_step) -> dict:
     metrics = evaluate(feats["query"], feats["gallery"], EvalConfig(engine="torch", device=str(device))).metrics
     write_per_query(v.run_dir / "per_query.csv", feats["query"], metrics.per_query)  # for 'reid compare RUN RUN'
     row = {
+        "variant": v.label,
         "pe": v.pe,
         "loss": v.loss,
+        **dict(v.setting),
         "seed": v.seed,
         "run": str(v.run_dir),
         "mAP": metrics.mAP,
@@ -196,15 +287,19 @@ def _shifted_map(model, v: Variant, cfg: AblationConfig, gallery, device) -> flo
     return evaluate(feats, gallery, EvalConfig(engine="torch", device=str(device))).metrics.mAP
 
 
-def summarize_runs(rows: list[dict]) -> list[dict]:
-    """Mean ± std over seeds per (pe, loss)."""
+def summarize_runs(rows: list[dict], options: tuple[str, ...] = ()) -> list[dict]:
+    """Mean ± std over seeds per variant (pe, loss and the ``--vary`` ``options``' values)."""
     import pandas as pd
 
     df = pd.DataFrame(rows)
+    if "variant" not in df:  # rows written before --vary
+        df["variant"] = df["pe"] + " · " + df["loss"]
     out = []
     metric_cols = [c for c in ("mAP", "Rank-1", "Rank-5", "Rank-10", "mINP", "mAP shifted") if c in df]
-    for (loss, pe), g in df.groupby(["loss", "pe"], sort=False):
-        row = {"variant": f"{pe} · {loss}", "pe": pe, "loss": loss, "runs": len(g)}
+    for variant, g in df.groupby("variant", sort=False):
+        first = g.iloc[0]
+        row = {"variant": variant, "pe": first["pe"], "loss": first["loss"], **{o: first[o] for o in options}}
+        row["runs"] = len(g)
         for c in metric_cols:
             row[c] = float(g[c].mean())
             row[c + " std"] = float(g[c].std(ddof=0)) if len(g) > 1 else 0.0
@@ -223,10 +318,10 @@ def _paired_deltas(summary: list[dict], rows: list[dict], resamples: int = 10_00
     read = functools.cache(read_per_query)  # the first variant's files serve every comparison: read them once
     runs: dict[tuple, dict] = {}
     for r in rows:
-        runs.setdefault((r["pe"], r["loss"]), {})[r["seed"]] = Path(r["run"]) / "per_query.csv"
-    base = runs[(summary[0]["pe"], summary[0]["loss"])]
+        runs.setdefault(r["variant"], {})[r["seed"]] = Path(r["run"]) / "per_query.csv"
+    base = runs[summary[0]["variant"]]
     for row in summary[1:]:
-        mine = runs[(row["pe"], row["loss"])]
+        mine = runs[row["variant"]]
         pairs = [(base[s], mine[s]) for s in mine if s in base]
         if not pairs or not all(a.is_file() and b.is_file() for a, b in pairs):
             continue
@@ -247,7 +342,7 @@ def run_ablation(
         if on_variant:
             on_variant(i, len(variants), v)
         rows.append(_run_variant(v, cfg, on_step))
-    summary = summarize_runs(rows)
+    summary = summarize_runs(rows, tuple(option for option, _ in cfg.vary))
     _paired_deltas(summary, rows)
     _write_tables(Path(cfg.out), summary, rows)
     _write_pictures(Path(cfg.out), variants)
@@ -301,9 +396,9 @@ def _write_pictures(out: Path, variants: list[Variant]) -> None:
 
     seen = set()
     for v in variants:
-        if (v.pe, v.loss) in seen:
+        if v.label in seen:
             continue
-        seen.add((v.pe, v.loss))
+        seen.add(v.label)
         try:
             variant_pictures(v, out / "pictures")
         except Exception as e:  # noqa: BLE001 — a picture must never fail a finished ablation
@@ -317,7 +412,7 @@ def _write_summary_picture(out: Path, summary: list[dict], rows: list[dict]) -> 
 
     curves: dict[str, list[list[dict]]] = {}
     for r in rows:
-        curves.setdefault(f"{r['pe']} · {r['loss']}", []).append(read_metrics(RunFiles(r["run"]).metrics))
+        curves.setdefault(r["variant"], []).append(read_metrics(RunFiles(r["run"]).metrics))
     try:
         plot_ablation_summary(summary, curves, out / "pictures" / "summary.png")
     except Exception as e:  # noqa: BLE001 — a picture must never fail a finished ablation

@@ -110,7 +110,7 @@ def patch_origins(indices: np.ndarray, grid_width: int, stride: int) -> tuple[np
 
 def variant_pictures(variant, out: Path) -> list[Path]:
     """The pictures of ``variant`` (seed of the first run) in ``out``, with its ranked lists; return the paths."""
-    tag = f"{variant.pe}__{variant.loss.replace('+', '-')}"
+    tag = variant.tag
     written, skipped = run_pictures(variant.run_dir, out, variant.train.data, tag=tag, title=variant.label)
     for line in skipped:
         log.info("%s: %s", tag, line)

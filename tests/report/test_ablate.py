@@ -192,3 +192,54 @@ def test_a_value_listed_twice_is_refused(tiny_data, tmp_path, field, values):
 
     with pytest.raises(ConfigError, match="more than once"):
         _cfg(tiny_data, tmp_path, **{field: values}).validate()
+
+
+def test_vary_plans_one_variant_per_setting_and_refuses_what_it_cannot_sweep(tmp_path):
+    from reidcli.errors import ConfigError
+    from reidcli.report.ablate import parse_vary
+
+    vary = (parse_vary("lr=1e-3,3e-3"), parse_vary("--drop-path=0,0.2"), parse_vary("margin=none,0.3"))
+    cfg = _cfg("d.h5", tmp_path / "abl", pes=("ape",), seeds=(0,), vary=vary)
+    variants = plan(cfg)
+    assert len(variants) == 8 and len({v.run_dir for v in variants}) == 8
+    first, last = variants[0], variants[-1]
+    assert first.label == "ape · ce+triplet · lr 1e-3 · drop-path 0 · margin none"
+    assert first.run_dir.name.startswith("ape__ce-triplet__lr-1e-3__drop-path-0__margin-none__s0__")
+    assert (first.train.lr, first.train.model.drop_path, first.train.loss.margin) == (1e-3, 0.0, None)
+    assert (last.train.lr, last.train.model.drop_path, last.train.loss.margin) == (3e-3, 0.2, 0.3)
+    assert isinstance(replace(cfg, vary=(parse_vary("batch=8,16"),)).validate().vary[0][1][0], str)
+    assert [v.train.batch for v in plan(replace(cfg, vary=(parse_vary("batch=8,16"),)))] == [8, 16]
+    for text, message in [
+        ("lr", "give OPTION=V1,V2"),
+        ("pe=ape,rpe", "--pe, --loss and --seeds have options of their own"),
+        ("id-head=arcface", "--vary cannot sweep 'id-head'; it sweeps batch, ce-weight"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            parse_vary(text)
+    with pytest.raises(ConfigError, match="--vary batch=eight: not a int"):
+        plan(replace(cfg, vary=(parse_vary("batch=eight"),)))
+    with pytest.raises(ConfigError, match="--vary lr lists 0.1 more than once"):
+        replace(cfg, vary=(parse_vary("lr=0.1,0.1"),)).validate()
+    with pytest.raises(ConfigError, match="--vary names one option twice"):
+        replace(cfg, vary=(parse_vary("lr=0.1"), parse_vary("lr=0.2"))).validate()
+
+
+def test_cli_vary_trains_each_setting_into_one_table(tiny_data, tmp_path):
+    out = tmp_path / "abl"
+    args = ("ablate", "--data", str(tiny_data), "--out", str(out), "--pe", "ape", "--epochs", "1", *TINY)
+    r = run_cli_here(*args, "--vary", "weight-decay=0,0.5", "--json")
+    assert r.returncode == 0, r.stderr
+    labels = [row["variant"] for row in json.loads(r.stdout)]
+    assert labels == ["ape · ce+triplet · weight-decay 0", "ape · ce+triplet · weight-decay 0.5"]
+    results = pd.read_csv(out / "results.csv")
+    assert list(results["weight-decay"]) == [0, 0.5] and results["ΔmAP"].notna().tolist() == [False, True]
+    configs = [json.loads(p.read_text())["weight_decay"] for p in sorted((out / "runs").glob("*/config.json"))]
+    assert sorted(configs) == [0.0, 0.5]
+    assert len(list((out / "pictures").glob("ranked_ape__ce-triplet__weight-decay-*.png"))) == 2
+    for extra, message in [
+        (("--vary", "rp-weight=1,2"), "--vary rp-weight has no effect without rp-triplet in --loss"),
+        (("--vary", "lr=1e-3,1e-2"), "--lr is set per variant by --vary lr; leave --lr out"),  # TINY sets --lr
+        (("--vary", "jpm-groups=2,4"), "--vary jpm-groups has no effect without --jpm"),
+    ]:
+        r = run_cli_here(*args, *extra)
+        assert r.returncode == 1 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
