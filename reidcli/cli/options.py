@@ -180,6 +180,7 @@ LOSS_OPTION_NEEDS = {
     "patch_weight": ("patch-triplet",),
     "rp_weight": ("rp-triplet",),
     "rp_form": ("rp-triplet",),
+    "rp_warmup_epochs": ("rp-triplet",),  # no option of its own: swept by ablate --vary
     "ce_weight": ("ce",),
     "triplet_weight": ("triplet",),
     "center_weight": ("center",),
