@@ -23,6 +23,7 @@ from reidcli.engine.checkpoint import RunFiles
 from reidcli.engine.train import TrainConfig
 from reidcli.errors import ConfigError
 from reidcli.fileio import write_json_atomic
+from reidcli.losses.combined import LossConfig
 
 __all__ = ["AblationConfig", "Variant", "plan", "run_ablation", "summarize_runs", "parse_vary", "COLUMNS", "VARY"]
 
@@ -61,19 +62,7 @@ VARY = {
         "head_scale",
         "head_margin",
     ),
-    "loss": (
-        "label_smoothing",
-        "margin",
-        "top_n",
-        "rp_form",
-        "rp_warmup_epochs",
-        "ce_weight",
-        "triplet_weight",
-        "center_weight",
-        "center_lr",
-        "patch_weight",
-        "rp_weight",
-    ),
+    "loss": tuple(f for f in LossConfig.__dataclass_fields__ if f != "spec"),  # every loss option
 }
 _VARY_PART = {field.replace("_", "-"): part for part, fields in VARY.items() for field in fields}
 
