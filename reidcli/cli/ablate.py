@@ -10,6 +10,7 @@ import typer
 from reidcli.cli.console import err, print_json, progress
 from reidcli.cli.console import out as console
 from reidcli.cli.options import (
+    LOSS_OPTION_NEEDS,
     BatchOpt,
     CenterLrOpt,
     CenterWeightOpt,
@@ -56,7 +57,6 @@ from reidcli.cli.options import (
     WeightDecayOpt,
     check_loss_options,
     check_out_folder,
-    check_swept_losses,
     given_options,
     parse_list,
     parse_size,
@@ -154,7 +154,7 @@ def ablate(
     pes, losses = tuple(parse_list(pe)), tuple(parse_list(loss))
     check_loss_options(ctx, list(losses))
     sweeps = tuple(parse_vary(v) for v in vary or ())
-    check_swept_losses([option for option, _ in sweeps], list(losses))
+    _check_swept_losses([option for option, _ in sweeps], list(losses))
     typed = given_options(ctx)
     both = [option for option, _ in sweeps if option.replace("-", "_") in typed]
     if both:
@@ -224,6 +224,21 @@ def ablate(
         print_json(summary)
         return
     _print_summary(summary, out)
+
+
+def _check_swept_losses(options: list[str], specs: list[str]) -> None:
+    """Refuse a ``--vary`` of a loss option none of the ``--loss`` specs uses (its variants would be one model)."""
+    from reidcli.losses.combined import parse_loss_spec
+
+    used = {name for spec in specs for name in parse_loss_spec(spec)}
+    for option in options:
+        needs = LOSS_OPTION_NEEDS.get(option.replace("-", "_"), ())
+        if needs and not used & set(needs):
+            wanted = " or ".join(needs)
+            raise ConfigError(
+                f"--vary {option} has no effect without {wanted} in --loss: every variant would train the same "
+                f"model; add {wanted} to --loss"
+            )
 
 
 def _check_swept_model(template, options: list[str]) -> None:

@@ -20,7 +20,6 @@ __all__ = [
     "refuse_unused",
     "LOSS_OPTION_NEEDS",
     "check_loss_options",
-    "check_swept_losses",
 ]
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")]
@@ -186,21 +185,6 @@ LOSS_OPTION_NEEDS = {
     "center_weight": ("center",),
     "center_lr": ("center",),
 }
-
-
-def check_swept_losses(options: list[str], specs: list[str]) -> None:
-    """Refuse a ``--vary`` of a loss option none of the ``--loss`` specs uses (its variants would be one model)."""
-    from reidcli.losses.combined import parse_loss_spec
-
-    used = {name for spec in specs for name in parse_loss_spec(spec)}
-    for option in options:
-        needs = LOSS_OPTION_NEEDS.get(option.replace("-", "_"), ())
-        if needs and not used & set(needs):
-            wanted = " or ".join(needs)
-            raise ConfigError(
-                f"--vary {option} has no effect without {wanted} in --loss: every variant would train the same "
-                f"model; add {wanted} to --loss"
-            )
 
 
 def check_loss_options(ctx: typer.Context, specs: list[str]) -> None:

@@ -108,8 +108,7 @@ def center_loss(feat: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor)
     """Center loss (Wen et al. 2016, as TransReID and reid-strong-baseline weigh it): the batch mean of the squared
     Euclidean distance ``‖f_i − c_{y_i}‖²`` of each feature to its identity's centre (``centers``: (classes, D)).
     In float32: squared distances of 768-wide features lose their small differences in bf16."""
-    with torch.autocast(feat.device.type, enabled=False):
-        return (feat.float() - centers[labels].float()).pow(2).sum(1).mean()
+    return (feat.float() - centers[labels].float()).pow(2).sum(1).mean()
 
 
 def compute_losses(
