@@ -23,9 +23,12 @@ from reidcli.cli.options import (
     DimOpt,
     DropPathOpt,
     EpochsOpt,
+    EraseProbOpt,
     EvalEveryOpt,
     ExtraDataOpt,
+    FlipProbOpt,
     FreezeEpochsOpt,
+    GammaOpt,
     HeadMarginOpt,
     HeadScaleOpt,
     HeadsOpt,
@@ -40,13 +43,16 @@ from reidcli.cli.options import (
     LabelSmoothingOpt,
     LrOpt,
     MarginOpt,
+    MilestonesOpt,
     NeckFeatOpt,
     OptimizerOpt,
+    PadOpt,
     PatchOpt,
     PatchWeightOpt,
     PresetOpt,
     RpFormOpt,
     RpWeightOpt,
+    ScheduleOpt,
     SieOpt,
     SieWeightOpt,
     StrideOpt,
@@ -93,7 +99,13 @@ def ablate(
     lr: LrOpt = 0.008,
     weight_decay: WeightDecayOpt = 1e-4,
     warmup_epochs: WarmupOpt = 5.0,
+    schedule: ScheduleOpt = "cosine",
+    milestones: MilestonesOpt = "40,70",
+    gamma: GammaOpt = 0.1,
     freeze_epochs: FreezeEpochsOpt = 0,
+    flip_prob: FlipProbOpt = 0.5,
+    pad: PadOpt = 10,
+    erase_prob: EraseProbOpt = 0.5,
     drop_path: DropPathOpt = 0.1,
     top_n: TopNOpt = 8,
     rp_form: RpFormOpt = "stable",
@@ -140,12 +152,14 @@ def ablate(
       reid ablate --data demo/synthetic.h5 --out demo/ablation --preset vit_tiny --dim 96 --depth 4 --epochs 8 --dry-run
     """
     from reidcli.cli.train import (
+        augment_options,
         check_image_size,
         dataset_image_size,
         head_options,
         jpm_options,
         loss_options,
         model_options,
+        schedule_options,
         sie_cameras,
     )
     from reidcli.engine.train import TrainConfig
@@ -170,6 +184,7 @@ def ablate(
     cameras = sie_cameras(ctx, sie, data, extra)
     local = jpm_options(ctx, jpm, jpm_groups, jpm_shift, jpm_shuffle)
     head = head_options(ctx, id_head, head_scale, head_margin)
+    steps = schedule_options(ctx, schedule, milestones, gamma, swept=any(o == "schedule" for o, _ in sweeps))
     first = pes[0] if pes else "ape"
     mcfg = model_options(
         first,
@@ -193,6 +208,7 @@ def ablate(
         model=mcfg,
         extra_data=extra,
         loss=loss_options("ce+triplet", ctx.params),
+        augment=augment_options(ctx.params),
         epochs=epochs,
         batch=batch,
         k=k,
@@ -200,6 +216,7 @@ def ablate(
         lr=lr,
         weight_decay=weight_decay,
         warmup_epochs=warmup_epochs,
+        **steps,
         freeze_epochs=freeze_epochs,
         device=device,
         precision=precision,
@@ -249,8 +266,14 @@ def _check_swept_model(template, options: list[str]) -> None:
         "head-margin": (m.id_head != "linear", "a cosine --id-head", "add --id-head cosface, arcface or circle"),
         "sie-weight": (bool(m.sie_cameras), "--sie", "add --sie"),
         "momentum": (template.optimizer == "sgd", "--optimizer sgd", "use --optimizer sgd"),
+        "gamma": (template.schedule == "step", "--schedule step", "add --schedule step"),
         **{f"jpm-{o}": (m.jpm, "--jpm", "add --jpm") for o in ("groups", "shift", "shuffle")},
     }
+    if "gamma" in options and "schedule" in options:
+        raise ConfigError(
+            "--vary gamma with --vary schedule trains each cosine variant once per gamma (cosine has none); sweep "
+            "gamma with --schedule step instead"
+        )
     for option in options:
         ok, what, fix = needs.get(option, (True, "", ""))
         if not ok:

@@ -48,6 +48,18 @@ FreezeEpochsOpt = Annotated[
         "fixbase_epoch): for pretrained weights.",
     ),
 ]
+ScheduleOpt = Annotated[
+    str,
+    typer.Option(
+        help="lr schedule after the warm-up: cosine (TransReID) or step (lr × --gamma at each of --milestones, as the "
+        "BoT baseline, torchreid's multi_step, fast-reid's MultiStepLR)."
+    ),
+]
+MilestonesOpt = Annotated[str, typer.Option(help="--schedule step: comma-separated epochs where the lr drops.")]
+GammaOpt = Annotated[float, typer.Option(help="--schedule step: the lr's factor at each milestone.")]
+FlipProbOpt = Annotated[float, typer.Option(help="Training augmentation: probability of a horizontal flip.")]
+PadOpt = Annotated[int, typer.Option(help="Training augmentation: border (pixels) of the pad + random crop; 0: off.")]
+EraseProbOpt = Annotated[float, typer.Option(help="Training augmentation: probability of random erasing.")]
 DropPathOpt = Annotated[float, typer.Option(help="Stochastic depth rate.")]
 TopNOpt = Annotated[int, typer.Option(help="Patches used by patch-triplet / rp-triplet.")]
 RpFormOpt = Annotated[str, typer.Option(help="rp-triplet form: stable (default) or raw (the seed's).")]

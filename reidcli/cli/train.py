@@ -22,9 +22,12 @@ from reidcli.cli.options import (
     DimOpt,
     DropPathOpt,
     EpochsOpt,
+    EraseProbOpt,
     EvalEveryOpt,
     ExtraDataOpt,
+    FlipProbOpt,
     FreezeEpochsOpt,
+    GammaOpt,
     HeadMarginOpt,
     HeadScaleOpt,
     HeadsOpt,
@@ -39,13 +42,16 @@ from reidcli.cli.options import (
     LabelSmoothingOpt,
     LrOpt,
     MarginOpt,
+    MilestonesOpt,
     NeckFeatOpt,
     OptimizerOpt,
+    PadOpt,
     PatchOpt,
     PatchWeightOpt,
     PresetOpt,
     RpFormOpt,
     RpWeightOpt,
+    ScheduleOpt,
     SieOpt,
     SieWeightOpt,
     StrideOpt,
@@ -57,6 +63,7 @@ from reidcli.cli.options import (
     check_loss_options,
     check_out_folder,
     given_options,
+    parse_list,
     parse_size,
     refuse_unused,
 )
@@ -161,6 +168,27 @@ def loss_options(spec: str, params: dict):
     return LossConfig(spec=spec, **{f: params[f] for f in LOSS_FIELDS})
 
 
+def schedule_options(ctx: typer.Context, schedule: str, milestones: str, gamma: float, swept: bool = False) -> dict:
+    """``--schedule`` with its ``--milestones`` and ``--gamma`` (TrainConfig's fields); those two are refused without
+    ``--schedule step`` (``swept``: ``ablate`` sweeps ``--schedule``, and its step variants use them)."""
+    refuse_unused(ctx, ("milestones", "gamma"), schedule == "step" or swept, "--schedule step", "add --schedule step")
+    return {"schedule": schedule, "milestones": parse_milestones(milestones), "gamma": gamma}
+
+
+def parse_milestones(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(m) for m in parse_list(text))
+    except ValueError:
+        raise ConfigError(f"--milestones {text!r} must be comma-separated epochs, e.g. 40,70") from None
+
+
+def augment_options(params: dict):
+    """The training augmentation of ``--flip-prob``, ``--pad`` and ``--erase-prob`` (``params``: the command's)."""
+    from reidcli.data.augment import AugmentConfig
+
+    return AugmentConfig(flip=params["flip_prob"], pad=params["pad"], erase=params["erase_prob"])
+
+
 def dataset_image_size(data: Path) -> tuple[int, int]:
     from reidcli.data.store import read_dataset
 
@@ -211,7 +239,13 @@ def train(
     lr: LrOpt = 0.008,
     weight_decay: WeightDecayOpt = 1e-4,
     warmup_epochs: WarmupOpt = 5.0,
+    schedule: ScheduleOpt = "cosine",
+    milestones: MilestonesOpt = "40,70",
+    gamma: GammaOpt = 0.1,
     freeze_epochs: FreezeEpochsOpt = 0,
+    flip_prob: FlipProbOpt = 0.5,
+    pad: PadOpt = 10,
+    erase_prob: EraseProbOpt = 0.5,
     drop_path: DropPathOpt = 0.1,
     label_smoothing: LabelSmoothingOpt = 0.0,
     margin: MarginOpt = None,
@@ -277,6 +311,7 @@ def train(
     if not print_model:
         check_loss_options(ctx, [loss])
         refuse_unused(ctx, ("compile_mode",), compile_, "--compile", "add --compile")
+    steps = schedule_options(ctx, schedule, milestones, gamma)
     size = parse_size(image_size) if image_size else dataset_image_size(data)
     if image_size and not print_model:
         check_image_size(size, data)
@@ -297,6 +332,7 @@ def train(
         extra_data=extra,
         combine_all=combine_all,
         loss=loss_options(loss, ctx.params),
+        augment=augment_options(ctx.params),
         epochs=epochs,
         batch=batch,
         k=k,
@@ -304,6 +340,7 @@ def train(
         lr=lr,
         weight_decay=weight_decay,
         warmup_epochs=warmup_epochs,
+        **steps,
         freeze_epochs=freeze_epochs,
         seed=seed,
         device=device,
@@ -352,6 +389,7 @@ _MODEL_OPTIONS = {
     )
 }
 _LOSS_OPTIONS = {"loss": "spec"} | {o: o for o in LOSS_FIELDS}
+_AUGMENT_OPTIONS = {"flip_prob": "flip", "pad": "pad", "erase_prob": "erase"}
 _RUN_OPTIONS = {"compile_": "compile"} | {
     o: o
     for o in (
@@ -365,6 +403,8 @@ _RUN_OPTIONS = {"compile_": "compile"} | {
         "lr",
         "weight_decay",
         "warmup_epochs",
+        "schedule",
+        "gamma",
         "freeze_epochs",
         "seed",
         "device",
@@ -396,6 +436,9 @@ def resumed_config(out: Path, given: dict):
     loss = {f: given[o] for o, f in _LOSS_OPTIONS.items() if o in given}
     run = {f: given[o] for o, f in _RUN_OPTIONS.items() if o in given}
     run |= {f: str(run[f]) for f in ("data", "init") if run.get(f) is not None}
+    if "milestones" in given:
+        run["milestones"] = parse_milestones(given["milestones"])
+    augment = {f: given[o] for o, f in _AUGMENT_OPTIONS.items() if o in given}
     if "extra_data" in run:
         run["extra_data"] = tuple(str(p) for p in run["extra_data"] or ())
     if "sie" in given:  # compared as the camera count it resolves to
@@ -412,7 +455,12 @@ def resumed_config(out: Path, given: dict):
             "at that path (the joined datasets set the run's identities)"
         )
     return replace(
-        saved, model=replace(saved.model, **model), loss=replace(saved.loss, **loss), run_dir=str(out), **run
+        saved,
+        model=replace(saved.model, **model),
+        loss=replace(saved.loss, **loss),
+        augment=replace(saved.augment, **augment),
+        run_dir=str(out),
+        **run,
     ).validate(weights_file=False)  # the checkpoint's weights replace --init's: a moved --init file does not matter
 
 

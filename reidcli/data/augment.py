@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from reidcli.errors import ConfigError
+
 __all__ = ["AUGMENT_DRAWS", "AugmentConfig", "augment_batch", "normalize_batch"]
 
 AUGMENT_DRAWS = 8  # uniform numbers one image's augmentation takes
@@ -20,6 +22,14 @@ class AugmentConfig:
     erase: float = 0.5
     erase_area: tuple[float, float] = (0.02, 0.4)
     erase_ratio: float = 0.3  # aspect ratios in [r, 1/r]
+
+    def validate(self) -> AugmentConfig:
+        for flag, p in (("flip-prob", self.flip), ("erase-prob", self.erase)):
+            if not 0 <= p <= 1:
+                raise ConfigError(f"--{flag} {p} is not a probability; give a value from 0 (off) to 1")
+        if self.pad < 0:
+            raise ConfigError(f"--pad {self.pad} cannot be negative; give 0 (no pad + random crop) or more pixels")
+        return self
 
 
 def normalize_batch(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 TRAIN_PRECISIONS = ("auto", "bf16", "fp32")
+SCHEDULES = ("cosine", "step")
 CURVES_EVERY_S = 60.0  # curves.png is redrawn during a run at most this often (a plot takes ~0.3 s), and at its end
 
 
@@ -81,6 +82,11 @@ class TrainConfig:
     # fixbase_epoch, fast-reid's FREEZE_ITERS; for a fresh classifier over pretrained weights
     freeze_epochs: int = 0
     min_lr_factor: float = 0.002  # cosine floor as a fraction of lr (TransReID)
+    # "cosine" (TransReID) or "step": lr × gamma at each milestone epoch (the BoT baseline's 40, 70; torchreid's
+    # multi_step, fast-reid's MultiStepLR), after the same warm-up
+    schedule: str = "cosine"
+    milestones: tuple[int, ...] = (40, 70)
+    gamma: float = 0.1
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on the CPU; bf16 or fp32 on either
@@ -108,6 +114,8 @@ class TrainConfig:
         for name, value in (("weight-decay", self.weight_decay), ("warmup-epochs", self.warmup_epochs)):
             if value < 0:
                 raise ConfigError(f"--{name} cannot be negative, got {value}")
+        self._validate_schedule()
+        self.augment.validate()
         if not 0 <= self.freeze_epochs < self.epochs:
             raise ConfigError(
                 f"--freeze-epochs {self.freeze_epochs} must be at least 0 and below --epochs {self.epochs} (the "
@@ -146,6 +154,22 @@ class TrainConfig:
             raise ConfigError("rp-triplet needs position parameters; use --pe ape, rpe, both or sincos")
         return self
 
+    def _validate_schedule(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"unknown --schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        if self.schedule != "step":
+            return
+        shown = ",".join(map(str, self.milestones))
+        if not self.milestones or list(self.milestones) != sorted(set(self.milestones)) or self.milestones[0] < 1:
+            raise ConfigError(f"--milestones {shown or 'none'}: give increasing epochs from 1 on, e.g. 40,70")
+        if self.milestones[-1] >= self.epochs:
+            raise ConfigError(
+                f"--milestones {shown}: {self.milestones[-1]} is not below --epochs {self.epochs}, so that step would "
+                f"never happen; give milestones below {self.epochs}"
+            )
+        if not 0 < self.gamma < 1:
+            raise ConfigError(f"--gamma {self.gamma} must lie between 0 and 1 (the lr's factor at each milestone)")
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["model"] = self.model.to_dict()
@@ -158,6 +182,7 @@ class TrainConfig:
             d["precision"] = "auto" if d.pop("bf16") else "fp32"
         d["model"] = ModelConfig.from_dict(d["model"])
         d["extra_data"] = tuple(d.get("extra_data", ()))
+        d["milestones"] = tuple(d.get("milestones", cls.milestones))
         d["loss"] = LossConfig(**d["loss"])
         aug = dict(d["augment"])
         aug["erase_area"] = tuple(aug["erase_area"])
@@ -204,18 +229,19 @@ def trajectory_changes(saved: TrainConfig, cfg: TrainConfig) -> list[str]:
     a["model"].pop("num_classes"), b["model"].pop("num_classes")  # set from the dataset at build time
     flat_a, flat_b = _flatten(a), _flatten(b)
     return [
-        f"--{_flag(key)} {_shown(flat_a[key])} (given {_shown(flat_b.get(key))})"
+        f"--{_flag(key)} {_shown(flat_a[key], key)} (given {_shown(flat_b.get(key), key)})"
         for key in flat_a
         if key.split(".")[0] not in RESUME_FREE and flat_a[key] != flat_b.get(key)
     ]
 
 
-def _shown(value) -> str:
-    """An option's value as typed: a list of paths comma-separated (``none`` when empty), sizes as ``HxW``."""
+def _shown(value, key: str = "") -> str:
+    """An option's value as typed: sizes as ``HxW``, epochs as ``40,70``, paths comma-separated (``none`` when
+    empty)."""
     if isinstance(value, (list, tuple)):
-        if value and all(isinstance(v, int) for v in value):
+        if key == "model.image_size":
             return "x".join(map(str, value))
-        return ", ".join(map(str, value)) or "none"
+        return ("," if all(isinstance(v, int) for v in value) else ", ").join(map(str, value)) or "none"
     return str(value)
 
 
@@ -227,9 +253,13 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def _flag(key: str) -> str:
-    name = {"loss.spec": "loss", "model.image_size": "image-size", "model.sie_cameras": "sie (cameras)"}.get(
-        key, key.split(".", 1)[-1]
-    )
+    name = {
+        "loss.spec": "loss",
+        "model.image_size": "image-size",
+        "model.sie_cameras": "sie (cameras)",
+        "augment.flip": "flip-prob",
+        "augment.erase": "erase-prob",
+    }.get(key, key.split(".", 1)[-1])
     return name.replace("_", "-")
 
 
@@ -242,10 +272,13 @@ class TrainResult:
 
 
 def lr_at(step: float, steps_per_epoch: int, cfg: TrainConfig) -> float:
-    """Linear warm-up from 1% of lr, then cosine down to ``min_lr_factor``·lr, per step."""
+    """Linear warm-up from 1% of lr, then cosine down to ``min_lr_factor``·lr, or (``step``) lr × gamma for each
+    milestone epoch reached, per step."""
     epoch = step / steps_per_epoch
     if epoch < cfg.warmup_epochs:
         return cfg.lr * (0.01 + 0.99 * epoch / cfg.warmup_epochs)
+    if cfg.schedule == "step":
+        return cfg.lr * cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
     span = max(cfg.epochs - cfg.warmup_epochs, 1e-8)
     t = min(1.0, (epoch - cfg.warmup_epochs) / span)
     floor = cfg.lr * cfg.min_lr_factor
@@ -376,7 +409,7 @@ def _check_same_trajectory(cfg: TrainConfig, files: RunFiles) -> None:
             f"{files.root} was trained with {', '.join(changes)}; --resume continues a run with its own options "
             "(leave those out), or train into a new --out"
         )
-    if saved.epochs != cfg.epochs:
+    if saved.epochs != cfg.epochs and cfg.schedule == "cosine":
         log.info(
             "resuming %s with --epochs %d (was %d): the cosine schedule now spans the new length",
             files.root,

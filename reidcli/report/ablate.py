@@ -45,9 +45,22 @@ COLUMNS = [
 ]
 
 
-# The options `--vary` sweeps: the training config's part that holds each (the flag is the field, dashed).
+# The options `--vary` sweeps: the training config's part that holds each (the flag is the field, dashed, except
+# for the augmentation probabilities: --flip-prob and --erase-prob set AugmentConfig's flip and erase).
 VARY = {
-    "run": ("lr", "weight_decay", "warmup_epochs", "freeze_epochs", "epochs", "batch", "k", "optimizer", "momentum"),
+    "run": (
+        "lr",
+        "weight_decay",
+        "warmup_epochs",
+        "freeze_epochs",
+        "epochs",
+        "batch",
+        "k",
+        "optimizer",
+        "momentum",
+        "schedule",
+        "gamma",
+    ),
     "model": (
         "depth",
         "dim",
@@ -63,8 +76,12 @@ VARY = {
         "head_margin",
     ),
     "loss": tuple(f for f in LossConfig.__dataclass_fields__ if f != "spec"),  # every loss option
+    "augment": ("flip", "pad", "erase"),
 }
-_VARY_PART = {field.replace("_", "-"): part for part, fields in VARY.items() for field in fields}
+_AUGMENT_FLAGS = {"flip": "flip-prob", "erase": "erase-prob"}
+_VARY_FIELD = {  # flag → (part, field)
+    _AUGMENT_FLAGS.get(f, f.replace("_", "-")): (part, f) for part, fields in VARY.items() for f in fields
+}
 
 
 def parse_vary(text: str) -> tuple[str, tuple[str, ...]]:
@@ -77,14 +94,14 @@ def parse_vary(text: str) -> tuple[str, tuple[str, ...]]:
         raise ConfigError(f"--vary {text!r}: give OPTION=V1,V2,… (e.g. --vary rp-weight=0.5,1,2)")
     if option in ("pe", "loss", "seed", "seeds"):
         raise ConfigError(f"--vary {option}: --pe, --loss and --seeds have options of their own; list the values there")
-    if option not in _VARY_PART:
-        raise ConfigError(f"--vary cannot sweep {option!r}; it sweeps {', '.join(sorted(_VARY_PART))}")
+    if option not in _VARY_FIELD:
+        raise ConfigError(f"--vary cannot sweep {option!r}; it sweeps {', '.join(sorted(_VARY_FIELD))}")
     return option, parts
 
 
 def apply_setting(cfg: TrainConfig, option: str, raw: str) -> TrainConfig:
     """``cfg`` with one ``--vary`` value, converted to the type of the option it replaces."""
-    part, field = _VARY_PART[option], option.replace("-", "_")
+    part, field = _VARY_FIELD[option]
     holder = cfg if part == "run" else getattr(cfg, part)
     current = getattr(holder, field)
     try:
@@ -177,6 +194,8 @@ def _config_hash(cfg: TrainConfig) -> str:
         del d["freeze_epochs"]
     if "center" not in cfg.loss.names:  # likewise before the center loss
         del d["loss"]["center_weight"], d["loss"]["center_lr"]
+    if d["schedule"] == "cosine":  # likewise before --schedule step
+        del d["schedule"], d["milestones"], d["gamma"]
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
 
 

@@ -243,3 +243,44 @@ def test_cli_vary_trains_each_setting_into_one_table(tiny_data, tmp_path):
     ]:
         r = run_cli_here(*args, *extra)
         assert r.returncode == 1 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_vary_sweeps_augmentation_and_the_schedule_and_keeps_the_default_runs_key(tmp_path):
+    from reidcli.report.ablate import _config_hash, parse_vary
+
+    base = _cfg("d.h5", tmp_path / "abl", pes=("ape",), seeds=(0,))
+    base = replace(base, template=replace(base.template, epochs=3, milestones=(1, 2)))
+    plain = _config_hash(plan(base)[0].train)
+    cfg = replace(base, vary=(parse_vary("erase-prob=0,0.5"), parse_vary("pad=0,10")))
+    variants = plan(cfg)
+    assert [(v.train.augment.erase, v.train.augment.pad) for v in variants] == [(0, 0), (0, 10), (0.5, 0), (0.5, 10)]
+    assert variants[1].label == "ape · ce+triplet · erase-prob 0 · pad 10"
+    assert [_config_hash(v.train) == plain for v in variants] == [False, False, False, True]  # the defaults: reused
+    cfg = replace(base, vary=(parse_vary("schedule=cosine,step"), parse_vary("flip-prob=0.5,1")))
+    variants = plan(cfg)
+    assert [(v.train.schedule, v.train.augment.flip) for v in variants] == [
+        ("cosine", 0.5),
+        ("cosine", 1.0),
+        ("step", 0.5),
+        ("step", 1.0),
+    ]
+    assert _config_hash(variants[0].train) == plain and variants[2].train.milestones == (1, 2)
+    assert len({_config_hash(v.train) for v in variants}) == 4
+    with pytest.raises(Exception, match="--vary flip-prob=x: not a float"):
+        plan(replace(base, vary=(parse_vary("flip-prob=x"),)))
+
+
+def test_cli_ablate_refuses_schedule_sweeps_that_train_one_model_twice(tiny_data, tmp_path):
+    args = ("ablate", "--data", str(tiny_data), "--out", str(tmp_path / "abl"), "--pe", "ape", "--epochs", "3", *TINY)
+    ok = run_cli_here(*args, "--vary", "schedule=cosine,step", "--milestones", "1,2", "--dry-run", "--json")
+    assert ok.returncode == 0 and len(json.loads(ok.stdout)) == 2, ok.stderr
+    ok = run_cli_here(*args, "--schedule", "step", "--milestones", "2", "--vary", "gamma=0.1,0.5", "--dry-run")
+    assert ok.returncode == 0, ok.stderr
+    for extra, message in [
+        (("--vary", "gamma=0.1,0.5"), "--vary gamma has no effect without --schedule step"),
+        (("--vary", "gamma=0.1,0.5", "--vary", "schedule=cosine,step"), "trains each cosine variant once per gamma"),
+        (("--gamma", "0.5"), "--gamma has no effect without --schedule step"),
+        (("--vary", "pad=0,10", "--pad", "4"), "--pad is set per variant by --vary pad; leave --pad out"),
+    ]:
+        r = run_cli_here(*args, *extra, "--dry-run")
+        assert r.returncode == 1 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr

@@ -1,0 +1,107 @@
+"""``--schedule step`` (the BoT baseline's multi-step lr) and the augmentation options ``--flip-prob``, ``--pad``,
+``--erase-prob``."""
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from reidcli.data.augment import AugmentConfig, augment_batch, normalize_batch
+from reidcli.engine.train import TrainConfig, lr_at, trajectory_changes
+from reidcli.errors import ConfigError
+from tests.conftest import TINY_TRAIN, run_cli_here
+
+
+def test_step_schedule_drops_the_lr_at_each_milestone_after_the_same_warmup():
+    cosine = TrainConfig(data="", run_dir="", epochs=10, warmup_epochs=2, lr=1.0)
+    step = replace(cosine, schedule="step", milestones=(4, 7), gamma=0.1)
+    assert [lr_at(s, 10, step) for s in range(20)] == [lr_at(s, 10, cosine) for s in range(20)]  # the warm-up
+    assert lr_at(20, 10, step) == lr_at(39, 10, step) == 1.0  # full lr up to the first milestone's first step
+    assert lr_at(40, 10, step) == lr_at(69, 10, step) == pytest.approx(0.1)
+    assert lr_at(70, 10, step) == lr_at(99, 10, step) == pytest.approx(0.01)
+    assert lr_at(35, 10, replace(step, warmup_epochs=0)) == 1.0 and lr_at(0, 10, replace(step, warmup_epochs=0)) == 1.0
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"schedule": "linear"}, "unknown --schedule 'linear'; choose one of cosine, step"),
+        ({"schedule": "step", "milestones": (7, 4)}, "--milestones 7,4: give increasing epochs from 1 on"),
+        ({"schedule": "step", "milestones": (4, 4)}, "--milestones 4,4: give increasing epochs"),
+        ({"schedule": "step", "milestones": ()}, "--milestones none: give increasing epochs"),
+        ({"schedule": "step", "milestones": (0, 4)}, "--milestones 0,4: give increasing epochs from 1 on"),
+        ({"schedule": "step", "milestones": (4, 10)}, "10 is not below --epochs 10, so that step would never happen"),
+        ({"schedule": "step", "milestones": (4,), "gamma": 1.0}, "--gamma 1.0 must lie between 0 and 1"),
+        ({"augment": AugmentConfig(flip=1.5)}, "--flip-prob 1.5 is not a probability"),
+        ({"augment": AugmentConfig(erase=-0.1)}, "--erase-prob -0.1 is not a probability"),
+        ({"augment": AugmentConfig(pad=-1)}, "--pad -1 cannot be negative"),
+    ],
+)
+def test_bad_schedule_and_augmentation_options(kw, message):
+    with pytest.raises(ConfigError, match=message.replace("+", r"\+")):
+        replace(TrainConfig(data="d.h5", run_dir="r", epochs=10), **kw).validate()
+
+
+def test_resume_names_a_changed_schedule_or_augmentation_and_reads_older_configs():
+    saved = TrainConfig(data="d.h5", run_dir="r", epochs=10, schedule="step", milestones=(4, 7))
+    changed = replace(saved, milestones=(5, 7), gamma=0.5, augment=AugmentConfig(flip=0.0, pad=4, erase=0.0))
+    assert trajectory_changes(saved, changed) == [
+        "--flip-prob 0.5 (given 0.0)",
+        "--pad 10 (given 4)",
+        "--erase-prob 0.5 (given 0.0)",
+        "--milestones 4,7 (given 5,7)",
+        "--gamma 0.1 (given 0.5)",
+    ]
+    d = json.loads(json.dumps(saved.to_dict()))  # as config.json holds it: the milestones a list
+    assert TrainConfig.from_dict(d) == saved
+    new_keys = ("schedule", "milestones", "gamma")
+    old = {k: v for k, v in TrainConfig(data="d.h5", run_dir="r").to_dict().items() if k not in new_keys}
+    assert TrainConfig.from_dict(old).schedule == "cosine"  # a config.json from before --schedule
+
+
+def test_augmentation_switched_off_is_the_normalisation_alone():
+    images = torch.randint(0, 256, (6, 16, 8, 3), dtype=torch.uint8)
+    r = torch.rand(6, 8)
+    plain = normalize_batch(images)
+    assert torch.equal(augment_batch(images, AugmentConfig(flip=0, pad=0, erase=0), r=r), plain)
+    assert torch.equal(augment_batch(images, AugmentConfig(flip=1, pad=0, erase=0), r=r), plain.flip(3))
+    erased = augment_batch(images, AugmentConfig(flip=0, pad=0, erase=1), r=r)
+    assert ((erased == 0).flatten(1).any(1)).all() and ((erased != plain).flatten(1).any(1)).all()
+
+
+def test_cli_step_schedule_and_augmentation_reach_the_run_and_resume_keeps_them(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    args = ("train", "--data", str(tiny_data), "--out", str(run), *TINY_TRAIN, "--warmup-epochs", "0")
+    steps = ("--schedule", "step", "--milestones", "1", "--gamma", "0.5", "--epochs", "2")
+    r = run_cli_here(*args, *steps, "--flip-prob", "0", "--pad", "4", "--erase-prob", "0.25", "--json")
+    assert r.returncode == 0, r.stderr
+    config = json.loads((run / "config.json").read_text())
+    assert (config["schedule"], config["milestones"], config["gamma"]) == ("step", [1], 0.5)
+    assert (config["augment"]["flip"], config["augment"]["pad"], config["augment"]["erase"]) == (0.0, 4, 0.25)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [row["lr"] for row in rows] == [1e-3, 5e-4]  # each epoch's last step: before and after the milestone
+    for extra, message in [
+        (("--gamma", "0.2"), "was trained with --gamma 0.5 (given 0.2)"),
+        (("--pad", "10"), "was trained with --pad 4 (given 10)"),
+        (("--schedule", "cosine"), "was trained with --schedule step (given cosine)"),
+    ]:
+        r = run_cli_here("train", "--out", str(run), "--resume", "--epochs", "3", *extra)
+        assert r.returncode == 1 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (("--milestones", "3"), "--milestones has no effect without --schedule step; leave it out or add --schedule"),
+        (("--milestones", "3", "--gamma", "0.5"), "--milestones, --gamma have no effect without --schedule step"),
+        (("--schedule", "step", "--milestones", "3,x"), "--milestones '3,x' must be comma-separated epochs"),
+        (("--schedule", "step"), "--milestones 40,70: 70 is not below --epochs 2"),
+        (("--erase-prob", "2"), "--erase-prob 2.0 is not a probability"),
+    ],
+)
+def test_cli_refuses_schedule_and_augmentation_mistakes_before_any_work(tiny_data, tmp_path, extra, message):
+    args = ("train", "--data", str(tiny_data), "--out", str(tmp_path / "x"), *TINY_TRAIN, "--epochs", "2")
+    r = run_cli_here(*args, *extra)
+    assert r.returncode == 1 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert not (tmp_path / "x").exists()
