@@ -23,6 +23,7 @@ from reidcli.cli.options import (
     DimOpt,
     DropPathOpt,
     EpochsOpt,
+    EraseFillOpt,
     EraseProbOpt,
     EvalEveryOpt,
     ExtraDataOpt,
@@ -106,6 +107,7 @@ def ablate(
     flip_prob: FlipProbOpt = 0.5,
     pad: PadOpt = 10,
     erase_prob: EraseProbOpt = 0.5,
+    erase_fill: EraseFillOpt = "grey",
     drop_path: DropPathOpt = 0.1,
     top_n: TopNOpt = 8,
     rp_form: RpFormOpt = "stable",
@@ -208,7 +210,7 @@ def ablate(
         model=mcfg,
         extra_data=extra,
         loss=loss_options("ce+triplet", ctx.params),
-        augment=augment_options(ctx.params),
+        augment=augment_options(ctx),
         epochs=epochs,
         batch=batch,
         k=k,
@@ -267,6 +269,7 @@ def _check_swept_model(template, options: list[str]) -> None:
         "sie-weight": (bool(m.sie_cameras), "--sie", "add --sie"),
         "momentum": (template.optimizer == "sgd", "--optimizer sgd", "use --optimizer sgd"),
         "gamma": (template.schedule == "step", "--schedule step", "add --schedule step"),
+        "erase-fill": (template.augment.erase > 0, "--erase-prob above 0", "raise --erase-prob"),
         **{f"jpm-{o}": (m.jpm, "--jpm", "add --jpm") for o in ("groups", "shift", "shuffle")},
     }
     if "gamma" in options and "schedule" in options:

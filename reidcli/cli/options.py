@@ -60,6 +60,13 @@ GammaOpt = Annotated[float, typer.Option(help="--schedule step: the lr's factor 
 FlipProbOpt = Annotated[float, typer.Option(help="Training augmentation: probability of a horizontal flip.")]
 PadOpt = Annotated[int, typer.Option(help="Training augmentation: border (pixels) of the pad + random crop; 0: off.")]
 EraseProbOpt = Annotated[float, typer.Option(help="Training augmentation: probability of random erasing.")]
+EraseFillOpt = Annotated[
+    str,
+    typer.Option(
+        help="Random erasing fills the rectangle with grey (0 after normalisation) or noise (N(0, 1) per pixel, as "
+        "TransReID)."
+    ),
+]
 DropPathOpt = Annotated[float, typer.Option(help="Stochastic depth rate.")]
 TopNOpt = Annotated[int, typer.Option(help="Patches used by patch-triplet / rp-triplet.")]
 RpFormOpt = Annotated[str, typer.Option(help="rp-triplet form: stable (default) or raw (the seed's).")]

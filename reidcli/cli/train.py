@@ -22,6 +22,7 @@ from reidcli.cli.options import (
     DimOpt,
     DropPathOpt,
     EpochsOpt,
+    EraseFillOpt,
     EraseProbOpt,
     EvalEveryOpt,
     ExtraDataOpt,
@@ -182,11 +183,16 @@ def parse_milestones(text: str) -> tuple[int, ...]:
         raise ConfigError(f"--milestones {text!r} must be comma-separated epochs, e.g. 40,70") from None
 
 
-def augment_options(params: dict):
-    """The training augmentation of ``--flip-prob``, ``--pad`` and ``--erase-prob`` (``params``: the command's)."""
+def augment_options(ctx: typer.Context):
+    """The training augmentation of ``--flip-prob``, ``--pad``, ``--erase-prob`` and ``--erase-fill``; a fill without
+    erasing is refused."""
     from reidcli.data.augment import AugmentConfig
 
-    return AugmentConfig(flip=params["flip_prob"], pad=params["pad"], erase=params["erase_prob"])
+    params = ctx.params
+    refuse_unused(ctx, ("erase_fill",), params["erase_prob"] > 0, "--erase-prob above 0", "raise --erase-prob")
+    return AugmentConfig(
+        flip=params["flip_prob"], pad=params["pad"], erase=params["erase_prob"], erase_fill=params["erase_fill"]
+    )
 
 
 def dataset_image_size(data: Path) -> tuple[int, int]:
@@ -246,6 +252,7 @@ def train(
     flip_prob: FlipProbOpt = 0.5,
     pad: PadOpt = 10,
     erase_prob: EraseProbOpt = 0.5,
+    erase_fill: EraseFillOpt = "grey",
     drop_path: DropPathOpt = 0.1,
     label_smoothing: LabelSmoothingOpt = 0.0,
     margin: MarginOpt = None,
@@ -332,7 +339,7 @@ def train(
         extra_data=extra,
         combine_all=combine_all,
         loss=loss_options(loss, ctx.params),
-        augment=augment_options(ctx.params),
+        augment=augment_options(ctx),
         epochs=epochs,
         batch=batch,
         k=k,
@@ -389,7 +396,7 @@ _MODEL_OPTIONS = {
     )
 }
 _LOSS_OPTIONS = {"loss": "spec"} | {o: o for o in LOSS_FIELDS}
-_AUGMENT_OPTIONS = {"flip_prob": "flip", "pad": "pad", "erase_prob": "erase"}
+_AUGMENT_OPTIONS = {"flip_prob": "flip", "pad": "pad", "erase_prob": "erase", "erase_fill": "erase_fill"}
 _RUN_OPTIONS = {"compile_": "compile"} | {
     o: o
     for o in (

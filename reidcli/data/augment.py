@@ -10,9 +10,10 @@ import torch.nn.functional as F
 
 from reidcli.errors import ConfigError
 
-__all__ = ["AUGMENT_DRAWS", "AugmentConfig", "augment_batch", "normalize_batch"]
+__all__ = ["AUGMENT_DRAWS", "ERASE_FILLS", "AugmentConfig", "augment_batch", "normalize_batch"]
 
 AUGMENT_DRAWS = 8  # uniform numbers one image's augmentation takes
+ERASE_FILLS = ("grey", "noise")
 
 
 @dataclass(frozen=True)
@@ -22,11 +23,16 @@ class AugmentConfig:
     erase: float = 0.5
     erase_area: tuple[float, float] = (0.02, 0.4)
     erase_ratio: float = 0.3  # aspect ratios in [r, 1/r]
+    # what an erased rectangle holds: "grey" (0 after normalisation) or "noise", N(0, 1) per pixel and channel after
+    # normalisation, as TransReID's random erasing (timm's mode='pixel')
+    erase_fill: str = "grey"
 
     def validate(self) -> AugmentConfig:
         for flag, p in (("flip-prob", self.flip), ("erase-prob", self.erase)):
             if not 0 <= p <= 1:
                 raise ConfigError(f"--{flag} {p} is not a probability; give a value from 0 (off) to 1")
+        if self.erase_fill not in ERASE_FILLS:
+            raise ConfigError(f"unknown --erase-fill {self.erase_fill!r}; choose one of {', '.join(ERASE_FILLS)}")
         if self.pad < 0:
             raise ConfigError(f"--pad {self.pad} cannot be negative; give 0 (no pad + random crop) or more pixels")
         return self
@@ -75,5 +81,8 @@ def augment_batch(
         inside_y = (ys >= y0[:, None]) & (ys < (y0 + eh)[:, None])  # (B, H)
         inside_x = (xs >= x0[:, None]) & (xs < (x0 + ew)[:, None])  # (B, W)
         mask = inside_y[:, :, None] & inside_x[:, None, :] & (r[:, 7] < cfg.erase)[:, None, None]
-        x = x.masked_fill(mask[:, None], 0.0)
+        if cfg.erase_fill == "noise":  # the device's global generator, as DropPath's (checkpointed, graph-safe)
+            x = torch.where(mask[:, None], torch.randn(x.shape, device=dev, dtype=x.dtype), x)
+        else:
+            x = x.masked_fill(mask[:, None], 0.0)
     return x

@@ -76,7 +76,7 @@ VARY = {
         "head_margin",
     ),
     "loss": tuple(f for f in LossConfig.__dataclass_fields__ if f != "spec"),  # every loss option
-    "augment": ("flip", "pad", "erase"),
+    "augment": ("flip", "pad", "erase", "erase_fill"),
 }
 _AUGMENT_FLAGS = {"flip": "flip-prob", "erase": "erase-prob"}
 _VARY_FIELD = {  # flag → (part, field)
@@ -194,6 +194,8 @@ def _config_hash(cfg: TrainConfig) -> str:
         del d["freeze_epochs"]
     if "center" not in cfg.loss.names:  # likewise before the center loss
         del d["loss"]["center_weight"], d["loss"]["center_lr"]
+    if d["augment"]["erase_fill"] == "grey":  # likewise before --erase-fill
+        del d["augment"]["erase_fill"]
     if d["schedule"] == "cosine":  # likewise before --schedule step
         del d["schedule"], d["milestones"], d["gamma"]
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]

@@ -36,6 +36,7 @@ def test_step_schedule_drops_the_lr_at_each_milestone_after_the_same_warmup():
         ({"augment": AugmentConfig(flip=1.5)}, "--flip-prob 1.5 is not a probability"),
         ({"augment": AugmentConfig(erase=-0.1)}, "--erase-prob -0.1 is not a probability"),
         ({"augment": AugmentConfig(pad=-1)}, "--pad -1 cannot be negative"),
+        ({"augment": AugmentConfig(erase_fill="black")}, "unknown --erase-fill 'black'; choose one of grey, noise"),
     ],
 )
 def test_bad_schedule_and_augmentation_options(kw, message):
@@ -70,20 +71,37 @@ def test_augmentation_switched_off_is_the_normalisation_alone():
     assert ((erased == 0).flatten(1).any(1)).all() and ((erased != plain).flatten(1).any(1)).all()
 
 
+def test_noise_erasing_fills_the_rectangle_with_the_generators_normal_draws():
+    images = torch.randint(0, 256, (6, 16, 8, 3), dtype=torch.uint8)
+    r = torch.rand(6, 8)
+    cfg = AugmentConfig(flip=0, pad=0, erase=1)
+    grey = augment_batch(images, cfg, r=r)
+    torch.manual_seed(3)
+    noisy = augment_batch(images, replace(cfg, erase_fill="noise"), r=r)
+    torch.manual_seed(3)
+    draws = torch.randn(6, 3, 16, 8)
+    erased = grey != normalize_batch(images)  # the rectangles (grey: exactly 0 there)
+    assert erased.flatten(1).any(1).all() and (grey[erased] == 0).all()
+    assert torch.equal(noisy[erased], draws[erased]) and torch.equal(noisy[~erased], grey[~erased])
+    assert 0.8 < noisy[erased].std() < 1.2
+
+
 def test_cli_step_schedule_and_augmentation_reach_the_run_and_resume_keeps_them(tiny_data, tmp_path):
     run = tmp_path / "run"
     args = ("train", "--data", str(tiny_data), "--out", str(run), *TINY_TRAIN, "--warmup-epochs", "0")
     steps = ("--schedule", "step", "--milestones", "1", "--gamma", "0.5", "--epochs", "2")
-    r = run_cli_here(*args, *steps, "--flip-prob", "0", "--pad", "4", "--erase-prob", "0.25", "--json")
+    augment = ("--flip-prob", "0", "--pad", "4", "--erase-prob", "0.25", "--erase-fill", "noise")
+    r = run_cli_here(*args, *steps, *augment, "--json")
     assert r.returncode == 0, r.stderr
     config = json.loads((run / "config.json").read_text())
     assert (config["schedule"], config["milestones"], config["gamma"]) == ("step", [1], 0.5)
-    assert (config["augment"]["flip"], config["augment"]["pad"], config["augment"]["erase"]) == (0.0, 4, 0.25)
+    assert [config["augment"][key] for key in ("flip", "pad", "erase", "erase_fill")] == [0.0, 4, 0.25, "noise"]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [row["lr"] for row in rows] == [1e-3, 5e-4]  # each epoch's last step: before and after the milestone
     for extra, message in [
         (("--gamma", "0.2"), "was trained with --gamma 0.5 (given 0.2)"),
         (("--pad", "10"), "was trained with --pad 4 (given 10)"),
+        (("--erase-fill", "grey"), "was trained with --erase-fill noise (given grey)"),
         (("--schedule", "cosine"), "was trained with --schedule step (given cosine)"),
     ]:
         r = run_cli_here("train", "--out", str(run), "--resume", "--epochs", "3", *extra)
@@ -98,6 +116,8 @@ def test_cli_step_schedule_and_augmentation_reach_the_run_and_resume_keeps_them(
         (("--schedule", "step", "--milestones", "3,x"), "--milestones '3,x' must be comma-separated epochs"),
         (("--schedule", "step"), "--milestones 40,70: 70 is not below --epochs 2"),
         (("--erase-prob", "2"), "--erase-prob 2.0 is not a probability"),
+        (("--erase-prob", "0", "--erase-fill", "noise"), "--erase-fill has no effect without --erase-prob above 0"),
+        (("--erase-fill", "black"), "unknown --erase-fill 'black'"),
     ],
 )
 def test_cli_refuses_schedule_and_augmentation_mistakes_before_any_work(tiny_data, tmp_path, extra, message):

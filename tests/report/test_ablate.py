@@ -266,6 +266,8 @@ def test_vary_sweeps_augmentation_and_the_schedule_and_keeps_the_default_runs_ke
     ]
     assert _config_hash(variants[0].train) == plain and variants[2].train.milestones == (1, 2)
     assert len({_config_hash(v.train) for v in variants}) == 4
+    noise = replace(base.template, augment=replace(base.template.augment, erase_fill="noise"))
+    assert _config_hash(noise) != plain
     with pytest.raises(Exception, match="--vary flip-prob=x: not a float"):
         plan(replace(base, vary=(parse_vary("flip-prob=x"),)))
 
@@ -281,6 +283,7 @@ def test_cli_ablate_refuses_schedule_sweeps_that_train_one_model_twice(tiny_data
         (("--vary", "gamma=0.1,0.5", "--vary", "schedule=cosine,step"), "trains each cosine variant once per gamma"),
         (("--gamma", "0.5"), "--gamma has no effect without --schedule step"),
         (("--vary", "pad=0,10", "--pad", "4"), "--pad is set per variant by --vary pad; leave --pad out"),
+        (("--erase-prob", "0", "--vary", "erase-fill=grey,noise"), "--vary erase-fill has no effect without --erase-p"),
     ]:
         r = run_cli_here(*args, *extra, "--dry-run")
         assert r.returncode == 1 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
