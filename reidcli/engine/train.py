@@ -167,6 +167,11 @@ class TrainConfig:
                 f"--milestones {shown}: {self.milestones[-1]} is not below --epochs {self.epochs}, so that step would "
                 f"never happen; give milestones below {self.epochs}"
             )
+        if self.milestones[0] < self.warmup_epochs:
+            raise ConfigError(
+                f"--milestones {shown}: {self.milestones[0]} falls inside the --warmup-epochs {self.warmup_epochs:g}; "
+                "give milestones after the warm-up, or a shorter warm-up"
+            )
         if not 0 < self.gamma < 1:
             raise ConfigError(f"--gamma {self.gamma} must lie between 0 and 1 (the lr's factor at each milestone)")
 
