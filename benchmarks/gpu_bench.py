@@ -57,8 +57,10 @@ def _bench_runner(
     graph: bool,
     compile_mode: str | None = None,
     loss: str = "ce+triplet",
+    erase_fill: str = "grey",
 ):
     """The trainer's own step runner (engine.train._StepRunner) over resident ``images``, P×K labels, fused SGD."""
+    from reidcli.data.augment import AugmentConfig
     from reidcli.engine.train import TrainConfig, _build, _StepRunner
     from reidcli.losses.combined import LossConfig
 
@@ -67,6 +69,7 @@ def _bench_runner(
         run_dir="",
         model=model,
         loss=LossConfig(spec=loss),
+        augment=AugmentConfig(erase_fill=erase_fill),
         batch=batch,
         device=str(DEV),
         compile=compile_mode is not None,
@@ -89,6 +92,7 @@ def engine_step(
     graph: bool = False,
     loss: str = "ce+triplet",
     frozen: bool = False,
+    erase_fill: str = "grey",
 ) -> dict:
     """img/s of reidcli's own training step as the trainer runs it (engine.train._StepRunner): gather from the
     resident uint8 images, batched augmentation, forward, ce+triplet, backward, gradient norm, fused SGD."""
@@ -97,7 +101,7 @@ def engine_step(
     from reidcli.data.augment import AUGMENT_DRAWS
 
     images = torch.randint(0, 256, (4 * batch, *model.image_size, 3), dtype=torch.uint8, device=DEV)
-    runner = _bench_runner(replace(model, pe=pe), batch, images, graph, compile_mode, loss)
+    runner = _bench_runner(replace(model, pe=pe), batch, images, graph, compile_mode, loss, erase_fill)
     if frozen:  # --freeze-epochs: the head alone learns
         runner.set_frozen(True)
     idx = [torch.arange(i * batch, (i + 1) * batch, device=DEV) for i in range(4)]
@@ -233,6 +237,10 @@ def train_steps(smoke: bool, out_dir: Path) -> dict:
         out["train both b64 graph frozen"] = engine_step("both", cfg, b, smoke, graph=True, frozen=True)
     except Exception as e:  # noqa: BLE001
         out["train both b64 graph frozen"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    try:  # --erase-fill noise: a (B, 3, H, W) normal draw from the device generator inside the captured step
+        out["train both b64 graph noise-erasing"] = engine_step("both", cfg, b, smoke, graph=True, erase_fill="noise")
+    except Exception as e:  # noqa: BLE001
+        out["train both b64 graph noise-erasing"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
     if DEV.type == "cuda":  # the biased attention through cuDNN instead of the memory-efficient kernel
         from torch.nn.attention import SDPBackend, sdpa_kernel
 

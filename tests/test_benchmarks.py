@@ -36,6 +36,10 @@ def test_gpu_bench_smoke(tmp_path):
         and result["train"]["train both b64 graph sie+jpm"]["loss_finite"]
         and result["train"]["train both b64 graph circle"]["loss_finite"]
     )
+    for row in ("center", "frozen", "noise-erasing"):  # prepared GPU rows: they must at least run
+        assert result["train"][f"train both b64 graph {row}"]["loss_finite"], result["train"][
+            f"train both b64 graph {row}"
+        ]
     assert (tmp_path / "profile_train_both.txt").is_file() and (tmp_path / "profile_extract_ape_fp16.txt").is_file()
     assert result["extract"]["extract both fp16 model-only"] > 0
     assert (
