@@ -39,7 +39,7 @@ def same_ranks(name: str, scores: torch.Tensor, qp, qc, gp, gc) -> None:
 def main() -> None:
     rng = np.random.default_rng(0)
     # Market-like rows, good and bad queries, a query without any match
-    q, qp, qc, g, gp, gc = market_like(rng, num_query=50, num_gallery=400, noise=0.6)
+    q, qp, qc, g, gp, gc = market_like(rng, num_query=24, num_gallery=400, noise=0.6)  # a program per query: slow
     q[::4] = rng.normal(size=q[::4].shape)
     same_ranks("market-like", torch.as_tensor(q @ g.T), qp, qc, gp, gc)
     # exact ties everywhere (rounded scores), ±0, duplicated gallery features
@@ -62,9 +62,10 @@ def main() -> None:
     scores2[5] += torch.as_tensor((gp2 == qp2[5]) * 3.0, dtype=torch.float32)  # positives first: most blocks skip
     same_ranks("wide gallery, skipped blocks", scores2, qp2, qc2, gp2, gc2)
     # a chunk's view with a row stride (the evaluation passes slices of larger matrices)
-    wide = torch.as_tensor(rng.normal(size=(16, n + 17)).astype(np.float32))
-    view = wide[:, 5 : 5 + n]
-    t = [torch.as_tensor(a) for a in (qp2, qc2, gp2, gc2)]
+    m = 500
+    wide = torch.as_tensor(rng.normal(size=(16, m + 17)).astype(np.float32))
+    view = wide[:, 5 : 5 + m]
+    t = [torch.as_tensor(a) for a in (qp2, qc2, gp2[:m], gc2[:m])]
     groups = GalleryGroups(t[2], t[3])
     lo, counts = groups.spans(t[0])
     a = kernel_ranks(view, groups.order, lo, counts, int(counts.max()), *t)[0]

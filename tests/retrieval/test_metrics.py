@@ -286,7 +286,8 @@ def test_auto_method_handles_a_collapsed_model_and_blocks_change_nothing():
     ref = eval_market1501(-flat.numpy().astype(np.float64), qp, gp, qc, gc)
     assert abs(summarize([auto]).mAP - ref[1]) < 1e-6
     big_g = 150_000  # 16 MiB blocks: 27 rows of 150,000 scores → 30 queries make 2 blocks
-    gp_big, gc_big = torch.as_tensor(rng.integers(0, 40, big_g)), torch.as_tensor(rng.integers(0, 6, big_g))
+    # 1,000 identities: ~150 positives per query (40 gave 3,750, and the torch counting took most of a minute)
+    gp_big, gc_big = torch.as_tensor(rng.integers(0, 1000, big_g)), torch.as_tensor(rng.integers(0, 6, big_g))
     scores = torch.as_tensor(rng.normal(size=(len(qp), big_g)).astype(np.float32))
     tb = [t[0], t[1], gp_big, gc_big]
     whole = summarize([positive_ranks(scores, *tb, method="count")])
