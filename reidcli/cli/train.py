@@ -188,11 +188,16 @@ def augment_options(ctx: typer.Context):
     erasing is refused."""
     from reidcli.data.augment import AugmentConfig
 
-    params = ctx.params
-    refuse_unused(ctx, ("erase_fill",), params["erase_prob"] > 0, "--erase-prob above 0", "raise --erase-prob")
-    return AugmentConfig(
-        flip=params["flip_prob"], pad=params["pad"], erase=params["erase_prob"], erase_fill=params["erase_fill"]
-    )
+    refuse_unused(ctx, ("erase_fill",), ctx.params["erase_prob"] > 0, "--erase-prob above 0", "raise --erase-prob")
+    return AugmentConfig(**_augment_fields(ctx.params))
+
+
+def _augment_fields(params: dict) -> dict:
+    """AugmentConfig's fields among a command's ``params`` (by parameter name: ``flip_prob`` sets ``flip``)."""
+    from reidcli.data.augment import AUGMENT_FLAGS
+
+    names = {field: flag.replace("-", "_") for field, flag in AUGMENT_FLAGS.items()}
+    return {field: params[name] for field, name in names.items() if name in params}
 
 
 def dataset_image_size(data: Path) -> tuple[int, int]:
@@ -396,7 +401,6 @@ _MODEL_OPTIONS = {
     )
 }
 _LOSS_OPTIONS = {"loss": "spec"} | {o: o for o in LOSS_FIELDS}
-_AUGMENT_OPTIONS = {"flip_prob": "flip", "pad": "pad", "erase_prob": "erase", "erase_fill": "erase_fill"}
 _RUN_OPTIONS = {"compile_": "compile"} | {
     o: o
     for o in (
@@ -445,7 +449,7 @@ def resumed_config(out: Path, given: dict):
     run |= {f: str(run[f]) for f in ("data", "init") if run.get(f) is not None}
     if "milestones" in given:
         run["milestones"] = parse_milestones(given["milestones"])
-    augment = {f: given[o] for o, f in _AUGMENT_OPTIONS.items() if o in given}
+    augment = _augment_fields(given)
     if "extra_data" in run:
         run["extra_data"] = tuple(str(p) for p in run["extra_data"] or ())
     if "sie" in given:  # compared as the camera count it resolves to

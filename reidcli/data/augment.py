@@ -10,10 +10,12 @@ import torch.nn.functional as F
 
 from reidcli.errors import ConfigError
 
-__all__ = ["AUGMENT_DRAWS", "ERASE_FILLS", "AugmentConfig", "augment_batch", "normalize_batch"]
+__all__ = ["AUGMENT_DRAWS", "AUGMENT_FLAGS", "ERASE_FILLS", "AugmentConfig", "augment_batch", "normalize_batch"]
 
 AUGMENT_DRAWS = 8  # uniform numbers one image's augmentation takes
 ERASE_FILLS = ("grey", "noise")
+# AugmentConfig's options and their flags (train, ablate), as resume messages and `ablate --vary` name them too
+AUGMENT_FLAGS = {"flip": "flip-prob", "pad": "pad", "erase": "erase-prob", "erase_fill": "erase-fill"}
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from reidcli.data.augment import AUGMENT_DRAWS, AugmentConfig, augment_batch
+from reidcli.data.augment import AUGMENT_DRAWS, AUGMENT_FLAGS, AugmentConfig, augment_batch
 from reidcli.data.sampler import PKSampler
 from reidcli.data.store import DatasetSplit, read_dataset
 from reidcli.engine.checkpoint import (
@@ -262,8 +262,7 @@ def _flag(key: str) -> str:
         "loss.spec": "loss",
         "model.image_size": "image-size",
         "model.sie_cameras": "sie (cameras)",
-        "augment.flip": "flip-prob",
-        "augment.erase": "erase-prob",
+        **{f"augment.{field}": flag for field, flag in AUGMENT_FLAGS.items()},
     }.get(key, key.split(".", 1)[-1])
     return name.replace("_", "-")
 

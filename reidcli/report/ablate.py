@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from reidcli.data.augment import AUGMENT_FLAGS
 from reidcli.engine.checkpoint import RunFiles
 from reidcli.engine.train import TrainConfig
 from reidcli.errors import ConfigError
@@ -46,7 +47,7 @@ COLUMNS = [
 
 
 # The options `--vary` sweeps: the training config's part that holds each (the flag is the field, dashed, except
-# for the augmentation probabilities: --flip-prob and --erase-prob set AugmentConfig's flip and erase).
+# for the augmentation's: AUGMENT_FLAGS, e.g. --flip-prob sets AugmentConfig's flip).
 VARY = {
     "run": (
         "lr",
@@ -76,11 +77,12 @@ VARY = {
         "head_margin",
     ),
     "loss": tuple(f for f in LossConfig.__dataclass_fields__ if f != "spec"),  # every loss option
-    "augment": ("flip", "pad", "erase", "erase_fill"),
+    "augment": tuple(AUGMENT_FLAGS),
 }
-_AUGMENT_FLAGS = {"flip": "flip-prob", "erase": "erase-prob"}
 _VARY_FIELD = {  # flag → (part, field)
-    _AUGMENT_FLAGS.get(f, f.replace("_", "-")): (part, f) for part, fields in VARY.items() for f in fields
+    (AUGMENT_FLAGS[f] if part == "augment" else f.replace("_", "-")): (part, f)
+    for part, fields in VARY.items()
+    for f in fields
 }
 
 
