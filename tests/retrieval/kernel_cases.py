@@ -56,14 +56,14 @@ def main() -> None:
     gp2 = rng.integers(0, 60, n)
     gp2[:80] = 7  # a group of over 64: the kernel runs 128 wide
     gc2 = rng.integers(0, 6, n)
-    qp2, qc2 = rng.integers(1, 60, 16), rng.integers(0, 6, 16)
+    qp2, qc2 = rng.integers(1, 60, 8), rng.integers(0, 6, 8)  # a program per query: 8 keep it quick
     qp2[:3] = 7
-    scores2 = torch.as_tensor(rng.normal(size=(16, n)).astype(np.float32))
+    scores2 = torch.as_tensor(rng.normal(size=(8, n)).astype(np.float32))
     scores2[5] += torch.as_tensor((gp2 == qp2[5]) * 3.0, dtype=torch.float32)  # positives first: most blocks skip
     same_ranks("wide gallery, skipped blocks", scores2, qp2, qc2, gp2, gc2)
     # a chunk's view with a row stride (the evaluation passes slices of larger matrices)
     m = 500
-    wide = torch.as_tensor(rng.normal(size=(16, m + 17)).astype(np.float32))
+    wide = torch.as_tensor(rng.normal(size=(8, m + 17)).astype(np.float32))
     view = wide[:, 5 : 5 + m]
     t = [torch.as_tensor(a) for a in (qp2, qc2, gp2[:m], gc2[:m])]
     groups = GalleryGroups(t[2], t[3])
