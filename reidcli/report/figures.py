@@ -13,7 +13,18 @@ import torch
 
 from reidcli.engine.checkpoint import RunFiles, load_run_model, read_metrics
 from reidcli.errors import ConfigError
-from reidcli.report.plots import _plt, _save, plot_ape_similarity, plot_rpe_bias, plot_training_curves
+from reidcli.report.plots import (
+    _canvas_axes,
+    _plt,
+    _save,
+    _save_exact,
+    _scale,
+    _text_rows,
+    mosaic,
+    plot_ape_similarity,
+    plot_rpe_bias,
+    plot_training_curves,
+)
 
 __all__ = [
     "PICTURES",
@@ -224,21 +235,27 @@ def plot_attention(model, data: str | Path, path: Path, title: str = "", count: 
     last = weights[-1].mean(1)[:, 0, 1:]
     gh, gw = model.cfg.grid
     h, w = model.cfg.image_size
-    plt = _plt()
-    fig, axes = plt.subplots(2, len(rows), figsize=(1.2 * len(rows) + 0.5, 5.0), squeeze=False)
-    for j, (image, row) in enumerate(zip(images, rows, strict=True)):
-        for i, (maps, name) in enumerate(((rollout, "rollout"), (last, "last block"))):
-            m = maps[j].view(1, 1, gh, gw)
-            m = torch.nn.functional.interpolate(m, size=(gh * model.cfg.stride, gw * model.cfg.stride))[0, 0]
-            full = torch.zeros(h, w)
-            full[: m.shape[0], : m.shape[1]] = m[:h, :w]
-            ax = axes[i, j]
-            ax.imshow(image)
-            ax.imshow((full / full.max().clamp_min(1e-12)).numpy(), cmap="jet", alpha=0.45, vmin=0, vmax=1)
-            ax.set_title(f"pid {pids[row]}: {name}" if j == 0 else f"pid {pids[row]}", fontsize=7)
-            ax.axis("off")
-    fig.suptitle(f"{title}: CLS attention (top: rollout over all blocks; bottom: last block)", fontsize=9)
-    _save(fig, path)
+    jet = _plt().get_cmap("jet")
+    cells = np.empty((2, len(rows), h, w, 3), np.uint8)
+    for i, maps in enumerate((rollout, last)):
+        m = maps.view(-1, 1, gh, gw)
+        m = torch.nn.functional.interpolate(m, size=(gh * model.cfg.stride, gw * model.cfg.stride))[:, 0]
+        full = torch.zeros(len(rows), h, w)
+        full[:, : m.shape[1], : m.shape[2]] = m[:, :h, :w]
+        full = full / full.amax((1, 2), keepdim=True).clamp_min(1e-12)
+        heat = 255 * jet(full.numpy())[..., :3]
+        cells[i] = (0.55 * images + 0.45 * heat).round().clip(0, 255).astype(np.uint8)  # the map at alpha 0.45
+    scale = _scale(w, 96)
+    canvas, ys, xs = mosaic(cells, gap=max(2, w // 16), fill=255, top=_text_rows(1, scale))
+    fig, ax = _canvas_axes(
+        canvas.shape, scale, f"{title}: CLS attention (top: rollout over all blocks; bottom: last block)"
+    )
+    ax.imshow(canvas, interpolation="nearest")
+    for i, name in enumerate(("rollout", "last block")):
+        for j, (row, x) in enumerate(zip(rows, xs, strict=True)):
+            label = f"pid {pids[row]}: {name}" if j == 0 else f"pid {pids[row]}"
+            ax.text(x + w / 2, ys[i] - 1, label, ha="center", va="bottom", fontsize=7)
+    _save_exact(fig, path)
 
 
 def _ranked(variant, path: Path) -> None:

@@ -126,3 +126,46 @@ def test_attention_weights_give_each_blocks_output_and_rollout_follows_its_defin
     one = ViTReID(ModelConfig(pe="rpe", depth=1, **small)).eval()
     rollout, (w,) = attention_maps(one, x)
     torch.testing.assert_close(rollout, 0.5 * w.mean(1)[:, 0, 1:])
+
+
+def test_mosaic_places_each_cell_and_fills_the_gaps():
+    from reidcli.report.plots import mosaic
+
+    cells = np.arange(2 * 3 * 4 * 5, dtype=np.float32).reshape(2, 3, 4, 5)
+    canvas, ys, xs = mosaic(cells, gap=2, top=3, split=4)
+    assert ys.tolist() == [3, 12] and xs.tolist() == [0, 11, 18] and canvas.shape == (16, 23)
+    for i, y in enumerate(ys):
+        for j, x in enumerate(xs):
+            assert np.array_equal(canvas[y : y + 4, x : x + 5], cells[i, j])
+    assert np.isnan(canvas).sum() == canvas.size - cells.size  # everything else is the fill
+
+
+def test_ranked_picture_borders_each_image_in_its_status_colour(tmp_path):
+    """The pixels of a ranked list: the query as it is, each gallery image inside a border of its status's colour
+    (junk faded), and the saved PNG shows those borders at their full width."""
+    from PIL import Image
+
+    from reidcli.report.plots import RANK_COLOURS, plot_ranked_lists, ranked_canvas
+
+    rng = np.random.default_rng(0)
+    q = rng.integers(0, 256, (2, 40, 20, 3), dtype=np.uint8)
+    g = rng.integers(0, 256, (2, 3, 40, 20, 3), dtype=np.uint8)
+    status = np.array([[1, 0, -1], [2, 1, 0]])
+    canvas, ys, xs, scale = ranked_canvas(q, g, status)
+    b = 2  # the thinnest border
+    assert scale == 3 and xs[1] - xs[0] > xs[2] - xs[1]  # small images drawn 3×; a wider gap after the query
+    for r, y in enumerate(ys):
+        assert np.array_equal(canvas[y + b : y + b + 40, xs[0] + b : xs[0] + b + 20], q[r])
+        assert (canvas[y : y + b, xs[0] : xs[0] + 24] == 255).all()  # the query has no coloured border
+        for c, x in enumerate(xs[1:]):
+            cell = canvas[y : y + 44, x : x + 24]
+            for edge in (cell[:b], cell[-b:], cell[:, :b], cell[:, -b:]):
+                assert (edge == RANK_COLOURS[status[r, c]]).all()
+            faded = (g[r, c] * np.float32(0.4) + 150).clip(0, 255).astype(np.uint8)
+            assert np.array_equal(cell[b:-b, b:-b], faded if status[r, c] == -1 else g[r, c])
+    path = tmp_path / "ranked.png"
+    plot_ranked_lists(q, g, status, path, title="t")
+    png = np.asarray(Image.open(path).convert("RGB"))
+    for value, count in ((1, 2), (0, 2), (-1, 1), (2, 1)):  # border pixels, drawn scale × scale each
+        drawn = (png == RANK_COLOURS[value]).all(-1).sum()
+        assert drawn >= 0.9 * count * (44 * 24 - 40 * 20) * scale**2, (value, drawn)
