@@ -57,3 +57,23 @@ def test_seed_parameter_counts():
     assert report["ape"] == 0 and 0 < report["pe_share"] < 1
     both = parameter_report(ViTReID(ModelConfig(pe="both", image_size=(64, 32), dim=64, depth=2, heads=4)))
     assert both["ape"] == (8 + 1) * 64 and both["rpe"] == 2 * 4 * ((7 * 3) + 3)
+
+
+def test_the_last_blocks_patch_offsets_learn_only_from_a_loss_on_the_patch_tokens():
+    """Why the last row of rpe_bias.png stays 0 under ce+triplet: a loss on the CLS feature reaches the last block's
+    table only through its CLS entries (the CLS query's row), while the earlier blocks' patch offsets all get
+    gradient; a loss on the patch tokens (as the RP and patch triplets use) reaches the last block's offsets too."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(pe="rpe", image_size=(32, 16), patch_size=8, stride=8, dim=16, depth=2, heads=2, drop_path=0.0)
+    model = ViTReID(cfg)
+    with torch.no_grad():
+        for r in model.rel_pos:
+            r.relative_position_bias_table.normal_()
+    offsets = num_relative_positions(cfg.grid)  # the table's rows before the 3 CLS rows
+    out = model(torch.randn(3, 3, 32, 16))
+    first, last = (r.relative_position_bias_table for r in model.rel_pos)
+    first_grad, last_grad = torch.autograd.grad(out.feat.square().sum(), (first, last), retain_graph=True)
+    assert (last_grad[:offsets] == 0).all() and (last_grad[offsets:] != 0).any()
+    assert (first_grad[:offsets] != 0).any()
+    (from_tokens,) = torch.autograd.grad(out.tokens.square().sum(), last)
+    assert (from_tokens[:offsets] != 0).any()
