@@ -23,8 +23,10 @@ from reidcli.cli.options import (
     DimOpt,
     DropPathOpt,
     EpochsOpt,
+    EraseAreaOpt,
     EraseFillOpt,
     EraseProbOpt,
+    EraseRatioOpt,
     EvalEveryOpt,
     ExtraDataOpt,
     FlipProbOpt,
@@ -107,6 +109,8 @@ def ablate(
     flip_prob: FlipProbOpt = 0.5,
     pad: PadOpt = 10,
     erase_prob: EraseProbOpt = 0.5,
+    erase_area: EraseAreaOpt = "0.02-0.4",
+    erase_ratio: EraseRatioOpt = 0.3,
     erase_fill: EraseFillOpt = "grey",
     drop_path: DropPathOpt = 0.1,
     top_n: TopNOpt = 8,
@@ -269,7 +273,10 @@ def _check_swept_model(template, options: list[str]) -> None:
         "sie-weight": (bool(m.sie_cameras), "--sie", "add --sie"),
         "momentum": (template.optimizer == "sgd", "--optimizer sgd", "use --optimizer sgd"),
         "gamma": (template.schedule == "step", "--schedule step", "add --schedule step"),
-        "erase-fill": (template.augment.erase > 0, "--erase-prob above 0", "raise --erase-prob"),
+        **{
+            f"erase-{o}": (template.augment.erase > 0, "--erase-prob above 0", "raise --erase-prob")
+            for o in ("area", "ratio", "fill")
+        },
         **{f"jpm-{o}": (m.jpm, "--jpm", "add --jpm") for o in ("groups", "shift", "shuffle")},
     }
     if "gamma" in options and "schedule" in options:

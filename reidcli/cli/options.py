@@ -60,6 +60,12 @@ GammaOpt = Annotated[float, typer.Option(help="--schedule step: the lr's factor 
 FlipProbOpt = Annotated[float, typer.Option(help="Training augmentation: probability of a horizontal flip.")]
 PadOpt = Annotated[int, typer.Option(help="Training augmentation: border (pixels) of the pad + random crop; 0: off.")]
 EraseProbOpt = Annotated[float, typer.Option(help="Training augmentation: probability of random erasing.")]
+EraseAreaOpt = Annotated[
+    str, typer.Option(help="Random erasing: LO-HI, the range of the rectangle's share of the image's area.")
+]
+EraseRatioOpt = Annotated[
+    float, typer.Option(help="Random erasing: the rectangle's aspect ratio is drawn (log-uniform) from [r, 1/r].")
+]
 EraseFillOpt = Annotated[
     str,
     typer.Option(

@@ -22,8 +22,10 @@ from reidcli.cli.options import (
     DimOpt,
     DropPathOpt,
     EpochsOpt,
+    EraseAreaOpt,
     EraseFillOpt,
     EraseProbOpt,
+    EraseRatioOpt,
     EvalEveryOpt,
     ExtraDataOpt,
     FlipProbOpt,
@@ -184,20 +186,24 @@ def parse_milestones(text: str) -> tuple[int, ...]:
 
 
 def augment_options(ctx: typer.Context):
-    """The training augmentation of ``--flip-prob``, ``--pad``, ``--erase-prob`` and ``--erase-fill``; a fill without
-    erasing is refused."""
-    from reidcli.data.augment import AugmentConfig
+    """The training augmentation of ``--flip-prob``, ``--pad``, ``--erase-prob``, ``--erase-area``, ``--erase-ratio``
+    and ``--erase-fill``; the erasing's options without erasing are refused."""
+    from reidcli.data.augment import ERASE_OPTIONS, AugmentConfig
 
-    refuse_unused(ctx, ("erase_fill",), ctx.params["erase_prob"] > 0, "--erase-prob above 0", "raise --erase-prob")
+    refuse_unused(ctx, ERASE_OPTIONS, ctx.params["erase_prob"] > 0, "--erase-prob above 0", "raise --erase-prob")
     return AugmentConfig(**_augment_fields(ctx.params))
 
 
 def _augment_fields(params: dict) -> dict:
-    """AugmentConfig's fields among a command's ``params`` (by parameter name: ``flip_prob`` sets ``flip``)."""
-    from reidcli.data.augment import AUGMENT_FLAGS
+    """AugmentConfig's fields among a command's ``params`` (by parameter name: ``flip_prob`` sets ``flip``;
+    ``--erase-area`` text is parsed)."""
+    from reidcli.data.augment import AUGMENT_FLAGS, parse_erase_area
 
     names = {field: flag.replace("-", "_") for field, flag in AUGMENT_FLAGS.items()}
-    return {field: params[name] for field, name in names.items() if name in params}
+    fields = {field: params[name] for field, name in names.items() if name in params}
+    if isinstance(fields.get("erase_area"), str):
+        fields["erase_area"] = parse_erase_area(fields["erase_area"])
+    return fields
 
 
 def dataset_image_size(data: Path) -> tuple[int, int]:
@@ -257,6 +263,8 @@ def train(
     flip_prob: FlipProbOpt = 0.5,
     pad: PadOpt = 10,
     erase_prob: EraseProbOpt = 0.5,
+    erase_area: EraseAreaOpt = "0.02-0.4",
+    erase_ratio: EraseRatioOpt = 0.3,
     erase_fill: EraseFillOpt = "grey",
     drop_path: DropPathOpt = 0.1,
     label_smoothing: LabelSmoothingOpt = 0.0,

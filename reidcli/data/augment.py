@@ -10,12 +10,28 @@ import torch.nn.functional as F
 
 from reidcli.errors import ConfigError
 
-__all__ = ["AUGMENT_DRAWS", "AUGMENT_FLAGS", "ERASE_FILLS", "AugmentConfig", "augment_batch", "normalize_batch"]
+__all__ = [
+    "AUGMENT_DRAWS",
+    "AUGMENT_FLAGS",
+    "ERASE_FILLS",
+    "AugmentConfig",
+    "augment_batch",
+    "normalize_batch",
+    "parse_erase_area",
+]
 
 AUGMENT_DRAWS = 8  # uniform numbers one image's augmentation takes
 ERASE_FILLS = ("grey", "noise")
 # AugmentConfig's options and their flags (train, ablate), as resume messages and `ablate --vary` name them too
-AUGMENT_FLAGS = {"flip": "flip-prob", "pad": "pad", "erase": "erase-prob", "erase_fill": "erase-fill"}
+AUGMENT_FLAGS = {
+    "flip": "flip-prob",
+    "pad": "pad",
+    "erase": "erase-prob",
+    "erase_area": "erase-area",
+    "erase_ratio": "erase-ratio",
+    "erase_fill": "erase-fill",
+}
+ERASE_OPTIONS = ("erase_area", "erase_ratio", "erase_fill")  # what acts only with erasing on
 
 
 @dataclass(frozen=True)
@@ -35,9 +51,31 @@ class AugmentConfig:
                 raise ConfigError(f"--{flag} {p} is not a probability; give a value from 0 (off) to 1")
         if self.erase_fill not in ERASE_FILLS:
             raise ConfigError(f"unknown --erase-fill {self.erase_fill!r}; choose one of {', '.join(ERASE_FILLS)}")
+        lo, hi = self.erase_area
+        if not 0 < lo <= hi <= 1:
+            raise ConfigError(
+                f"--erase-area {lo:g}-{hi:g}: give LO-HI with 0 < LO <= HI <= 1 (the erased share of the image, e.g. "
+                "0.02-0.4)"
+            )
+        if not 0 < self.erase_ratio <= 1:
+            raise ConfigError(
+                f"--erase-ratio {self.erase_ratio:g} must lie in (0, 1]: aspect ratios are drawn from [r, 1/r] "
+                "(e.g. 0.3)"
+            )
         if self.pad < 0:
             raise ConfigError(f"--pad {self.pad} cannot be negative; give 0 (no pad + random crop) or more pixels")
         return self
+
+
+def parse_erase_area(text: str) -> tuple[float, float]:
+    """``'0.02-0.4'`` → ``(0.02, 0.4)``: the range of random erasing's area, as a share of the image."""
+    lo, sep, hi = text.strip().partition("-")
+    try:
+        if not sep:
+            raise ValueError
+        return float(lo), float(hi)
+    except ValueError:
+        raise ConfigError(f"--erase-area {text!r} must be LO-HI, shares of the image's area, e.g. 0.02-0.4") from None
 
 
 def normalize_batch(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

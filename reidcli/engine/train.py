@@ -246,6 +246,8 @@ def _shown(value, key: str = "") -> str:
     if isinstance(value, (list, tuple)):
         if key == "model.image_size":
             return "x".join(map(str, value))
+        if key == "augment.erase_area":
+            return "-".join(f"{v:g}" for v in value)
         return ("," if all(isinstance(v, int) for v in value) else ", ").join(map(str, value)) or "none"
     return str(value)
 

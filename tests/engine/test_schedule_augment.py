@@ -1,7 +1,8 @@
 """``--schedule step`` (the BoT baseline's multi-step lr) and the augmentation options ``--flip-prob``, ``--pad``,
-``--erase-prob``."""
+``--erase-prob``, ``--erase-area``, ``--erase-ratio``, ``--erase-fill``."""
 
 import json
+import re
 from dataclasses import replace
 
 import pytest
@@ -38,10 +39,15 @@ def test_step_schedule_drops_the_lr_at_each_milestone_after_the_same_warmup():
         ({"augment": AugmentConfig(erase=-0.1)}, "--erase-prob -0.1 is not a probability"),
         ({"augment": AugmentConfig(pad=-1)}, "--pad -1 cannot be negative"),
         ({"augment": AugmentConfig(erase_fill="black")}, "unknown --erase-fill 'black'; choose one of grey, noise"),
+        ({"augment": AugmentConfig(erase_area=(0.5, 0.2))}, "--erase-area 0.5-0.2: give LO-HI with 0 < LO <= HI <= 1"),
+        ({"augment": AugmentConfig(erase_area=(0, 0.2))}, "--erase-area 0-0.2: give LO-HI with 0 < LO"),
+        ({"augment": AugmentConfig(erase_area=(0.1, 1.5))}, "--erase-area 0.1-1.5: give LO-HI with 0 < LO <= HI <= 1"),
+        ({"augment": AugmentConfig(erase_ratio=0)}, "--erase-ratio 0 must lie in (0, 1]: aspect ratios are drawn"),
+        ({"augment": AugmentConfig(erase_ratio=3)}, "--erase-ratio 3 must lie in (0, 1]"),
     ],
 )
 def test_bad_schedule_and_augmentation_options(kw, message):
-    with pytest.raises(ConfigError, match=message.replace("+", r"\+")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         replace(TrainConfig(data="d.h5", run_dir="r", epochs=10), **kw).validate()
 
 
@@ -72,6 +78,23 @@ def test_augmentation_switched_off_is_the_normalisation_alone():
     assert ((erased == 0).flatten(1).any(1)).all() and ((erased != plain).flatten(1).any(1)).all()
 
 
+def test_erasing_draws_its_rectangle_from_the_area_and_aspect_ranges():
+    """A fixed area and aspect give every image the same rectangle size (a 32 × 32 image, a quarter of its area,
+    square: 16 × 16 pixels, wherever it lands); ranges give areas inside them, and both aspects of a ratio range."""
+    images = torch.full((64, 32, 32, 3), 255, dtype=torch.uint8)  # 1.0 after normalisation: erased pixels are 0
+    r = torch.rand(64, 8)
+    fixed = AugmentConfig(flip=0, pad=0, erase=1, erase_area=(0.25, 0.25), erase_ratio=1.0)
+    erased = augment_batch(images, fixed, r=r) == 0
+    assert (erased.sum((1, 2, 3)) == 3 * 16 * 16).all()
+    assert (erased.any(3).sum(2) == 16).all() and (erased.any(2).sum(2) == 16).all()  # 16 rows, 16 columns
+    ranged = AugmentConfig(flip=0, pad=0, erase=1, erase_area=(0.1, 0.2), erase_ratio=0.5)
+    erased = augment_batch(images, ranged, r=r) == 0
+    share = erased[:, 0].sum((1, 2)) / (32 * 32)
+    assert (share > 0.1 * 0.8).all() and (share < 0.2 * 1.25).all()  # whole pixels round the rectangle's sides
+    tall = erased[:, 0].any(2).sum(1) > erased[:, 0].any(1).sum(1)
+    assert tall.any() and (~tall).any()
+
+
 def test_noise_erasing_fills_the_rectangle_with_the_generators_normal_draws():
     images = torch.randint(0, 256, (6, 16, 8, 3), dtype=torch.uint8)
     r = torch.rand(6, 8)
@@ -92,17 +115,21 @@ def test_cli_step_schedule_and_augmentation_reach_the_run_and_resume_keeps_them(
     args = ("train", "--data", str(tiny_data), "--out", str(run), *TINY_TRAIN, "--warmup-epochs", "0")
     steps = ("--schedule", "step", "--milestones", "1", "--gamma", "0.5", "--epochs", "2")
     augment = ("--flip-prob", "0", "--pad", "4", "--erase-prob", "0.25", "--erase-fill", "noise")
+    augment += ("--erase-area", "0.1-0.2", "--erase-ratio", "0.5")
     r = run_cli_here(*args, *steps, *augment, "--json")
     assert r.returncode == 0, r.stderr
     config = json.loads((run / "config.json").read_text())
     assert (config["schedule"], config["milestones"], config["gamma"]) == ("step", [1], 0.5)
     assert [config["augment"][key] for key in ("flip", "pad", "erase", "erase_fill")] == [0.0, 4, 0.25, "noise"]
+    assert (config["augment"]["erase_area"], config["augment"]["erase_ratio"]) == ([0.1, 0.2], 0.5)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [row["lr"] for row in rows] == [1e-3, 5e-4]  # each epoch's last step: before and after the milestone
     for extra, message in [
         (("--gamma", "0.2"), "was trained with --gamma 0.5 (given 0.2)"),
         (("--pad", "10"), "was trained with --pad 4 (given 10)"),
         (("--erase-fill", "grey"), "was trained with --erase-fill noise (given grey)"),
+        (("--erase-area", "0.1-0.3"), "was trained with --erase-area 0.1-0.2 (given 0.1-0.3)"),
+        (("--erase-ratio", "0.3"), "was trained with --erase-ratio 0.5 (given 0.3)"),
         (("--schedule", "cosine"), "was trained with --schedule step (given cosine)"),
     ]:
         r = run_cli_here("train", "--out", str(run), "--resume", "--epochs", "3", *extra)
@@ -119,6 +146,9 @@ def test_cli_step_schedule_and_augmentation_reach_the_run_and_resume_keeps_them(
         (("--erase-prob", "2"), "--erase-prob 2.0 is not a probability"),
         (("--erase-prob", "0", "--erase-fill", "noise"), "--erase-fill has no effect without --erase-prob above 0"),
         (("--erase-fill", "black"), "unknown --erase-fill 'black'"),
+        (("--erase-area", "0.4"), "--erase-area '0.4' must be LO-HI, shares of the image's area, e.g. 0.02-0.4"),
+        (("--erase-area", "0.4-0.1"), "--erase-area 0.4-0.1: give LO-HI with 0 < LO <= HI <= 1"),
+        (("--erase-prob", "0", "--erase-ratio", "0.5"), "--erase-ratio has no effect without --erase-prob above 0"),
     ],
 )
 def test_cli_refuses_schedule_and_augmentation_mistakes_before_any_work(tiny_data, tmp_path, extra, message):

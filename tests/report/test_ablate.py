@@ -270,6 +270,18 @@ def test_vary_sweeps_augmentation_and_the_schedule_and_keeps_the_default_runs_ke
     assert _config_hash(noise) != plain
     with pytest.raises(Exception, match="--vary flip-prob=x: not a float"):
         plan(replace(base, vary=(parse_vary("flip-prob=x"),)))
+    cfg = replace(base, vary=(parse_vary("erase-area=0.02-0.4,0.1-0.2"), parse_vary("erase-ratio=0.3,1")))
+    variants = plan(cfg)
+    assert [(v.train.augment.erase_area, v.train.augment.erase_ratio) for v in variants] == [
+        ((0.02, 0.4), 0.3),
+        ((0.02, 0.4), 1.0),
+        ((0.1, 0.2), 0.3),
+        ((0.1, 0.2), 1.0),
+    ]
+    assert variants[2].label == "ape · ce+triplet · erase-area 0.1-0.2 · erase-ratio 0.3"
+    assert [_config_hash(v.train) == plain for v in variants] == [True, False, False, False]
+    with pytest.raises(Exception, match="--erase-area '0.4' must be LO-HI"):
+        plan(replace(base, vary=(parse_vary("erase-area=0.4"),)))
 
 
 def test_cli_ablate_refuses_schedule_sweeps_that_train_one_model_twice(tiny_data, tmp_path):
@@ -284,6 +296,7 @@ def test_cli_ablate_refuses_schedule_sweeps_that_train_one_model_twice(tiny_data
         (("--gamma", "0.5"), "--gamma has no effect without --schedule step"),
         (("--vary", "pad=0,10", "--pad", "4"), "--pad is set per variant by --vary pad; leave --pad out"),
         (("--erase-prob", "0", "--vary", "erase-fill=grey,noise"), "--vary erase-fill has no effect without --erase-p"),
+        (("--erase-prob", "0", "--vary", "erase-ratio=0.3,1"), "--vary erase-ratio has no effect without --erase-p"),
     ]:
         r = run_cli_here(*args, *extra, "--dry-run")
         assert r.returncode == 1 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
