@@ -64,7 +64,7 @@ EraseAreaOpt = Annotated[
     str, typer.Option(help="Random erasing: LO-HI, the range of the rectangle's share of the image's area.")
 ]
 EraseRatioOpt = Annotated[
-    float, typer.Option(help="Random erasing: the rectangle's aspect ratio is drawn (log-uniform) from [r, 1/r].")
+    float, typer.Option(help="Random erasing: the rectangle's aspect ratio is drawn log-uniformly between r and 1/r.")
 ]
 EraseFillOpt = Annotated[
     str,
