@@ -26,7 +26,14 @@ from reidcli.engine.checkpoint import (
     write_json_atomic,
     write_metrics,
 )
-from reidcli.engine.distributed import DistInfo, all_reduce_sum, barrier, setup_distributed, teardown_distributed
+from reidcli.engine.distributed import (
+    DistInfo,
+    all_reduce_sum,
+    barrier,
+    first_differing_replica,
+    setup_distributed,
+    teardown_distributed,
+)
 from reidcli.errors import ConfigError, FormatError, TrainingError
 from reidcli.losses.combined import LossConfig, compute_losses
 from reidcli.model.vit import ModelConfig, ViTReID, check_cameras, parameter_report
@@ -484,6 +491,7 @@ def train(
     plotted = time.monotonic()
     while state.epoch < cfg.epochs:
         row = _run_epoch(state, cfg, sampler, runner, on_step)
+        _check_replicas(state)
         if cfg.eval_every and (state.epoch + 1) % cfg.eval_every == 0 and info.main:
             row.update(_quick_eval(state.model, cfg, device))
         state.epoch += 1
@@ -627,6 +635,22 @@ def _make_step(state: _State, cfg: TrainConfig, device: torch.device):
         return comps, grad_norm, stats
 
     return step
+
+
+def _check_replicas(state: _State) -> None:
+    """With several processes: every trained tensor (the model's parameters, the center-loss centres) must still be
+    rank 0's after the epoch. DDP keeps its module's copies equal by averaging their gradients; the centres are
+    averaged by :func:`_center_step`. A drift would make the saved model rank 0's alone, so it stops the run on every
+    process before that epoch is saved."""
+    named = dict(state.model.named_parameters())
+    if state.centers is not None:
+        named["center-loss centres"] = state.centers
+    bad = first_differing_replica(named, state.dist)
+    if bad is not None:
+        raise TrainingError(
+            f"after epoch {state.epoch + 1} the processes' copies of {bad} differ from rank 0's: the replicas drifted "
+            f"apart (a reidcli bug; please report it with the command); the checkpoint kept is epoch {state.epoch}'s"
+        )
 
 
 def _center_step(state: _State, weight: float) -> None:
