@@ -12,6 +12,7 @@ from reidcli.cli.console import out as console
 from reidcli.cli.options import (
     LOSS_OPTION_NEEDS,
     BatchOpt,
+    BiasLrFactorOpt,
     CenterLrOpt,
     CenterWeightOpt,
     CeWeightOpt,
@@ -101,6 +102,7 @@ def ablate(
     optimizer: OptimizerOpt = "sgd",
     lr: LrOpt = 0.008,
     weight_decay: WeightDecayOpt = 1e-4,
+    bias_lr_factor: BiasLrFactorOpt = 1.0,
     warmup_epochs: WarmupOpt = 5.0,
     schedule: ScheduleOpt = "cosine",
     milestones: MilestonesOpt = "40,70",
@@ -221,6 +223,7 @@ def ablate(
         optimizer=optimizer,
         lr=lr,
         weight_decay=weight_decay,
+        bias_lr_factor=bias_lr_factor,
         warmup_epochs=warmup_epochs,
         **steps,
         freeze_epochs=freeze_epochs,

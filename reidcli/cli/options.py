@@ -40,6 +40,9 @@ KOpt = Annotated[int, typer.Option("--k", help="Images per identity in a batch."
 OptimizerOpt = Annotated[str, typer.Option(help="sgd or adamw.")]
 LrOpt = Annotated[float, typer.Option(help="Peak learning rate.")]
 WeightDecayOpt = Annotated[float, typer.Option(help="Weight decay (not on biases, norms, position tables).")]
+BiasLrFactorOpt = Annotated[
+    float, typer.Option(help="The biases' lr as a multiple of the schedule's (TransReID's BIAS_LR_FACTOR is 2).")
+]
 WarmupOpt = Annotated[float, typer.Option(help="Linear warm-up epochs.")]
 FreezeEpochsOpt = Annotated[
     int,

@@ -12,6 +12,7 @@ from reidcli.cli.console import err, print_json, print_table, progress
 from reidcli.cli.console import out as stdout
 from reidcli.cli.options import (
     BatchOpt,
+    BiasLrFactorOpt,
     CenterLrOpt,
     CenterWeightOpt,
     CeWeightOpt,
@@ -255,6 +256,7 @@ def train(
     optimizer: OptimizerOpt = "sgd",
     lr: LrOpt = 0.008,
     weight_decay: WeightDecayOpt = 1e-4,
+    bias_lr_factor: BiasLrFactorOpt = 1.0,
     warmup_epochs: WarmupOpt = 5.0,
     schedule: ScheduleOpt = "cosine",
     milestones: MilestonesOpt = "40,70",
@@ -359,6 +361,7 @@ def train(
         optimizer=optimizer,
         lr=lr,
         weight_decay=weight_decay,
+        bias_lr_factor=bias_lr_factor,
         warmup_epochs=warmup_epochs,
         **steps,
         freeze_epochs=freeze_epochs,
@@ -421,6 +424,7 @@ _RUN_OPTIONS = {"compile_": "compile"} | {
         "optimizer",
         "lr",
         "weight_decay",
+        "bias_lr_factor",
         "warmup_epochs",
         "schedule",
         "gamma",

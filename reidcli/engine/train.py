@@ -84,6 +84,7 @@ class TrainConfig:
     lr: float = 0.008
     momentum: float = 0.9
     weight_decay: float = 1e-4
+    bias_lr_factor: float = 1.0  # the biases' lr as a multiple of the schedule's (TransReID's BIAS_LR_FACTOR: 2)
     warmup_epochs: float = 5.0
     # the first epochs train the head alone (BNNecks, ID classifiers), the backbone frozen: torchreid's
     # fixbase_epoch, fast-reid's FREEZE_ITERS; for a fresh classifier over pretrained weights
@@ -118,6 +119,11 @@ class TrainConfig:
             raise ConfigError(f"unknown --optimizer {self.optimizer!r}; use sgd or adamw")
         if self.lr <= 0:
             raise ConfigError("--lr must be positive")
+        if self.bias_lr_factor <= 0:
+            raise ConfigError(
+                f"--bias-lr-factor {self.bias_lr_factor:g} must be positive (the biases' lr as a multiple of --lr; 1: "
+                "the same)"
+            )
         for name, value in (("weight-decay", self.weight_decay), ("warmup-epochs", self.warmup_epochs)):
             if value < 0:
                 raise ConfigError(f"--{name} cannot be negative, got {value}")
@@ -298,19 +304,27 @@ def lr_at(step: float, steps_per_epoch: int, cfg: TrainConfig) -> float:
     return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * t))
 
 
-def _param_groups(model: ViTReID, weight_decay: float) -> list[dict]:
-    """No weight decay on biases, norms and position tables."""
+def _param_groups(model: ViTReID, weight_decay: float, bias_lr_factor: float = 1.0) -> list[dict]:
+    """No weight decay on biases, norms and position tables. With ``bias_lr_factor`` other than 1 the biases form a
+    third group whose ``lr_scale`` multiplies the schedule's lr (TransReID's BIAS_LR_FACTOR); at 1 the two groups
+    are as they always were, so older checkpoints resume."""
     skip = model.no_weight_decay()
-    decay, no_decay = [], []
+    decay, no_decay, biases = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or name in skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if bias_lr_factor != 1.0 and name.endswith(".bias"):
+            biases.append(p)
+        else:
+            (no_decay if p.ndim < 2 or name in skip else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if biases:
+        groups.append({"params": biases, "weight_decay": 0.0, "lr_scale": bias_lr_factor})
+    return groups
 
 
 def _optimizer(model: ViTReID, cfg: TrainConfig) -> torch.optim.Optimizer:
-    groups = _param_groups(model, cfg.weight_decay)
+    groups = _param_groups(model, cfg.weight_decay, cfg.bias_lr_factor)
     # On CUDA one fused kernel updates every tensor; on the CPU the for-each path keeps runs bit-reproducible.
     fused = {"fused": True} if next(model.parameters()).is_cuda else {}
     if cfg.optimizer == "sgd":
@@ -743,14 +757,14 @@ class _StepRunner:
             self._capture(idx, r, epoch)
         if self.graph is None:
             for group in self.state.opt.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             self._body(idx, r, epoch)
             return
         self.static_idx.copy_(idx)
         self.static_r.copy_(r)
         self.static_epoch.fill_(epoch)
-        for t in self.lrs:
-            t.fill_(lr)
+        for t, group in zip(self.lrs, self.state.opt.param_groups, strict=True):
+            t.fill_(lr * group.get("lr_scale", 1.0))
         self.graph.replay()
 
     def _snapshot(self):

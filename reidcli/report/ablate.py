@@ -52,6 +52,7 @@ VARY = {
     "run": (
         "lr",
         "weight_decay",
+        "bias_lr_factor",
         "warmup_epochs",
         "freeze_epochs",
         "epochs",
@@ -200,6 +201,8 @@ def _config_hash(cfg: TrainConfig) -> str:
         del d["loss"]["center_weight"], d["loss"]["center_lr"]
     if d["augment"]["erase_fill"] == "grey":  # likewise before --erase-fill
         del d["augment"]["erase_fill"]
+    if d["bias_lr_factor"] == 1.0:  # likewise before --bias-lr-factor
+        del d["bias_lr_factor"]
     if d["schedule"] == "cosine":  # likewise before --schedule step
         del d["schedule"], d["milestones"], d["gamma"]
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]

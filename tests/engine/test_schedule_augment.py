@@ -156,3 +156,36 @@ def test_cli_refuses_schedule_and_augmentation_mistakes_before_any_work(tiny_dat
     r = run_cli_here(*args, *extra)
     assert r.returncode == 1 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_bias_lr_factor_puts_the_biases_in_a_group_of_their_own():
+    from reidcli.engine.train import _param_groups
+    from reidcli.model.vit import ModelConfig, ViTReID
+
+    small = {"image_size": (32, 16), "patch_size": 8, "stride": 8, "dim": 16, "depth": 2, "heads": 2}
+    model = ViTReID(ModelConfig(pe="both", num_classes=3, **small))
+    plain = _param_groups(model, 1e-4)
+    assert len(plain) == 2 and all("lr_scale" not in g for g in plain)  # as before the option: checkpoints resume
+    decay, no_decay, biases = _param_groups(model, 1e-4, 2.0)
+    names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}  # the BNNeck's bias is frozen
+    assert {names[id(p)] for p in biases["params"]} == {n for n in names.values() if n.endswith(".bias")}
+    assert (biases["lr_scale"], biases["weight_decay"], no_decay["weight_decay"]) == (2.0, 0.0, 0.0)
+    assert [id(p) for p in decay["params"]] == [id(p) for p in plain[0]["params"]]  # the decayed weights unchanged
+    assert len(no_decay["params"]) + len(biases["params"]) == len(plain[1]["params"])
+
+
+def test_cli_bias_lr_factor_scales_the_biases_lr_every_step_and_resume_keeps_it(tiny_data, tmp_path):
+    from reidcli.engine.checkpoint import RunFiles, load_checkpoint
+
+    run = tmp_path / "run"
+    args = ("train", "--data", str(tiny_data), "--out", str(run), *TINY_TRAIN, "--warmup-epochs", "0")
+    r = run_cli_here(*args, "--epochs", "2", "--bias-lr-factor", "2", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((run / "config.json").read_text())["bias_lr_factor"] == 2.0
+    groups = load_checkpoint(RunFiles(run).checkpoint)["optimizer"]["param_groups"]
+    last_lr = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["lr"]
+    assert [g["lr"] for g in groups] == pytest.approx([last_lr, last_lr, 2 * last_lr])
+    r = run_cli_here("train", "--out", str(run), "--resume", "--epochs", "3", "--bias-lr-factor", "1")
+    assert r.returncode == 1 and "was trained with --bias-lr-factor 2.0 (given 1.0)" in r.stderr, r.stderr
+    r = run_cli_here(*args[:-2], "--out", str(tmp_path / "x"), "--bias-lr-factor", "0")
+    assert r.returncode == 1 and "--bias-lr-factor 0 must be positive" in r.stderr and not (tmp_path / "x").exists()

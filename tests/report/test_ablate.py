@@ -212,7 +212,7 @@ def test_vary_plans_one_variant_per_setting_and_refuses_what_it_cannot_sweep(tmp
     for text, message in [
         ("lr", "give OPTION=V1,V2"),
         ("pe=ape,rpe", "--pe, --loss and --seeds have options of their own"),
-        ("id-head=arcface", "--vary cannot sweep 'id-head'; it sweeps batch, ce-weight"),
+        ("id-head=arcface", "--vary cannot sweep 'id-head'; it sweeps batch, bias-lr-factor, ce-weight"),
     ]:
         with pytest.raises(ConfigError, match=message):
             parse_vary(text)
@@ -280,6 +280,9 @@ def test_vary_sweeps_augmentation_and_the_schedule_and_keeps_the_default_runs_ke
     ]
     assert variants[2].label == "ape · ce+triplet · erase-area 0.1-0.2 · erase-ratio 0.3"
     assert [_config_hash(v.train) == plain for v in variants] == [True, False, False, False]
+    variants = plan(replace(base, vary=(parse_vary("bias-lr-factor=1,2"),)))
+    assert [v.train.bias_lr_factor for v in variants] == [1.0, 2.0] and _config_hash(variants[0].train) == plain
+    assert _config_hash(variants[1].train) != plain
     with pytest.raises(Exception, match="--erase-area '0.4' must be LO-HI"):
         plan(replace(base, vary=(parse_vary("erase-area=0.4"),)))
 
