@@ -225,9 +225,21 @@ def plan(cfg: AblationConfig) -> list[Variant]:
                     for option, value in setting:
                         t = apply_setting(t, option, value)
                     v = Variant(pe, loss, seed, t, setting)
+                    runs = Path(cfg.out) / "runs"
                     name = f"{v.tag}__s{seed}__{_config_hash(t)}"
-                    out.append(replace(v, train=replace(t, run_dir=str(Path(cfg.out) / "runs" / name))))
+                    run = _finished_twin(runs, name) or runs / name
+                    out.append(replace(v, train=replace(t, run_dir=str(run))))
     return out
+
+
+def _finished_twin(runs: Path, name: str) -> Path | None:
+    """A finished run folder with ``name``'s key (the hash of the whole training config) under another name, when
+    ``name`` itself is not there: the same training, e.g. a plain run that a ``--vary`` variant at the default value
+    repeats (or the reverse). It is reused instead of trained again."""
+    if (runs / name).exists():
+        return None
+    key = name.rsplit("__", 1)[-1]
+    return next((d for d in sorted(runs.glob(f"*__{key}")) if RunFiles(d).done.is_file()), None)
 
 
 def _run_variant(v: Variant, cfg: AblationConfig, on_step) -> dict:

@@ -283,6 +283,14 @@ def test_vary_sweeps_augmentation_and_the_schedule_and_keeps_the_default_runs_ke
     variants = plan(replace(base, vary=(parse_vary("bias-lr-factor=1,2"),)))
     assert [v.train.bias_lr_factor for v in variants] == [1.0, 2.0] and _config_hash(variants[0].train) == plain
     assert _config_hash(variants[1].train) != plain
+    # a finished plain run is the default-valued variant's training: reused from its folder, not trained again
+    plain_dir = plan(base)[0].run_dir
+    plain_dir.mkdir(parents=True)
+    assert plan(replace(base, vary=(parse_vary("bias-lr-factor=1,2"),)))[0].run_dir != plain_dir  # not finished
+    (plain_dir / "DONE").write_text("")
+    twins = plan(replace(base, vary=(parse_vary("bias-lr-factor=1,2"),)))
+    assert twins[0].run_dir == plain_dir and twins[1].run_dir.name.startswith("ape__ce-triplet__bias-lr-factor-2__")
+    assert twins[0].label == "ape · ce+triplet · bias-lr-factor 1"  # the table still names the setting
     with pytest.raises(Exception, match="--erase-area '0.4' must be LO-HI"):
         plan(replace(base, vary=(parse_vary("erase-area=0.4"),)))
 
