@@ -54,6 +54,13 @@ def evaluate(
     ] = None,
     visualize: Annotated[int, typer.Option(help="Write ranked lists of this many queries (needs --out).")] = 0,
     top_k: Annotated[int, typer.Option(help="Gallery images per ranked list picture.")] = 10,
+    show: Annotated[
+        str,
+        typer.Option(
+            help="--visualize: which queries: spread (evenly over the query set), worst or best (lowest or highest "
+            "AP first, each labelled with its AP: fast-reid's vis-mode back / front)."
+        ),
+    ] = "spread",
     data: Annotated[Path | None, typer.Option(help="Dataset HDF5 for pictures (default: from the features).")] = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -94,7 +101,9 @@ def evaluate(
             "--index holds the gallery features before --aqe expands them; leave out --index (a flat search runs "
             "on the expanded features)"
         )
-    refuse_unused(ctx, ("top_k", "data"), visualize > 0, "--visualize N", "add --visualize N (and --out DIR)")
+    refuse_unused(ctx, ("top_k", "data", "show"), visualize > 0, "--visualize N", "add --visualize N (and --out DIR)")
+    if show not in SHOW_CHOICES:
+        raise ConfigError(f"unknown --show {show!r}; choose one of {', '.join(SHOW_CHOICES)}")
     if rerank and engine == "faiss" and "engine" in given_options(ctx):
         raise ConfigError(
             "--engine faiss has no effect with --rerank (re-ranking scores every pair in torch); leave --engine out "
@@ -152,7 +161,7 @@ def evaluate(
         if visualize:
             # the lists as evaluated: with --aqe, from the expanded features
             shown = dict(zip(("query", "gallery"), result.expanded, strict=True)) if result.expanded else splits
-            _pictures(out, shown, images, visualize, top_k, cfg if rerank else None)
+            _pictures(out, shown, images, visualize, top_k, cfg if rerank else None, show, result.metrics.per_query)
     if json_out:
         print_json(report)
         return
@@ -216,10 +225,18 @@ def _picture_source(data: Path | None, attrs: dict) -> Path:
     return Path(source)
 
 
-def _pictures(out: Path, splits, data: Path, n: int, top_k: int, rerank) -> None:
-    from reidcli.report.ranked import write_ranked_lists
+SHOW_CHOICES = ("spread", "worst", "best")
 
-    write_ranked_lists(out / "ranked_lists.png", splits["query"], splits["gallery"], data, n, top_k, rerank)
+
+def _pictures(out: Path, splits, data: Path, n: int, top_k: int, rerank, show: str, per_query) -> None:
+    from reidcli.report.ranked import queries_by_ap, write_ranked_lists
+
+    rows = labels = None
+    note = {"worst": ", lowest AP first", "best": ", highest AP first"}.get(show, "")
+    if show != "spread":
+        rows, labels = queries_by_ap(per_query, n, worst=show == "worst")
+    q, g = splits["query"], splits["gallery"]
+    write_ranked_lists(out / "ranked_lists.png", q, g, data, n, top_k, rerank, rows, labels, note)
 
 
 def register(app: typer.Typer) -> None:

@@ -110,6 +110,9 @@ def _save_exact(fig, path: str | Path) -> None:
     _plt().close(fig)
 
 
+CHAR_INCH = 0.06  # a 7-point character's average width, generously
+
+
 def _text_rows(lines: int, scale: int) -> int:
     """Image pixels above a row of panels for ``lines`` lines of 7-point labels."""
     return -(-(14 * lines + 2) // scale)
@@ -127,16 +130,23 @@ def plot_ranked_lists(
     """One row per query: the query (``q_images`` (Q, H, W, 3)), then its top-k gallery images (``g_images``
     (Q, k, H, W, 3)) with green (match), red (wrong), grey (junk, same identity and camera, ignored by the protocol)
     or blue (identity of the query unknown: ``reid search``) borders. ``labels`` (Q, k) and ``query_labels`` replace
-    the rank numbers and "query" over the images."""
-    canvas, ys, xs, scale = ranked_canvas(q_images, g_images, status, 1 + (labels is not None))
-    fig, ax = _canvas_axes(canvas.shape, scale, title)
-    ax.imshow(canvas, interpolation="nearest")
+    the rank numbers and "query" over the images (lines split at "\\n"); a query label wider than its image gets
+    room on the left."""
     nq, k = status.shape
+    names = [
+        [query_labels[r] if query_labels else "query"]
+        + [str(labels[r, c]) if labels is not None else str(c + 1) for c in range(k)]
+        for r in range(nq)
+    ]
+    lines = max(name.count("\n") + 1 for row in names for name in row)
+    canvas, ys, xs, scale = ranked_canvas(q_images, g_images, status, lines)
     width = q_images.shape[2] + 2 * _border(q_images.shape[1:3])  # of a panel with its border
+    widest = max(len(line) for row in names for line in row[0].split("\n"))
+    left = max(0.0, (CHAR_INCH * widest - width * scale / DPI) / 2)  # half the overhang of the widest query label
+    fig, ax = _canvas_axes(canvas.shape, scale, title, left=left)
+    ax.imshow(canvas, interpolation="nearest")
     for r in range(nq):
-        names = [query_labels[r] if query_labels else "query"]
-        names += [str(labels[r, c]) if labels is not None else str(c + 1) for c in range(k)]
-        for x, name in zip(xs, names, strict=True):
+        for x, name in zip(xs, names[r], strict=True):
             ax.text(x + width / 2, ys[r] - 1, name, ha="center", va="bottom", fontsize=7)
     _save_exact(fig, path)
 

@@ -151,3 +151,33 @@ def test_expansion_sets_in_small_blocks_equal_one_block():
             blocks = rerank._expansion_sets(knn, k1, 10_000, budget=budget)
             assert torch.equal(blocks[0], whole[0]) and torch.equal(blocks[1], whole[1])
         assert bool(whole[1].any(1).all())
+
+
+def test_queries_by_ap_picks_the_lowest_or_highest_ap_first():
+    from reidcli.report.ranked import queries_by_ap
+
+    per_query = {"AP": np.array([0.5, np.nan, 0.1, 0.9, 0.1, 0.3])}  # query 1 has no valid match
+    rows, labels = queries_by_ap(per_query, 3, worst=True)
+    assert rows.tolist() == [2, 4, 5] and labels[0] == "query 2\nAP 0.10"  # a tie in query order
+    assert queries_by_ap(per_query, 10, worst=False)[0].tolist() == [3, 0, 5, 2, 4]  # never the query without AP
+
+
+def test_cli_ranked_lists_of_the_worst_queries(both_run, tiny_data, tmp_path):
+    import pandas as pd
+
+    from tests.conftest import run_cli_here
+
+    root, _ = both_run
+    args = ("evaluate", str(root / "f.h5"), "--out", str(tmp_path / "o"), "--data", str(tiny_data))
+    r = run_cli_here(*args, "--visualize", "3", "--show", "worst", "--top-k", "4", "--json")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "o" / "ranked_lists.png").stat().st_size > 2000
+    table = pd.read_csv(tmp_path / "o" / "per_query.csv")
+    assert table["AP"].notna().sum() >= 3  # the picture's three queries: the three lowest APs of this table
+    for extra, message in [
+        (("--show", "worst"), "--show has no effect without --visualize N"),
+        (("--visualize", "2", "--show", "middle"), "unknown --show 'middle'; choose one of spread, worst, best"),
+    ]:
+        r = run_cli_here(*args[:2], "--out", str(tmp_path / "x"), *extra)
+        assert r.returncode == 1 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
+        assert not (tmp_path / "x").exists()
