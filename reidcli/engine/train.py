@@ -656,6 +656,8 @@ def _check_replicas(state: _State) -> None:
     rank 0's after the epoch. DDP keeps its module's copies equal by averaging their gradients; the centres are
     averaged by :func:`_center_step`. A drift would make the saved model rank 0's alone, so it stops the run on every
     process before that epoch is saved."""
+    if not state.dist.enabled:
+        return
     named = dict(state.model.named_parameters())
     if state.centers is not None:
         named["center-loss centres"] = state.centers

@@ -15,6 +15,7 @@ from reidcli.engine.checkpoint import RunFiles, load_run_model, read_metrics
 from reidcli.errors import ConfigError
 from reidcli.report.plots import (
     _canvas_axes,
+    _label_panels,
     _plt,
     _save,
     _save_exact,
@@ -251,10 +252,9 @@ def plot_attention(model, data: str | Path, path: Path, title: str = "", count: 
         canvas.shape, scale, f"{title}: CLS attention (top: rollout over all blocks; bottom: last block)"
     )
     ax.imshow(canvas, interpolation="nearest")
-    for i, name in enumerate(("rollout", "last block")):
-        for j, (row, x) in enumerate(zip(rows, xs, strict=True)):
-            label = f"pid {pids[row]}: {name}" if j == 0 else f"pid {pids[row]}"
-            ax.text(x + w / 2, ys[i] - 1, label, ha="center", va="bottom", fontsize=7)
+    names = [[f"pid {pids[row]}" + (f": {name}" if j == 0 else "") for j, row in enumerate(rows)] for name in
+             ("rollout", "last block")]  # fmt: skip
+    _label_panels(ax, names, ys, xs, w)
     _save_exact(fig, path)
 
 

@@ -118,6 +118,14 @@ def _text_rows(lines: int, scale: int) -> int:
     return -(-(14 * lines + 2) // scale)
 
 
+def _label_panels(ax, names: list[list[str]], ys: np.ndarray, xs: np.ndarray, width: float) -> None:
+    """``names[r][c]`` centred over the panel of :func:`mosaic` row ``r``, column ``c`` (``width`` pixels wide), in
+    the room left above its row."""
+    for y, row in zip(ys, names, strict=True):
+        for x, name in zip(xs, row, strict=True):
+            ax.text(x + width / 2, y - 1, name, ha="center", va="bottom", fontsize=7)
+
+
 def plot_ranked_lists(
     q_images: np.ndarray,
     g_images: np.ndarray,
@@ -145,9 +153,7 @@ def plot_ranked_lists(
     left = max(0.0, (CHAR_INCH * widest - width * scale / DPI) / 2)  # half the overhang of the widest query label
     fig, ax = _canvas_axes(canvas.shape, scale, title, left=left)
     ax.imshow(canvas, interpolation="nearest")
-    for r in range(nq):
-        for x, name in zip(xs, names[r], strict=True):
-            ax.text(x + width / 2, ys[r] - 1, name, ha="center", va="bottom", fontsize=7)
+    _label_panels(ax, names, ys, xs, width)
     _save_exact(fig, path)
 
 
@@ -213,8 +219,7 @@ def plot_rpe_bias(tables: np.ndarray, grid: tuple[int, int], path: str | Path, t
     ax.imshow(
         canvas, vmin=-1, vmax=1, cmap=plt.get_cmap("coolwarm").with_extremes(bad="white"), interpolation="nearest"
     )
-    for head, x in enumerate(xs):
-        ax.text(x + (2 * w - 1) / 2, ys[0] - 1, f"h{head}", ha="center", va="bottom", fontsize=7)
+    _label_panels(ax, [[f"h{head}" for head in range(heads)]], ys[:1], xs, 2 * w - 1)
     for layer, y in enumerate(ys):
         ax.text(-1, y + (2 * h - 1) / 2, f"L{layer} ±{peak[layer].max():.3g}", ha="right", va="center", fontsize=7)
     _save_exact(fig, path)
