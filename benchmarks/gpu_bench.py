@@ -58,6 +58,7 @@ def _bench_runner(
     compile_mode: str | None = None,
     loss: str = "ce+triplet",
     erase_fill: str = "grey",
+    jitter: float = 0.0,
 ):
     """The trainer's own step runner (engine.train._StepRunner) over resident ``images``, P×K labels, fused SGD."""
     from reidcli.data.augment import AugmentConfig
@@ -69,7 +70,7 @@ def _bench_runner(
         run_dir="",
         model=model,
         loss=LossConfig(spec=loss),
-        augment=AugmentConfig(erase_fill=erase_fill),
+        augment=AugmentConfig(erase_fill=erase_fill, jitter=jitter),
         batch=batch,
         device=str(DEV),
         compile=compile_mode is not None,
@@ -93,19 +94,20 @@ def engine_step(
     loss: str = "ce+triplet",
     frozen: bool = False,
     erase_fill: str = "grey",
+    jitter: float = 0.0,
 ) -> dict:
     """img/s of reidcli's own training step as the trainer runs it (engine.train._StepRunner): gather from the
     resident uint8 images, batched augmentation, forward, ce+triplet, backward, gradient norm, fused SGD."""
     from dataclasses import replace
 
-    from reidcli.data.augment import AUGMENT_DRAWS
+    from reidcli.data.augment import AugmentConfig
 
     images = torch.randint(0, 256, (4 * batch, *model.image_size, 3), dtype=torch.uint8, device=DEV)
-    runner = _bench_runner(replace(model, pe=pe), batch, images, graph, compile_mode, loss, erase_fill)
+    runner = _bench_runner(replace(model, pe=pe), batch, images, graph, compile_mode, loss, erase_fill, jitter)
     if frozen:  # --freeze-epochs: the head alone learns
         runner.set_frozen(True)
     idx = [torch.arange(i * batch, (i + 1) * batch, device=DEV) for i in range(4)]
-    r = torch.rand(4, batch, AUGMENT_DRAWS, device=DEV)
+    r = torch.rand(4, batch, AugmentConfig(jitter=jitter).draws, device=DEV)
     calls = [0]
 
     def run():
@@ -241,6 +243,10 @@ def train_steps(smoke: bool, out_dir: Path) -> dict:
         out["train both b64 graph noise-erasing"] = engine_step("both", cfg, b, smoke, graph=True, erase_fill="noise")
     except Exception as e:  # noqa: BLE001
         out["train both b64 graph noise-erasing"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    try:  # --jitter-prob 0.5: the colour jitter's 16 whole-batch operations (static shapes) inside the captured step
+        out["train both b64 graph colour-jitter"] = engine_step("both", cfg, b, smoke, graph=True, jitter=0.5)
+    except Exception as e:  # noqa: BLE001
+        out["train both b64 graph colour-jitter"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
     if DEV.type == "cuda":  # the biased attention through cuDNN instead of the memory-efficient kernel
         from torch.nn.attention import SDPBackend, sdpa_kernel
 

@@ -8,6 +8,9 @@ measured in turn for each --pe. On CUDA the step runs under bf16 autocast by def
 (and ``ape``) it is also run with SDPA restricted to the fused kernels: if the bias did not reach the
 memory-efficient kernel, that run raises instead of silently taking the math path. Defaults on CPU are small
 (vit_tiny, batch 16) so the script finishes in a minute.
+
+Each row also times the step and the inference with the last block run for every token (``*_every_token_img_s``):
+reidcli runs it for the CLS token alone where nothing reads the patch tokens (a CLS-only loss; every test feature).
 """
 
 from __future__ import annotations
@@ -66,18 +69,20 @@ def measure(
     precision = train_precision(precision, dev)
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
-    def step():
+    def step(patches: bool = False):
+        # patches=False as reid train runs a loss on the CLS feature alone (ce, triplet): the last block for the CLS
+        # token only; True: for every token (the patch-token losses, and peers' models)
         with autocast:
-            loss = torch.nn.functional.cross_entropy(fwd(x).logits.float(), y)
+            loss = torch.nn.functional.cross_entropy(fwd(x, patches=patches).logits.float(), y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     @torch.no_grad()
-    def infer():
+    def infer(every_token: bool = False):
         with autocast:
             model.eval()
-            model.forward_features(x)
+            model.forward_features(x) if every_token else model._test_feature(x)  # the latter: reid extract's
             model.train()
 
     out = {
@@ -87,6 +92,9 @@ def measure(
         "precision": precision,
         "train_img_s": batch / _timeit(step, dev, warm=5 if compile_ else 2, reps=steps),
         "infer_img_s": batch / _timeit(infer, dev, warm=2, reps=steps),
+        # the same with the last block run for every token (as before the CLS-only last block; as timm's forward)
+        "train_every_token_img_s": batch / _timeit(lambda: step(True), dev, warm=2, reps=steps),
+        "infer_every_token_img_s": batch / _timeit(lambda: infer(True), dev, warm=2, reps=steps),
     }
     if dev.type == "cuda" and pe != "none" and not compile_:
         with fused_only(dev, with_bias=pe in ("rpe", "both")):
@@ -121,6 +129,8 @@ def main() -> None:
     for r in rows:
         print(
             f"{r['pe']:7s} {r['precision']:5s} train {r['train_img_s']:9.1f} img/s  infer {r['infer_img_s']:9.1f} img/s"
+            f"   (last block for every token: train {r['train_every_token_img_s']:.1f}, "
+            f"infer {r['infer_every_token_img_s']:.1f})"
         )
     out = Path(args.out or f"benchmarks/results/model_speed_{dev.type}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

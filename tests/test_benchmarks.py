@@ -69,7 +69,9 @@ def test_model_speed_smoke(tmp_path):
     )
     assert r.returncode == 0, r.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
-    assert [row["pe"] for row in rows] == ["ape", "rpe"] and all(row["train_img_s"] > 0 for row in rows)
+    assert [row["pe"] for row in rows] == ["ape", "rpe"] and all(
+        row["train_img_s"] > 0 and row["train_every_token_img_s"] > 0 for row in rows
+    )
 
 
 def test_onnx_cpu_smoke(tmp_path):

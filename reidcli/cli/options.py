@@ -76,6 +76,17 @@ EraseFillOpt = Annotated[
         "TransReID)."
     ),
 ]
+JitterProbOpt = Annotated[
+    float,
+    typer.Option(help="Training augmentation: probability of colour jitter (fast-reid's INPUT.CJ); 0: off."),
+]
+JitterOpt = Annotated[
+    str,
+    typer.Option(
+        help="Colour jitter strengths brightness,contrast,saturation,hue, as torchvision's ColorJitter (fast-reid's "
+        "defaults); applied in a random order per image."
+    ),
+]
 DropPathOpt = Annotated[float, typer.Option(help="Stochastic depth rate.")]
 TopNOpt = Annotated[int, typer.Option(help="Patches used by patch-triplet / rp-triplet.")]
 RpFormOpt = Annotated[str, typer.Option(help="rp-triplet form: stable (default) or raw (the seed's).")]

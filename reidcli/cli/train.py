@@ -37,6 +37,8 @@ from reidcli.cli.options import (
     HeadsOpt,
     IdHeadOpt,
     ImageSizeOpt,
+    JitterOpt,
+    JitterProbOpt,
     JpmGroupsOpt,
     JpmOpt,
     JpmShiftOpt,
@@ -186,24 +188,30 @@ def parse_milestones(text: str) -> tuple[int, ...]:
         raise ConfigError(f"--milestones {text!r} must be comma-separated epochs, e.g. 40,70") from None
 
 
-def augment_options(ctx: typer.Context):
-    """The training augmentation of ``--flip-prob``, ``--pad``, ``--erase-prob``, ``--erase-area``, ``--erase-ratio``
-    and ``--erase-fill``; the erasing's options without erasing are refused."""
-    from reidcli.data.augment import ERASE_OPTIONS, AugmentConfig
+def augment_options(ctx: typer.Context, swept: tuple[str, ...] = ()):
+    """The training augmentation of ``--flip-prob``, ``--pad``, ``--erase-prob``, ``--erase-area``, ``--erase-ratio``,
+    ``--erase-fill``, ``--jitter-prob`` and ``--jitter``; the erasing's and the jitter's options without erasing or
+    jitter are refused (``swept``: the options ``ablate --vary`` sets per variant)."""
+    from reidcli.data.augment import ERASE_OPTIONS, JITTER_OPTIONS, AugmentConfig
 
-    refuse_unused(ctx, ERASE_OPTIONS, ctx.params["erase_prob"] > 0, "--erase-prob above 0", "raise --erase-prob")
+    erasing = ctx.params["erase_prob"] > 0 or "erase-prob" in swept
+    refuse_unused(ctx, ERASE_OPTIONS, erasing, "--erase-prob above 0", "raise --erase-prob")
+    jitter = ctx.params["jitter_prob"] > 0 or "jitter-prob" in swept
+    refuse_unused(ctx, JITTER_OPTIONS, jitter, "--jitter-prob above 0", "add --jitter-prob 0.5")
     return AugmentConfig(**_augment_fields(ctx.params))
 
 
 def _augment_fields(params: dict) -> dict:
     """AugmentConfig's fields among a command's ``params`` (by parameter name: ``flip_prob`` sets ``flip``;
     ``--erase-area`` text is parsed)."""
-    from reidcli.data.augment import AUGMENT_FLAGS, parse_erase_area
+    from reidcli.data.augment import AUGMENT_FLAGS, parse_erase_area, parse_jitter
 
     names = {field: flag.replace("-", "_") for field, flag in AUGMENT_FLAGS.items()}
     fields = {field: params[name] for field, name in names.items() if name in params}
     if isinstance(fields.get("erase_area"), str):
         fields["erase_area"] = parse_erase_area(fields["erase_area"])
+    if isinstance(fields.get("jitter_strength"), str):
+        fields["jitter_strength"] = parse_jitter(fields["jitter_strength"])
     return fields
 
 
@@ -268,6 +276,8 @@ def train(
     erase_area: EraseAreaOpt = "0.02-0.4",
     erase_ratio: EraseRatioOpt = 0.3,
     erase_fill: EraseFillOpt = "grey",
+    jitter_prob: JitterProbOpt = 0.0,
+    jitter: JitterOpt = "0.15,0.15,0.1,0.1",
     drop_path: DropPathOpt = 0.1,
     label_smoothing: LabelSmoothingOpt = 0.0,
     margin: MarginOpt = None,
@@ -345,7 +355,7 @@ def train(
         pe, preset, dim, depth, heads, patch_size, stride, size, drop_path, neck_feat, cameras, sie_weight, local, head
     )
     if print_model:
-        _print_model(mcfg, json_out)
+        _print_model(mcfg, json_out, loss)
         return
     cfg = TrainConfig(
         data=str(data),
@@ -503,11 +513,13 @@ def run_training(cfg, resume: bool):
         return train_run(cfg, resume=resume, on_epoch=on_epoch, on_step=update)
 
 
-def _print_model(mcfg, json_out: bool) -> None:
+def _print_model(mcfg, json_out: bool, loss: str) -> None:
+    from reidcli.losses.combined import parse_loss_spec
     from reidcli.model.vit import ViTReID, flop_report, parameter_report
 
     model = ViTReID(mcfg)
-    report = {**parameter_report(model), **flop_report(model)}
+    patches = bool({"patch-triplet", "rp-triplet"} & set(parse_loss_spec(loss)))
+    report = {**parameter_report(model), **flop_report(model, patches)}
     if json_out:
         print_json({"model": mcfg.to_dict(), **report})
         return

@@ -1,4 +1,5 @@
-"""Batched training augmentation on the training device: flip, pad + random crop, normalise, random erasing."""
+"""Batched training augmentation on the training device: colour jitter, flip, pad + random crop, normalise, random
+erasing."""
 
 from __future__ import annotations
 
@@ -14,13 +15,17 @@ __all__ = [
     "AUGMENT_DRAWS",
     "AUGMENT_FLAGS",
     "ERASE_FILLS",
+    "JITTER_DRAWS",
     "AugmentConfig",
     "augment_batch",
+    "color_jitter",
     "normalize_batch",
     "parse_erase_area",
+    "parse_jitter",
 ]
 
-AUGMENT_DRAWS = 8  # uniform numbers one image's augmentation takes
+AUGMENT_DRAWS = 8  # uniform numbers one image's augmentation takes (flip, crop, erasing)
+JITTER_DRAWS = 9  # and the colour jitter's, when it is on: whether, four factors, four keys of the random order
 ERASE_FILLS = ("grey", "noise")
 # AugmentConfig's options and their flags (train, ablate), as resume messages and `ablate --vary` name them too
 AUGMENT_FLAGS = {
@@ -30,8 +35,12 @@ AUGMENT_FLAGS = {
     "erase_area": "erase-area",
     "erase_ratio": "erase-ratio",
     "erase_fill": "erase-fill",
+    "jitter": "jitter-prob",
+    "jitter_strength": "jitter",
 }
 ERASE_OPTIONS = ("erase_area", "erase_ratio", "erase_fill")  # what acts only with erasing on
+JITTER_OPTIONS = ("jitter",)  # the command parameter that acts only with --jitter-prob above 0
+JITTER_NAMES = ("brightness", "contrast", "saturation", "hue")
 
 
 @dataclass(frozen=True)
@@ -44,9 +53,20 @@ class AugmentConfig:
     # what an erased rectangle holds: "grey" (0 after normalisation) or "noise", N(0, 1) per pixel and channel after
     # normalisation, as TransReID's random erasing (timm's mode='pixel')
     erase_fill: str = "grey"
+    # colour jitter (fast-reid's INPUT.CJ, torchvision's ColorJitter): its probability, and the strength of each of
+    # brightness, contrast, saturation (factors drawn from [max(0, 1 - s), 1 + s]) and hue (a shift from [-s, s] of
+    # the colour circle), applied in a random order per image
+    jitter: float = 0.0
+    jitter_strength: tuple[float, float, float, float] = (0.15, 0.15, 0.1, 0.1)
+
+    @property
+    def draws(self) -> int:
+        """Uniform numbers one image's augmentation takes: the jitter's only when it is on, so that runs without
+        it draw the same numbers as before it existed."""
+        return AUGMENT_DRAWS + (JITTER_DRAWS if self.jitter > 0 else 0)
 
     def validate(self) -> AugmentConfig:
-        for flag, p in (("flip-prob", self.flip), ("erase-prob", self.erase)):
+        for flag, p in (("flip-prob", self.flip), ("erase-prob", self.erase), ("jitter-prob", self.jitter)):
             if not 0 <= p <= 1:
                 raise ConfigError(f"--{flag} {p} is not a probability; give a value from 0 (off) to 1")
         if self.erase_fill not in ERASE_FILLS:
@@ -64,6 +84,16 @@ class AugmentConfig:
             )
         if self.pad < 0:
             raise ConfigError(f"--pad {self.pad} cannot be negative; give 0 (no pad + random crop) or more pixels")
+        shown = ",".join(f"{v:g}" for v in self.jitter_strength)
+        if len(self.jitter_strength) != 4 or min(self.jitter_strength) < 0:
+            raise ConfigError(
+                f"--jitter {shown}: give four strengths of 0 or more, brightness,contrast,saturation,hue (e.g. "
+                "0.15,0.15,0.1,0.1)"
+            )
+        if self.jitter > 0 and max(self.jitter_strength) == 0:
+            raise ConfigError(f"--jitter-prob {self.jitter:g} with --jitter {shown} changes no image; give a strength")
+        if self.jitter_strength[3] > 0.5:
+            raise ConfigError(f"--jitter {shown}: the hue's strength is at most 0.5 (half the colour circle)")
         return self
 
 
@@ -78,6 +108,79 @@ def parse_erase_area(text: str) -> tuple[float, float]:
         raise ConfigError(f"--erase-area {text!r} must be LO-HI, shares of the image's area, e.g. 0.02-0.4") from None
 
 
+def parse_jitter(text: str) -> tuple[float, float, float, float]:
+    """``'0.15,0.15,0.1,0.1'`` → the colour jitter's strengths: brightness, contrast, saturation, hue."""
+    try:
+        values = tuple(float(v) for v in text.split(","))
+        if len(values) != 4:
+            raise ValueError
+    except ValueError:
+        raise ConfigError(
+            f"--jitter {text!r} must be four comma-separated strengths, brightness,contrast,saturation,hue (e.g. "
+            "0.15,0.15,0.1,0.1)"
+        ) from None
+    return values
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) → (B, 1, H, W) luma, ITU-R 601-2 as torchvision's ``rgb_to_grayscale``."""
+    return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+
+def _blend(x: torch.Tensor, other: torch.Tensor | float, f: torch.Tensor) -> torch.Tensor:
+    return (f * x + (1 - f) * other).clamp_(0, 1)
+
+
+def _shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Each image's hue turned by ``shift`` (B, 1, 1, 1) of the colour circle: RGB → HSV, shift, → RGB (value and
+    saturation kept), as torchvision's ``adjust_hue``."""
+    r, g, b = x.unbind(1)
+    v = x.amax(1)
+    c = v - x.amin(1)  # chroma, v·s
+    # hue in sixths of the circle from the largest channel; a grey pixel (c = 0) has numerator 0 and keeps its grey
+    h = torch.where(v == r, g - b, torch.where(v == g, (b - r).add_(c, alpha=2), (r - g).add_(c, alpha=4)))
+    h = h.div_(c.clamp_min(1e-12)).div_(6).add_(shift[:, 0]).remainder_(1.0)
+    # HSV → RGB, channel n = 5, 3, 1 for R, G, B: v − c·clamp(min(k, 4 − k), 0, 1) with k = (n + 6h) mod 6
+    n = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype)[None, :, None, None]
+    k = (n + 6 * h.unsqueeze(1)).remainder_(6)
+    return v.unsqueeze(1) - c.unsqueeze(1) * torch.minimum(k, 4 - k).clamp_(0, 1)
+
+
+def color_jitter(
+    x: torch.Tensor, cfg: AugmentConfig, r: torch.Tensor, static_shapes: bool | None = None
+) -> torch.Tensor:
+    """Colour jitter of float (B, 3, H, W) images in [0, 1], as torchvision's ``ColorJitter`` applied with probability
+    ``cfg.jitter`` (fast-reid's ``INPUT.CJ``), per image: the four operations in a random order, each with its own
+    random factor. ``r`` (B, JITTER_DRAWS) uniform in [0, 1).
+
+    ``static_shapes`` (the default on CUDA): every operation runs on the whole batch and each image keeps its own
+    result (no shape depends on the draws, so the step can be one CUDA graph); else (the default on CPU, ~7x faster
+    there) each runs only on the images that take it, in place. Both give the same images."""
+    static_shapes = x.is_cuda if static_shapes is None else static_shapes
+    on = r[:, 0] < cfg.jitter
+    sb, sc, ss, sh = cfg.jitter_strength
+    factors = [max(0.0, 1 - s) + (1 + s - max(0.0, 1 - s)) * r[:, 1 + i] for i, s in enumerate((sb, sc, ss))]
+    factors.append(sh * (2 * r[:, 4] - 1))
+    ops = [
+        lambda y, f: _blend(y, 0.0, f),  # brightness: towards black
+        lambda y, f: _blend(y, _gray(y).mean((1, 2, 3), keepdim=True), f),  # contrast: towards the mean grey
+        lambda y, f: _blend(y, _gray(y), f),  # saturation: towards the image's grey
+        _shift_hue,
+    ]
+    order = r[:, 5:9].argsort(1)  # a random permutation of the four per image
+    active = [i for i, s in enumerate(cfg.jitter_strength) if s > 0]
+    for position in range(4):
+        for i in active:
+            chosen = on & (order[:, position] == i)
+            f = factors[i][:, None, None, None]
+            if static_shapes:
+                x = torch.where(chosen[:, None, None, None], ops[i](x, f), x)
+            else:
+                rows = chosen.nonzero().squeeze(1)
+                x[rows] = ops[i](x[rows], f[rows])
+    return x
+
+
 def normalize_batch(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 (B, H, W, 3) → float (B, 3, H, W) with mean = std = 0.5."""
     return images.permute(0, 3, 1, 2).to(dtype).div_(127.5).sub_(1.0)
@@ -88,15 +191,19 @@ def augment_batch(
 ) -> torch.Tensor:
     """uint8 (B, H, W, 3) on any device → augmented, normalised float (B, 3, H, W) on the same device.
 
-    Random numbers: ``r`` (B, AUGMENT_DRAWS) uniform in [0, 1) already on the images' device (the trainer draws a
+    Random numbers: ``r`` (B, cfg.draws) uniform in [0, 1) already on the images' device (the trainer draws a
     whole epoch's at once, so a step copies nothing from the host), else one draw from ``gen`` (a CPU generator, so
     runs are reproducible across devices).
     """
     b, h, w, _ = images.shape
     dev = images.device
     if r is None:
-        r = torch.rand(b, AUGMENT_DRAWS, generator=gen).to(dev)
-    x = normalize_batch(images)
+        r = torch.rand(b, cfg.draws, generator=gen).to(dev)
+    if cfg.jitter > 0:  # on the pixels, before the flip and crop (fast-reid jitters the cropped image: the same
+        # operations, but its pad border is jittered too)
+        x = color_jitter(images.permute(0, 3, 1, 2).float().div_(255), cfg, r[:, AUGMENT_DRAWS:]).mul_(2).sub_(1)
+    else:
+        x = normalize_batch(images)
     if cfg.flip > 0:
         x = torch.where((r[:, 0] < cfg.flip)[:, None, None, None], x.flip(3), x)
     if cfg.pad > 0:

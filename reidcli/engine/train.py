@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from reidcli.data.augment import AUGMENT_DRAWS, AUGMENT_FLAGS, AugmentConfig, augment_batch
+from reidcli.data.augment import AUGMENT_FLAGS, AugmentConfig, augment_batch
 from reidcli.data.sampler import PKSampler
 from reidcli.data.store import DatasetSplit, read_dataset
 from reidcli.engine.checkpoint import (
@@ -204,6 +204,8 @@ class TrainConfig:
         d["loss"] = LossConfig(**d["loss"])
         aug = dict(d["augment"])
         aug["erase_area"] = tuple(aug["erase_area"])
+        if "jitter_strength" in aug:
+            aug["jitter_strength"] = tuple(aug["jitter_strength"])
         d["augment"] = AugmentConfig(**aug)
         return cls(**d)
 
@@ -261,6 +263,8 @@ def _shown(value, key: str = "") -> str:
             return "x".join(map(str, value))
         if key == "augment.erase_area":
             return "-".join(f"{v:g}" for v in value)
+        if key == "augment.jitter_strength":
+            return ",".join(f"{v:g}" for v in value)
         return ("," if all(isinstance(v, int) for v in value) else ", ").join(map(str, value)) or "none"
     return str(value)
 
@@ -628,6 +632,8 @@ def _make_step(state: _State, cfg: TrainConfig, device: torch.device):
         model = torch.compile(model, mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
     autocast = train_precision(cfg.precision, device) == "bf16"
     params = [p for p in state.model.parameters() if p.requires_grad]
+    # the patch tokens only for the losses that read them: else the last block runs for the CLS token alone
+    patches = bool({"patch-triplet", "rp-triplet"} & set(cfg.loss.names))
 
     def step(
         x: torch.Tensor, y: torch.Tensor, epoch: float | torch.Tensor, cams: torch.Tensor | None = None
@@ -635,7 +641,7 @@ def _make_step(state: _State, cfg: TrainConfig, device: torch.device):
         stats: dict[str, torch.Tensor] = {}
         # no autocast weight cache: cached casts would be stale tensors inside a captured CUDA graph
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast, cache_enabled=False):
-            out = model(x) if cams is None else model(x, cams)
+            out = model(x, cams, patches=patches)
             comps = compute_losses(state.model, out, y, cfg.loss, epoch, stats, state.centers)
         loss = sum(comps.values())
         state.opt.zero_grad(set_to_none=True)
@@ -847,7 +853,7 @@ def _run_epoch(state: _State, cfg, sampler, runner: _StepRunner, on_step) -> dic
     # (a blocking host-to-device copy per step would stall the GPU queue every step).
     batches = sampler.epoch(state.gen).to(images.device)
     n = len(batches)
-    draws = torch.rand(n, batches.shape[1], AUGMENT_DRAWS, generator=state.gen).to(images.device)
+    draws = torch.rand(n, batches.shape[1], cfg.augment.draws, generator=state.gen).to(images.device)
     sums = runner.sums
     sums.reset()
     t0 = time.perf_counter()

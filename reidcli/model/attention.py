@@ -30,10 +30,16 @@ class Attention(nn.Module):
         self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B, N, D); bias: (heads, N, N), or (B, heads, N, N) per sample, added to the scaled logits ``QKᵀ/√d``."""
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None, cls_only: bool = False) -> torch.Tensor:
+        """x: (B, N, D); bias: (heads, N, N), or (B, heads, N, N) per sample, added to the scaled logits ``QKᵀ/√d``.
+
+        ``cls_only``: the output of the first token (CLS) alone, (B, 1, D): its query against every key and value
+        (the bias's first row), the other tokens' attention rows and projections never computed."""
         b, n, d = x.shape
         q, k, v = self._qkv(x)
+        if cls_only:
+            q, n = q[:, :, :1], 1
+            bias = None if bias is None else bias[..., :1, :]
         if bias is not None:
             # Same dtype as q and contiguous, or CUDA silently drops to the slow math kernel.
             bias = bias.to(q.dtype)
@@ -90,6 +96,9 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x), bias))
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None, cls_only: bool = False) -> torch.Tensor:
+        """(B, N, D) → (B, N, D); ``cls_only``: → (B, 1, D), the first token's output alone (the last block of a model
+        whose loss and feature read only the CLS token: the other tokens' attention rows and MLP are skipped)."""
+        attn = self.attn(self.norm1(x), bias, cls_only)
+        x = (x[:, :1] if cls_only else x) + self.drop_path(attn)
         return x + self.drop_path(self.mlp(self.norm2(x)))

@@ -78,7 +78,7 @@ VARY = {
         "head_margin",
     ),
     "loss": tuple(f for f in LossConfig.__dataclass_fields__ if f != "spec"),  # every loss option
-    "augment": tuple(AUGMENT_FLAGS),
+    "augment": tuple(f for f in AUGMENT_FLAGS if f != "jitter_strength"),  # four numbers: not a comma list's item
 }
 _VARY_FIELD = {  # flag → (part, field)
     (AUGMENT_FLAGS[f] if part == "augment" else f.replace("_", "-")): (part, f)
@@ -201,6 +201,8 @@ def _config_hash(cfg: TrainConfig) -> str:
         del d["loss"]["center_weight"], d["loss"]["center_lr"]
     if d["augment"]["erase_fill"] == "grey":  # likewise before --erase-fill
         del d["augment"]["erase_fill"]
+    if not d["augment"]["jitter"]:  # likewise before the colour jitter
+        del d["augment"]["jitter"], d["augment"]["jitter_strength"]
     if d["bias_lr_factor"] == 1.0:  # likewise before --bias-lr-factor
         del d["bias_lr_factor"]
     if d["schedule"] == "cosine":  # likewise before --schedule step

@@ -202,7 +202,8 @@ def attention_maps(
     block the heads' mean with the residual as ½(A + I), rows renormalised, multiplied from the first block to the
     last."""
     taken: list[tuple[torch.Tensor, torch.Tensor | None]] = []
-    hooks = [b.attn.register_forward_pre_hook(lambda _m, args: taken.append(args)) for b in model.blocks]
+    take = lambda _m, args: taken.append(args[:2])  # noqa: E731 — (input, bias), not the cls_only flag
+    hooks = [b.attn.register_forward_pre_hook(take) for b in model.blocks]
     try:
         model.eval()
         model.forward_features(x, camids)

@@ -206,12 +206,34 @@ def test_print_model_seed_figures(tiny_data):
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
     assert report["ape"] == 148_224 and report["grid"] == [16, 12]
-    # ViT-B/16 matrix products per image, 193 tokens: patch projection, 12 × (qkv + proj + MLP, QKᵀ and AV)
+    # ViT-B/16 matrix products per image, 193 tokens: patch projection, 11 × (qkv + proj + MLP, QKᵀ and AV) and the
+    # last block for the CLS token: every token's qkv, then one query's attention row, proj and MLP
     n, d, layers = 193, 768, 12
-    forward = 2 * 192 * (3 * 16 * 16) * d + layers * (2 * n * 12 * d * d + 2 * 2 * n * n * d)
+    block = 2 * n * 12 * d * d + 2 * 2 * n * n * d
+    last = 2 * n * 3 * d * d + 2 * (1 + 8) * d * d + 2 * 2 * n * d
+    patch = 2 * 192 * (3 * 16 * 16) * d
+    forward = patch + (layers - 1) * block + last
     assert report["forward_gflop"] == pytest.approx(forward / 1e9, rel=1e-3)
     # backward = 2 × forward, less the input gradient of the patch projection (the image needs none)
-    assert report["train_gflop"] == pytest.approx((3 * forward - 2 * 192 * 3 * 16 * 16 * d) / 1e9, rel=1e-3)
+    assert report["train_gflop"] == pytest.approx((3 * forward - patch) / 1e9, rel=1e-3)
+    r = run_cli_here(
+        "train",
+        "--data",
+        str(tiny_data),
+        "--out",
+        "unused",
+        "--pe",
+        "both",
+        "--image-size",
+        "256x192",
+        "--loss",
+        "rp-triplet",
+        "--print-model",
+        "--json",
+    )
+    assert r.returncode == 0, r.stderr
+    full = patch + layers * block  # a loss on the patch tokens: the last block for every token in training
+    assert json.loads(r.stdout)["train_gflop"] == pytest.approx((3 * full - patch) / 1e9, rel=1e-3)
 
 
 @pytest.mark.parametrize(

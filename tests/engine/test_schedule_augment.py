@@ -1,5 +1,5 @@
 """``--schedule step`` (the BoT baseline's multi-step lr) and the augmentation options ``--flip-prob``, ``--pad``,
-``--erase-prob``, ``--erase-area``, ``--erase-ratio``, ``--erase-fill``."""
+``--erase-prob``, ``--erase-area``, ``--erase-ratio``, ``--erase-fill``, ``--jitter-prob``, ``--jitter``."""
 
 import json
 import re
@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from reidcli.data.augment import AugmentConfig, augment_batch, normalize_batch
+from reidcli.data.augment import AUGMENT_DRAWS, AugmentConfig, augment_batch, color_jitter, normalize_batch
 from reidcli.engine.train import TrainConfig, lr_at, trajectory_changes
 from reidcli.errors import ConfigError
 from tests.conftest import TINY_TRAIN, run_cli_here
@@ -44,6 +44,11 @@ def test_step_schedule_drops_the_lr_at_each_milestone_after_the_same_warmup():
         ({"augment": AugmentConfig(erase_area=(0.1, 1.5))}, "--erase-area 0.1-1.5: give LO-HI with 0 < LO <= HI <= 1"),
         ({"augment": AugmentConfig(erase_ratio=0)}, "--erase-ratio 0 must lie in (0, 1]: aspect ratios are drawn"),
         ({"augment": AugmentConfig(erase_ratio=3)}, "--erase-ratio 3 must lie in (0, 1]"),
+        ({"augment": AugmentConfig(jitter=-0.5)}, "--jitter-prob -0.5 is not a probability"),
+        ({"augment": AugmentConfig(jitter_strength=(0.1, -0.1, 0, 0))}, "--jitter 0.1,-0.1,0,0: give four strengths"),
+        ({"augment": AugmentConfig(jitter_strength=(0.1, 0.1, 0.1))}, "--jitter 0.1,0.1,0.1: give four strengths"),
+        ({"augment": AugmentConfig(jitter_strength=(0, 0, 0, 0.6))}, "the hue's strength is at most 0.5"),
+        ({"augment": AugmentConfig(jitter=0.5, jitter_strength=(0, 0, 0, 0))}, "--jitter 0,0,0,0 changes no image"),
     ],
 )
 def test_bad_schedule_and_augmentation_options(kw, message):
@@ -76,6 +81,63 @@ def test_augmentation_switched_off_is_the_normalisation_alone():
     assert torch.equal(augment_batch(images, AugmentConfig(flip=1, pad=0, erase=0), r=r), plain.flip(3))
     erased = augment_batch(images, AugmentConfig(flip=0, pad=0, erase=1), r=r)
     assert ((erased == 0).flatten(1).any(1)).all() and ((erased != plain).flatten(1).any(1)).all()
+
+
+def _torchvision_jitter(x: torch.Tensor, cfg: AugmentConfig, r: torch.Tensor) -> torch.Tensor:
+    """The colour jitter image by image through torchvision's own operations, with the factors and order that ``r``
+    draws (as ColorJitter: factors uniform in [max(0, 1 - s), 1 + s], hue in [-s, s], a random order)."""
+    from torchvision.transforms.v2 import functional as TF
+
+    out = []
+    for y, d in zip(x, r.tolist(), strict=True):
+        if d[0] < cfg.jitter:
+            b, c, s, h = cfg.jitter_strength
+            f = [max(0, 1 - v) + (1 + v - max(0, 1 - v)) * d[1 + i] for i, v in enumerate((b, c, s))] + [
+                h * (2 * d[4] - 1)
+            ]
+            ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+            for i in torch.tensor(d[5:9]).argsort().tolist():
+                y = ops[i](y, f[i])
+        out.append(y)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("static_shapes", [True, False])
+def test_colour_jitter_is_torchvisions_operations_in_each_images_own_order(static_shapes):
+    """Both ways (the whole batch through every operation, kept per image, as a CUDA graph needs; or each operation
+    on its images only) give torchvision's brightness, contrast, saturation and hue adjustments, in the drawn order
+    with the drawn factors, to float rounding; grey pixels, saturated pixels and pure hues included."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(48, 3, 12, 6, generator=gen)
+    x[0, :, :4] = 0.5  # grey: no hue
+    x[1, :, 0, 0] = torch.tensor([1.0, 1.0, 0.0])  # two channels tie at the top
+    x[2, :, 1] = torch.tensor([0.0, 0.0, 1.0])[:, None]
+    x[3] = 0.0
+    cfg = AugmentConfig(jitter=0.7, jitter_strength=(0.4, 0.4, 1.2, 0.5))  # saturation down to 0: grey images too
+    r = torch.rand(48, 9, generator=gen)
+    out = color_jitter(x.clone(), cfg, r, static_shapes=static_shapes)
+    expected = _torchvision_jitter(x, cfg, r)
+    assert (out - expected).abs().max() < 1e-5
+    kept = r[:, 0] >= cfg.jitter
+    assert kept.any() and torch.equal(out[kept], x[kept]) and (out[~kept] != x[~kept]).flatten(1).any(1).all()
+    # one operation switched off (strength 0) is left out of every order
+    no_hue = AugmentConfig(jitter=1.0, jitter_strength=(0.3, 0.3, 0.3, 0.0))
+    assert (color_jitter(x.clone(), no_hue, r, static_shapes) - _torchvision_jitter(x, no_hue, r)).abs().max() < 1e-5
+
+
+def test_jitter_takes_draws_of_its_own_and_runs_without_it_draw_as_before():
+    """Without jitter an image takes the 8 numbers it took before the option existed (runs and resumes keep their
+    trajectory); with it, 9 more, and an image the jitter skips gets exactly what it gets with jitter off."""
+    assert AugmentConfig().draws == AUGMENT_DRAWS == 8 and AugmentConfig(jitter=0.5).draws == 17
+    images = torch.randint(0, 256, (32, 16, 8, 3), dtype=torch.uint8)
+    r = torch.rand(32, 17)
+    plain = augment_batch(images, AugmentConfig(pad=2), r=r[:, :8])  # (a 10-pixel pad could crop all border)
+    jittered = augment_batch(images, AugmentConfig(pad=2, jitter=0.5), r=r)
+    skipped = r[:, 8] >= 0.5
+    assert skipped.any() and (~skipped).any()
+    assert torch.equal(jittered[skipped], plain[skipped])
+    assert (jittered[~skipped] != plain[~skipped]).flatten(1).any(1).all()
+    assert jittered.min() >= -1 and jittered.max() <= 1  # the jitter clamps to the pixel range before normalising
 
 
 def test_erasing_draws_its_rectangle_from_the_area_and_aspect_ranges():
@@ -115,13 +177,14 @@ def test_cli_step_schedule_and_augmentation_reach_the_run_and_resume_keeps_them(
     args = ("train", "--data", str(tiny_data), "--out", str(run), *TINY_TRAIN, "--warmup-epochs", "0")
     steps = ("--schedule", "step", "--milestones", "1", "--gamma", "0.5", "--epochs", "2")
     augment = ("--flip-prob", "0", "--pad", "4", "--erase-prob", "0.25", "--erase-fill", "noise")
-    augment += ("--erase-area", "0.1-0.2", "--erase-ratio", "0.5")
+    augment += ("--erase-area", "0.1-0.2", "--erase-ratio", "0.5", "--jitter-prob", "0.5", "--jitter", "0.2,0.1,0.1,0")
     r = run_cli_here(*args, *steps, *augment, "--json")
     assert r.returncode == 0, r.stderr
     config = json.loads((run / "config.json").read_text())
     assert (config["schedule"], config["milestones"], config["gamma"]) == ("step", [1], 0.5)
     assert [config["augment"][key] for key in ("flip", "pad", "erase", "erase_fill")] == [0.0, 4, 0.25, "noise"]
     assert (config["augment"]["erase_area"], config["augment"]["erase_ratio"]) == ([0.1, 0.2], 0.5)
+    assert (config["augment"]["jitter"], config["augment"]["jitter_strength"]) == (0.5, [0.2, 0.1, 0.1, 0])
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [row["lr"] for row in rows] == [1e-3, 5e-4]  # each epoch's last step: before and after the milestone
     for extra, message in [
@@ -130,6 +193,8 @@ def test_cli_step_schedule_and_augmentation_reach_the_run_and_resume_keeps_them(
         (("--erase-fill", "grey"), "was trained with --erase-fill noise (given grey)"),
         (("--erase-area", "0.1-0.3"), "was trained with --erase-area 0.1-0.2 (given 0.1-0.3)"),
         (("--erase-ratio", "0.3"), "was trained with --erase-ratio 0.5 (given 0.3)"),
+        (("--jitter", "0.2,0.1,0.1,0.1"), "was trained with --jitter 0.2,0.1,0.1,0 (given 0.2,0.1,0.1,0.1)"),
+        (("--jitter-prob", "0"), "was trained with --jitter-prob 0.5 (given 0.0)"),
         (("--schedule", "cosine"), "was trained with --schedule step (given cosine)"),
     ]:
         r = run_cli_here("train", "--out", str(run), "--resume", "--epochs", "3", *extra)
@@ -149,6 +214,9 @@ def test_cli_step_schedule_and_augmentation_reach_the_run_and_resume_keeps_them(
         (("--erase-area", "0.4"), "--erase-area '0.4' must be LO-HI, shares of the image's area, e.g. 0.02-0.4"),
         (("--erase-area", "0.4-0.1"), "--erase-area 0.4-0.1: give LO-HI with 0 < LO <= HI <= 1"),
         (("--erase-prob", "0", "--erase-ratio", "0.5"), "--erase-ratio has no effect without --erase-prob above 0"),
+        (("--jitter", "0.3,0.3,0.3,0.1"), "--jitter has no effect without --jitter-prob above 0; leave it out or add"),
+        (("--jitter-prob", "0.5", "--jitter", "0.3,0.3"), "--jitter '0.3,0.3' must be four comma-separated strengths"),
+        (("--jitter-prob", "0.5", "--jitter", "0,0,0,0.8"), "--jitter 0,0,0,0.8: the hue's strength is at most 0.5"),
     ],
 )
 def test_cli_refuses_schedule_and_augmentation_mistakes_before_any_work(tiny_data, tmp_path, extra, message):

@@ -28,6 +28,38 @@ def test_attention_with_bias_equals_explicit_reference_float64():
     torch.testing.assert_close(g_out, g_ref)
 
 
+@pytest.mark.parametrize(("pe", "jpm"), [("ape", False), ("rpe", False), ("both", False), ("both", True)])
+def test_a_cls_only_last_block_gives_the_same_features_logits_and_gradients(pe, jpm):
+    """The patch tokens' outputs of the last block feed nothing but themselves: a forward that runs that block for
+    the CLS token alone (training with CLS-only losses; every test feature) gives the full forward's feature, logits
+    and every parameter's gradient (float64: to rounding), and its test features the full model's CLS token."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(pe=pe, num_classes=5, jpm=jpm, jpm_groups=2, sie_cameras=3, **{**SMALL, "depth": 3})
+    model = ViTReID(cfg).double()
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # position tables and BNNeck away from their zero/one start
+            if "rel_pos" in name or "bottleneck" in name:
+                p.normal_(std=0.5)
+    x, cams = torch.randn(4, 3, 64, 32, dtype=torch.float64), torch.tensor([0, 2, 1, 2])
+    params = [p for p in model.parameters() if p.requires_grad]
+    full, cls = model(x, cams), model(x, cams, patches=False)
+    assert full.tokens.shape == (4, 8, 32) and cls.tokens is None
+    for a, b in [(full.feat, cls.feat), (full.logits, cls.logits), (full.local_feat, cls.local_feat)]:
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12) if a is not None else None
+    loss = lambda out: out.logits.logsumexp(1).sum() + out.feat.square().sum()  # noqa: E731
+    g_full = torch.autograd.grad(loss(full), params, allow_unused=True)
+    g_cls = torch.autograd.grad(loss(cls), params, allow_unused=True)
+    for name, a, b in zip([n for n, p in model.named_parameters() if p.requires_grad], g_full, g_cls, strict=True):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
+    model.eval()
+    with torch.no_grad():
+        tokens = model.forward_features(x, cams)  # every token, through the whole last block
+        feat = model._test_feature(x, cams)
+    torch.testing.assert_close(feat[:, :32], tokens[:, 0], rtol=1e-12, atol=1e-12)
+
+
 def test_rpe_lookup_sends_each_bias_gradient_to_its_table_row():
     torch.manual_seed(0)
     rel = ViTReID(ModelConfig(pe="rpe", **SMALL)).rel_pos[0]

@@ -293,6 +293,12 @@ def test_vary_sweeps_augmentation_and_the_schedule_and_keeps_the_default_runs_ke
     assert twins[0].label == "ape · ce+triplet · bias-lr-factor 1"  # the table still names the setting
     with pytest.raises(Exception, match="--erase-area '0.4' must be LO-HI"):
         plan(replace(base, vary=(parse_vary("erase-area=0.4"),)))
+    variants = plan(replace(base, vary=(parse_vary("jitter-prob=0,0.5"),)))  # off: the key from before the jitter
+    assert [v.train.augment.jitter for v in variants] == [0.0, 0.5] and _config_hash(variants[0].train) == plain
+    strong = replace(base.template, augment=replace(base.template.augment, jitter=0.5, jitter_strength=(0.3,) * 4))
+    assert len({plain, _config_hash(variants[1].train), _config_hash(strong)}) == 3
+    with pytest.raises(Exception, match="--vary cannot sweep 'jitter'"):  # four numbers a value: give --jitter
+        parse_vary("jitter=0.1,0.1,0.1,0.1")
 
 
 def test_cli_ablate_refuses_schedule_sweeps_that_train_one_model_twice(tiny_data, tmp_path):
@@ -301,6 +307,8 @@ def test_cli_ablate_refuses_schedule_sweeps_that_train_one_model_twice(tiny_data
     assert ok.returncode == 0 and len(json.loads(ok.stdout)) == 2, ok.stderr
     ok = run_cli_here(*args, "--schedule", "step", "--milestones", "2", "--vary", "gamma=0.1,0.5", "--dry-run")
     assert ok.returncode == 0, ok.stderr
+    ok = run_cli_here(*args, "--vary", "jitter-prob=0,0.5", "--jitter", "0.3,0.3,0.2,0.1", "--dry-run", "--json")
+    assert ok.returncode == 0 and len(json.loads(ok.stdout)) == 2, ok.stderr  # --jitter acts in the 0.5 variant
     for extra, message in [
         (("--vary", "gamma=0.1,0.5"), "--vary gamma has no effect without --schedule step"),
         (("--vary", "gamma=0.1,0.5", "--vary", "schedule=cosine,step"), "trains each cosine variant once per gamma"),
@@ -308,6 +316,7 @@ def test_cli_ablate_refuses_schedule_sweeps_that_train_one_model_twice(tiny_data
         (("--vary", "pad=0,10", "--pad", "4"), "--pad is set per variant by --vary pad; leave --pad out"),
         (("--erase-prob", "0", "--vary", "erase-fill=grey,noise"), "--vary erase-fill has no effect without --erase-p"),
         (("--erase-prob", "0", "--vary", "erase-ratio=0.3,1"), "--vary erase-ratio has no effect without --erase-p"),
+        (("--jitter", "0.3,0.3,0.2,0.1"), "--jitter has no effect without --jitter-prob above 0"),
     ]:
         r = run_cli_here(*args, *extra, "--dry-run")
         assert r.returncode == 1 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
