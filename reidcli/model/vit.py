@@ -234,7 +234,7 @@ class ViTReID(nn.Module):
             full = self.jpm_rel_pos()
             per_group = full[:, sel[:, :, None], sel[:, None, :]].permute(1, 0, 2, 3)  # (G, heads, L+1, L+1)
             bias = per_group.unsqueeze(0).expand(b, -1, -1, -1, -1).flatten(0, 1)
-        out = self.jpm_norm(self.jpm_block(tokens, bias))[:, 0]
+        out = self.jpm_norm(self.jpm_block(tokens, bias, cls_only=True))[:, 0]  # each group's CLS output alone
         return out.view(b, len(sel), d)
 
     def _init_weights(self) -> None:

@@ -58,6 +58,14 @@ def test_a_cls_only_last_block_gives_the_same_features_logits_and_gradients(pe, 
         tokens = model.forward_features(x, cams)  # every token, through the whole last block
         feat = model._test_feature(x, cams)
     torch.testing.assert_close(feat[:, :32], tokens[:, 0], rtol=1e-12, atol=1e-12)
+    if jpm:  # JPM's copy of the last block likewise runs for each group's CLS token alone
+        entering = model._encode(x, cams)[1]
+        groups = entering[:, model.jpm_tokens].flatten(0, 1)
+        full_bias = model.jpm_rel_pos()
+        sel = model.jpm_tokens
+        bias = full_bias[:, sel[:, :, None], sel[:, None, :]].permute(1, 0, 2, 3).repeat(4, 1, 1, 1)
+        whole = model.jpm_norm(model.jpm_block(groups, bias))[:, 0].view(4, 2, 32)
+        torch.testing.assert_close(model._jpm_local(entering), whole, rtol=1e-12, atol=1e-12)
 
 
 def test_rpe_lookup_sends_each_bias_gradient_to_its_table_row():
