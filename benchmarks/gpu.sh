@@ -15,5 +15,8 @@ if [ -z "${SKIP_PEER:-}" ]; then  # SKIP_PEER=1: a second call on the same card,
   echo "== peer baseline ($PEER)"
   timeout ${PEER_TIMEOUT:-150} python3 "$PEER" 2>&1 | tail -n 20 || echo "peer baseline failed or timed out"
 fi
+echo "== the last block for the CLS token alone against the whole block (interleaved A/B)"
+timeout ${LAST_BLOCK_TIMEOUT:-60} python3 -m benchmarks.last_block --rounds 5 --out "$OUT/last_block_gpu.json" \
+  || echo "last-block A/B failed or timed out"
 echo "== reidcli"
 timeout ${OURS_TIMEOUT:-300} python3 -m benchmarks.gpu_bench --peer "$OUT/anchor_gpu.json" --out "$OUT" ${GPU_BENCH_ARGS:-}

@@ -36,7 +36,7 @@ def test_gpu_bench_smoke(tmp_path):
         and result["train"]["train both b64 graph sie+jpm"]["loss_finite"]
         and result["train"]["train both b64 graph circle"]["loss_finite"]
     )
-    for row in ("center", "frozen", "noise-erasing"):  # prepared GPU rows: they must at least run
+    for row in ("center", "frozen", "noise-erasing", "colour-jitter"):  # prepared GPU rows: they must at least run
         assert result["train"][f"train both b64 graph {row}"]["loss_finite"], result["train"][
             f"train both b64 graph {row}"
         ]
@@ -94,3 +94,13 @@ def test_cpu_eval_market_size_counting_methods_agree():
         assert 0 < res["best_s"] <= res["first_s"] * 3
         maps.append(res["mAP"])
     assert maps[0] == maps[1] == maps[2] and 0.25 < maps[0] < 0.4
+
+
+def test_last_block_ab_smoke(tmp_path):
+    out = tmp_path / "last_block.json"
+    r = _run("benchmarks.last_block", "--rounds", "1", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert set(rows) == {"demo 4x128 ape", "demo 4x128 both", "vit_tiny both 256x128"}
+    for row in rows.values():
+        assert row["train_cls_only_img_s"] > 0 and row["infer_every_token_img_s"] > 0 and row["train_speedup"] > 0
