@@ -83,7 +83,7 @@ def evaluate(
     from reidcli.report.compare import write_per_query
     from reidcli.retrieval.evaluate import EvalConfig
     from reidcli.retrieval.evaluate import evaluate as run_eval
-    from reidcli.retrieval.features import read_features
+    from reidcli.retrieval.features import read_features, renormalised_notice
     from reidcli.retrieval.roc import parse_fprs
 
     if visualize < 0 or top_k < 1:
@@ -135,6 +135,8 @@ def evaluate(
         roc=parse_fprs(fpr) if roc else (),
     ).validate()
     attrs, splits = read_features(features)
+    if notice := renormalised_notice(features, splits):
+        err.print(notice)
     images = _picture_source(data, attrs) if visualize else None  # checked before the work, not after
     built = _load_index(index, splits["gallery"]) if index else None
     result = run_eval(splits["query"], splits["gallery"], cfg, built)

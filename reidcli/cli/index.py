@@ -30,11 +30,13 @@ def index(
 
       reid index feats/big.h5 --out feats/big.faiss --kind ivfpq --nlist 4096 --m 64 --nprobe 32
     """
-    from reidcli.retrieval.features import read_features
+    from reidcli.retrieval.features import read_features, renormalised_notice
     from reidcli.retrieval.index import IndexConfig, build_index, faiss_gpu_count, index_meta, load_index, save_index
 
     refuse_unused(ctx, ("nlist", "m", "nprobe"), kind == "ivfpq", "--kind ivfpq", "add --kind ivfpq")
     _, splits = read_features(features, (split,))
+    if notice := renormalised_notice(features, splits):
+        err.print(notice)
     s = splits[split]
     cfg = IndexConfig(kind=kind, nlist=nlist, m=m, nprobe=nprobe)
     if faiss_gpu_count() == 0:

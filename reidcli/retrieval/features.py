@@ -12,7 +12,7 @@ import numpy as np
 from reidcli.errors import FormatError
 from reidcli.fileio import atomic_path
 
-__all__ = ["FEATURES_FORMAT", "FeatureSplit", "write_features", "read_features"]
+__all__ = ["FEATURES_FORMAT", "FeatureSplit", "write_features", "read_features", "renormalised_notice"]
 
 FEATURES_FORMAT = "reidcli.features"
 FEATURES_VERSION = 1
@@ -25,6 +25,8 @@ class FeatureSplit:
     pids: np.ndarray  # (N,) int64
     camids: np.ndarray  # (N,) int64
     paths: list[str] = field(default_factory=list)
+    renormalised: int = 0  # rows the reader scaled to unit length (a file whose writer did not normalise them)
+    norm_range: tuple[float, float] = (1.0, 1.0)  # the smallest and largest row norm as stored
 
     def __len__(self) -> int:
         return len(self.pids)
@@ -50,7 +52,8 @@ def write_features(path: str | Path, splits: dict[str, FeatureSplit], provenance
 def read_features(
     path: str | Path, splits: tuple[str, ...] = ("query", "gallery")
 ) -> tuple[dict, dict[str, FeatureSplit]]:
-    """Attributes and splits, checked: format/version, groups, lengths, dimensions, finite values."""
+    """Attributes and splits, checked: format/version, groups, lengths, dimensions, finite values; rows that are
+    not unit length are L2-normalised (counted in ``FeatureSplit.renormalised``; see :func:`renormalised_notice`)."""
     path = Path(path)
     if not path.is_file():
         raise FormatError(f"features file {path} not found; create it with 'reid extract'")
@@ -94,4 +97,44 @@ def _read_split(path: Path, h5: h5py.File, name: str) -> FeatureSplit:
     if not np.isfinite(feats).all():
         bad = int((~np.isfinite(feats).all(1)).sum())
         raise FormatError(f"{path}: {bad} {name} feature row(s) hold NaN or Inf; re-extract with a healthy model")
-    return FeatureSplit(feats, pids.astype(np.int64), camids.astype(np.int64), paths)
+    feats, scaled, norm_range = _unit_rows(feats, path, name)
+    return FeatureSplit(feats, pids.astype(np.int64), camids.astype(np.int64), paths, scaled, norm_range)
+
+
+# float16 storage rounds a unit row's norm by up to ~5e-4; a row further from 1 was not normalised by its writer
+_UNIT_TOLERANCE = 2e-3
+
+
+def _unit_rows(feats: np.ndarray, path: Path, name: str) -> tuple[np.ndarray, int, tuple[float, float]]:
+    """The rows L2-normalised when any is not unit length (the format stores them normalised and defines the
+    similarity as cosine; a file from a writer that did not normalise would otherwise be ranked by inner product),
+    with how many rows were off and the stored norms' range; all-zero rows are refused (no cosine for them)."""
+    norms = np.empty(len(feats), dtype=np.float32)
+    for i in range(0, len(feats), 65536):  # float32 sums a block at a time: bounded memory for float16 files
+        block = feats[i : i + 65536].astype(np.float32, copy=False)
+        norms[i : i + 65536] = np.sqrt(np.einsum("ij,ij->i", block, block))
+    zero = int((norms == 0).sum())
+    if zero:
+        raise FormatError(
+            f"{path}: {zero} {name} feature row(s) are all zero, which no cosine similarity can rank; re-extract "
+            "them with a healthy model"
+        )
+    off = int((np.abs(norms - 1) > _UNIT_TOLERANCE).sum())
+    norm_range = (float(norms.min()), float(norms.max()))
+    if not off:
+        return feats, 0, norm_range
+    return feats.astype(np.float32) / norms[:, None], off, norm_range
+
+
+def renormalised_notice(path: str | Path, splits: dict[str, FeatureSplit]) -> str | None:
+    """One line when the reader normalised rows of ``path`` (None when every row was unit length already)."""
+    scaled = {name: s for name, s in splits.items() if s.renormalised}
+    if not scaled:
+        return None
+    counts = " and ".join(f"{s.renormalised:,} of {len(s):,} {name}" for name, s in scaled.items())
+    lo = min(s.norm_range[0] for s in scaled.values())
+    hi = max(s.norm_range[1] for s in scaled.values())
+    return (
+        f"notice: {path}: {counts} feature rows are not unit length (norms {lo:.3g}–{hi:.3g}); they are used "
+        "L2-normalised (cosine similarity, as the features format defines)"
+    )

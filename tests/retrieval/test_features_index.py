@@ -56,7 +56,7 @@ def _edit(path, fn):
         (
             lambda h: (
                 h["query"].__delitem__("feats"),
-                h["query"].create_dataset("feats", data=np.zeros((30, 8), np.float32)),
+                h["query"].create_dataset("feats", data=np.ones((30, 8), np.float32)),
             ),
             "dimensions differ",
         ),
@@ -66,6 +66,50 @@ def test_bad_features_files(feats, edit, message):
     _edit(feats, edit)
     with pytest.raises(FormatError, match=message):
         read_features(feats)
+
+
+def test_rows_a_writer_did_not_normalise_are_normalised_on_read_and_named_once(feats, tmp_path):
+    """The format stores unit rows and ranks by cosine: a file whose rows are scaled (another tool's raw features)
+    evaluates as its normalised rows would, not by inner product, and every command reading it says so; unit rows
+    (float16 rounding included) are read as they are; an all-zero row, which no cosine ranks, is refused."""
+    from reidcli.retrieval.features import renormalised_notice
+    from tests.conftest import run_cli_here
+
+    _, unit = read_features(feats)
+    assert unit["query"].renormalised == unit["gallery"].renormalised == 0
+    rng = np.random.default_rng(1)
+    scale = {"query": rng.uniform(0.5, 3, (30, 1)), "gallery": np.ones((600, 1))}
+    scale["gallery"][::7] = 4.0  # every 7th gallery row: 86 rows
+    scaled = tmp_path / "scaled.h5"
+    write_features(
+        scaled,
+        {
+            n: FeatureSplit((s.feats.astype(np.float32) * scale[n]).astype(np.float32), s.pids, s.camids)
+            for n, s in unit.items()
+        },
+    )
+    _, back = read_features(scaled)
+    assert (back["query"].renormalised, back["gallery"].renormalised) == (30, 86)
+    assert np.allclose(np.linalg.norm(back["gallery"].feats, axis=1), 1, atol=1e-6)
+    notice = renormalised_notice(scaled, back)
+    assert notice == (
+        f"notice: {scaled}: 30 of 30 query and 86 of 600 gallery feature rows are not unit length (norms "
+        f"{back['query'].norm_range[0]:.3g}–4); they are used L2-normalised (cosine similarity, as the features format "
+        "defines)"
+    )
+    assert renormalised_notice(feats, unit) is None
+    plain = evaluate(unit["query"], unit["gallery"], EvalConfig(engine="torch")).metrics
+    assert evaluate(back["query"], back["gallery"], EvalConfig(engine="torch")).metrics.mAP == pytest.approx(
+        plain.mAP, abs=1e-6
+    )
+    r = run_cli_here("evaluate", str(scaled), "--json")
+    assert r.returncode == 0 and "are not unit length" in r.stderr, r.stderr
+    import json
+
+    assert json.loads(r.stdout)["mAP"] == pytest.approx(plain.mAP, abs=1e-6)
+    _edit(scaled, lambda h: h["gallery/feats"].__setitem__(3, np.zeros(32, np.float32)))
+    with pytest.raises(FormatError, match="1 gallery feature row.s. are all zero, which no cosine similarity can rank"):
+        read_features(scaled)
 
 
 def test_truncated_file(feats, tmp_path):
