@@ -175,7 +175,7 @@ def _check_features(path: Path, run: Path | None, data: Path | None) -> list[tup
     import h5py
     import numpy as np
 
-    from reidcli.retrieval.features import read_features
+    from reidcli.retrieval.features import read_features, renormalised_notice
 
     read_features(path, ())  # the file and its format, or one line saying what is wrong
     with h5py.File(path, "r") as h5:
@@ -184,6 +184,8 @@ def _check_features(path: Path, run: Path | None, data: Path | None) -> list[tup
     dim = next(iter(splits.values())).feats.shape[1]
     counts = ", ".join(f"{name} {len(s)}" for name, s in splits.items())
     rows = [("features", "ok", f"{path}: {counts} rows of {dim} values ({next(iter(splits.values())).feats.dtype})")]
+    if notice := renormalised_notice(None, splits):  # handled on every read: a note, not a failure
+        rows.append(("features rows", "note", notice))
     if run is not None:
         from reidcli.engine.checkpoint import read_run_config
         from reidcli.model.vit import ModelConfig

@@ -126,15 +126,17 @@ def _unit_rows(feats: np.ndarray, path: Path, name: str) -> tuple[np.ndarray, in
     return feats.astype(np.float32) / norms[:, None], off, norm_range
 
 
-def renormalised_notice(path: str | Path, splits: dict[str, FeatureSplit]) -> str | None:
-    """One line when the reader normalised rows of ``path`` (None when every row was unit length already)."""
+def renormalised_notice(path: str | Path | None, splits: dict[str, FeatureSplit]) -> str | None:
+    """One line when the reader normalised rows of ``path`` (None when every row was unit length already); without
+    ``path``, the sentence alone (no ``notice: PATH:`` before it)."""
     scaled = {name: s for name, s in splits.items() if s.renormalised}
     if not scaled:
         return None
     counts = " and ".join(f"{s.renormalised:,} of {len(s):,} {name}" for name, s in scaled.items())
     lo = min(s.norm_range[0] for s in scaled.values())
     hi = max(s.norm_range[1] for s in scaled.values())
-    return (
-        f"notice: {path}: {counts} feature rows are not unit length (norms {lo:.3g}–{hi:.3g}); they are used "
-        "L2-normalised (cosine similarity, as the features format defines)"
+    text = (
+        f"{counts} feature rows are not unit length (norms {lo:.3g}–{hi:.3g}); they are used L2-normalised (cosine "
+        "similarity, as the features format defines)"
     )
+    return text if path is None else f"notice: {path}: {text}"

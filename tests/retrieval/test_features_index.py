@@ -97,7 +97,9 @@ def test_rows_a_writer_did_not_normalise_are_normalised_on_read_and_named_once(f
         f"{back['query'].norm_range[0]:.3g}–4); they are used L2-normalised (cosine similarity, as the features format "
         "defines)"
     )
-    assert renormalised_notice(feats, unit) is None
+    assert renormalised_notice(feats, unit) is None and notice.endswith(renormalised_notice(None, back))
+    r = run_cli_here("doctor", "--features", str(scaled))  # a note, not a failure: the reader handles it
+    assert r.returncode == 0 and "features rows" in r.stdout and "note" in r.stdout, r.stdout
     plain = evaluate(unit["query"], unit["gallery"], EvalConfig(engine="torch")).metrics
     assert evaluate(back["query"], back["gallery"], EvalConfig(engine="torch")).metrics.mAP == pytest.approx(
         plain.mAP, abs=1e-6
