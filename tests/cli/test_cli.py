@@ -190,22 +190,14 @@ def test_end_to_end_pipeline_learns(tmp_path):
 
 
 def test_print_model_seed_figures(tiny_data):
-    r = run_cli_here(
-        "train",
-        "--data",
-        str(tiny_data),
-        "--out",
-        "unused",
-        "--pe",
-        "both",
-        "--image-size",
-        "256x192",
-        "--print-model",
-        "--json",
-    )
-    assert r.returncode == 0, r.stderr
-    report = json.loads(r.stdout)
-    assert report["ape"] == 148_224 and report["grid"] == [16, 12]
+    def report(*extra: str) -> dict:
+        args = ("--data", str(tiny_data), "--out", "unused", "--pe", "both", "--image-size", "256x192")
+        r = run_cli_here("train", *args, *extra, "--print-model", "--json")
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+
+    plain = report()
+    assert plain["ape"] == 148_224 and plain["grid"] == [16, 12]
     # ViT-B/16 matrix products per image, 193 tokens: patch projection, 11 × (qkv + proj + MLP, QKᵀ and AV) and the
     # last block for the CLS token: every token's qkv, then one query's attention row, proj and MLP
     n, d, layers = 193, 768, 12
@@ -213,27 +205,11 @@ def test_print_model_seed_figures(tiny_data):
     last = 2 * n * 3 * d * d + 2 * (1 + 8) * d * d + 2 * 2 * n * d
     patch = 2 * 192 * (3 * 16 * 16) * d
     forward = patch + (layers - 1) * block + last
-    assert report["forward_gflop"] == pytest.approx(forward / 1e9, rel=1e-3)
+    assert plain["forward_gflop"] == pytest.approx(forward / 1e9, rel=1e-3)
     # backward = 2 × forward, less the input gradient of the patch projection (the image needs none)
-    assert report["train_gflop"] == pytest.approx((3 * forward - patch) / 1e9, rel=1e-3)
-    r = run_cli_here(
-        "train",
-        "--data",
-        str(tiny_data),
-        "--out",
-        "unused",
-        "--pe",
-        "both",
-        "--image-size",
-        "256x192",
-        "--loss",
-        "rp-triplet",
-        "--print-model",
-        "--json",
-    )
-    assert r.returncode == 0, r.stderr
+    assert plain["train_gflop"] == pytest.approx((3 * forward - patch) / 1e9, rel=1e-3)
     full = patch + layers * block  # a loss on the patch tokens: the last block for every token in training
-    assert json.loads(r.stdout)["train_gflop"] == pytest.approx((3 * full - patch) / 1e9, rel=1e-3)
+    assert report("--loss", "rp-triplet")["train_gflop"] == pytest.approx((3 * full - patch) / 1e9, rel=1e-3)
 
 
 @pytest.mark.parametrize(
