@@ -514,12 +514,11 @@ def run_training(cfg, resume: bool):
 
 
 def _print_model(mcfg, json_out: bool, loss: str) -> None:
-    from reidcli.losses.combined import parse_loss_spec
+    from reidcli.losses.combined import LossConfig
     from reidcli.model.vit import ViTReID, flop_report, parameter_report
 
     model = ViTReID(mcfg)
-    patches = bool({"patch-triplet", "rp-triplet"} & set(parse_loss_spec(loss)))
-    report = {**parameter_report(model), **flop_report(model, patches)}
+    report = {**parameter_report(model), **flop_report(model, LossConfig(spec=loss).reads_patches)}
     if json_out:
         print_json({"model": mcfg.to_dict(), **report})
         return

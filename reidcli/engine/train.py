@@ -632,8 +632,7 @@ def _make_step(state: _State, cfg: TrainConfig, device: torch.device):
         model = torch.compile(model, mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
     autocast = train_precision(cfg.precision, device) == "bf16"
     params = [p for p in state.model.parameters() if p.requires_grad]
-    # the patch tokens only for the losses that read them: else the last block runs for the CLS token alone
-    patches = bool({"patch-triplet", "rp-triplet"} & set(cfg.loss.names))
+    patches = cfg.loss.reads_patches  # else the last block runs for the CLS token alone
 
     def step(
         x: torch.Tensor, y: torch.Tensor, epoch: float | torch.Tensor, cams: torch.Tensor | None = None

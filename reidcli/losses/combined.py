@@ -12,9 +12,18 @@ from reidcli.errors import ConfigError
 from reidcli.losses.positional import patch_embedding, relation_vectors, rp_triplet
 from reidcli.losses.triplet import batch_hard_triplet
 
-__all__ = ["LOSS_NAMES", "LossConfig", "parse_loss_spec", "compute_losses", "center_loss", "margin_logits"]
+__all__ = [
+    "LOSS_NAMES",
+    "PATCH_LOSSES",
+    "LossConfig",
+    "parse_loss_spec",
+    "compute_losses",
+    "center_loss",
+    "margin_logits",
+]
 
 LOSS_NAMES = ("ce", "triplet", "center", "patch-triplet", "rp-triplet")
+PATCH_LOSSES = frozenset({"patch-triplet", "rp-triplet"})  # the losses on the patch tokens
 
 
 def parse_loss_spec(spec: str) -> tuple[str, ...]:
@@ -54,6 +63,12 @@ class LossConfig:
     @property
     def names(self) -> tuple[str, ...]:
         return parse_loss_spec(self.spec)
+
+    @property
+    def reads_patches(self) -> bool:
+        """Whether a loss reads the patch tokens after the last block; else the model's forward skips them (its last
+        block runs for the CLS token alone)."""
+        return bool(PATCH_LOSSES & set(self.names))
 
     def validate(self) -> LossConfig:
         self.names  # noqa: B018 — parses and raises on a bad spec
