@@ -109,10 +109,12 @@ def _unit_rows(feats: np.ndarray, path: Path, name: str) -> tuple[np.ndarray, in
     """The rows L2-normalised when any is not unit length (the format stores them normalised and defines the
     similarity as cosine; a file from a writer that did not normalise would otherwise be ranked by inner product),
     with how many rows were off and the stored norms' range; all-zero rows are refused (no cosine for them)."""
-    norms = np.empty(len(feats), dtype=np.float32)
-    for i in range(0, len(feats), 65536):  # float32 sums a block at a time: bounded memory for float16 files
-        block = feats[i : i + 65536].astype(np.float32, copy=False)
-        norms[i : i + 65536] = np.sqrt(np.einsum("ij,ij->i", block, block))
+    import torch
+
+    rows = torch.from_numpy(feats)
+    norms = torch.cat(  # float32 sums a block at a time: bounded memory for float16 files
+        [torch.linalg.vector_norm(b, dim=1, dtype=torch.float32) for b in rows.split(65536)]
+    ).numpy()
     zero = int((norms == 0).sum())
     if zero:
         raise FormatError(
