@@ -201,11 +201,7 @@ def augment_batch(
     dev = images.device
     if r is None:
         r = torch.rand(b, cfg.draws, generator=gen).to(dev)
-    if cfg.jitter > 0:  # on the pixels, before the flip and crop (fast-reid jitters the cropped image: the same
-        # operations, but its pad border is jittered too)
-        x = color_jitter(images.permute(0, 3, 1, 2).float().div_(255), cfg, r[:, AUGMENT_DRAWS:]).mul_(2).sub_(1)
-    else:
-        x = normalize_batch(images)
+    x = normalize_batch(images)
     if cfg.flip > 0:
         x = torch.where((r[:, 0] < cfg.flip)[:, None, None, None], x.flip(3), x)
     if cfg.pad > 0:
@@ -216,6 +212,8 @@ def augment_batch(
         rows = (oy[:, None] + torch.arange(h, device=dev))[:, None, :, None].expand(b, 3, h, w + 2 * p)
         cols = (ox[:, None] + torch.arange(w, device=dev))[:, None, None, :].expand(b, 3, h, w)
         x = x.gather(2, rows).gather(3, cols)
+    if cfg.jitter > 0:  # on the flipped, padded and cropped image in [0, 1] (black border included), as fast-reid
+        x = color_jitter(x.add(1).mul_(0.5), cfg, r[:, AUGMENT_DRAWS:]).mul_(2).sub_(1)
     if cfg.erase > 0:
         lo, hi = cfg.erase_area
         area = (lo + (hi - lo) * r[:, 3]) * h * w
