@@ -203,15 +203,14 @@ def augment_options(ctx: typer.Context, swept: tuple[str, ...] = ()):
 
 def _augment_fields(params: dict) -> dict:
     """AugmentConfig's fields among a command's ``params`` (by parameter name: ``flip_prob`` sets ``flip``;
-    ``--erase-area`` text is parsed)."""
-    from reidcli.data.augment import AUGMENT_FLAGS, parse_erase_area, parse_jitter
+    ``--erase-area`` and ``--jitter`` text is parsed)."""
+    from reidcli.data.augment import AUGMENT_FLAGS, AUGMENT_PARSERS
 
     names = {field: flag.replace("-", "_") for field, flag in AUGMENT_FLAGS.items()}
     fields = {field: params[name] for field, name in names.items() if name in params}
-    if isinstance(fields.get("erase_area"), str):
-        fields["erase_area"] = parse_erase_area(fields["erase_area"])
-    if isinstance(fields.get("jitter_strength"), str):
-        fields["jitter_strength"] = parse_jitter(fields["jitter_strength"])
+    for field, parse in AUGMENT_PARSERS.items():
+        if isinstance(fields.get(field), str):
+            fields[field] = parse(fields[field])
     return fields
 
 

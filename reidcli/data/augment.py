@@ -14,6 +14,7 @@ from reidcli.errors import ConfigError
 __all__ = [
     "AUGMENT_DRAWS",
     "AUGMENT_FLAGS",
+    "AUGMENT_PARSERS",
     "ERASE_FILLS",
     "JITTER_DRAWS",
     "AugmentConfig",
@@ -119,6 +120,10 @@ def parse_jitter(text: str) -> tuple[float, float, float, float]:
             "0.15,0.15,0.1,0.1)"
         ) from None
     return values
+
+
+# the AugmentConfig fields given as text on the command line (and in `ablate --vary`), with their parsers
+AUGMENT_PARSERS = {"erase_area": parse_erase_area, "jitter_strength": parse_jitter}
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from reidcli.data.augment import AUGMENT_FLAGS, parse_erase_area
+from reidcli.data.augment import AUGMENT_FLAGS, AUGMENT_PARSERS
 from reidcli.engine.checkpoint import RunFiles
 from reidcli.engine.train import TrainConfig
 from reidcli.errors import ConfigError
@@ -110,8 +110,8 @@ def apply_setting(cfg: TrainConfig, option: str, raw: str) -> TrainConfig:
     try:
         if field == "margin":  # None (soft margin) or a number
             value = None if raw.lower() in ("none", "soft") else float(raw)
-        elif field == "erase_area":
-            value = parse_erase_area(raw)
+        elif part == "augment" and field in AUGMENT_PARSERS:  # e.g. erase-area's LO-HI
+            value = AUGMENT_PARSERS[field](raw)
         elif isinstance(current, bool) or not isinstance(current, (int, float)):
             value = raw
         else:
