@@ -25,6 +25,13 @@ def prepare(
     root: Annotated[Path, typer.Option(help="Extracted dataset folder or its zip; for synthetic, where to write it.")],
     out: Annotated[Path | None, typer.Option(help="Output HDF5 (default: data/<dataset>.h5).")] = None,
     image_size: Annotated[str, typer.Option(help="Stored image size HEIGHTxWIDTH.")] = "256x128",
+    extra_gallery: Annotated[
+        Path | None,
+        typer.Option(
+            help="More gallery images, a folder or zip in Market-1501 naming (junk -1 left out), e.g. Market-1501's "
+            "500k distractors (torchreid's images/ folder)."
+        ),
+    ] = None,
     skip_bad: Annotated[bool, typer.Option(help="Leave out unreadable images (counted) instead of stopping.")] = False,
     cuhk03_subset: Annotated[str, typer.Option(help="cuhk03np: detected or labeled.")] = "detected",
     seed: Annotated[int, typer.Option(help="synthetic: random seed (same seed, same bytes).")] = 0,
@@ -44,6 +51,8 @@ def prepare(
 
       reid prepare msmt17 --root ~/data/MSMT17_V1.zip
 
+      reid prepare market1501 --root ~/data/Market-1501-v15.09.15 --extra-gallery ~/data/distractors_500k.zip
+
       reid prepare veri776 --root ~/data/VeRi --image-size 256x256     # TransReID's vehicle benchmark
 
       reid prepare synthetic --root demo/synthetic --seed 0 --ids 60 --image-size 128x64
@@ -58,7 +67,13 @@ def prepare(
     if dataset == "synthetic":
         _generate(root, seed, ids, cameras, images_per_camera, difficulty, distractors, junk)
     cfg = PrepareConfig(
-        dataset=dataset, root=root, out=out, image_size=size, skip_bad=skip_bad, cuhk03_subset=cuhk03_subset
+        dataset=dataset,
+        root=root,
+        out=out,
+        image_size=size,
+        skip_bad=skip_bad,
+        cuhk03_subset=cuhk03_subset,
+        extra_gallery=extra_gallery,
     )
     with progress(f"prepare {dataset}") as update:
         result = prepare_dataset(cfg, update)

@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import os
 import warnings
-from collections.abc import Callable
+import zipfile
+from collections import deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from reidcli.data.layouts import DATASETS, SPLITS, Record, parse_layout
+from reidcli.data.naming import IMAGE_SUFFIXES, parse_market_name
 from reidcli.data.sources import Source, open_source
-from reidcli.data.store import write_dataset
+from reidcli.data.store import DatasetWriter, write_dataset
 from reidcli.errors import ConfigError, DataError
 
 __all__ = ["PrepareConfig", "PrepareResult", "prepare_dataset", "decode_image"]
@@ -32,6 +36,7 @@ class PrepareConfig:
     image_size: tuple[int, int] = (256, 128)
     skip_bad: bool = False  # skip unreadable images (counted and reported) instead of stopping
     cuhk03_subset: str = "detected"
+    extra_gallery: Path | None = None  # more gallery images (Market-1501 naming), e.g. Market-1501's 500k distractors
     workers: int = field(default_factory=lambda: min(8, os.cpu_count() or 1))
 
     def validate(self) -> None:
@@ -73,16 +78,40 @@ def decode_image(data: bytes, size: tuple[int, int], name: str, fix: str = SKIP_
         raise DataError(f"image {name} cannot be decoded ({e}); {fix}") from e
 
 
-def _decode_all(
-    source: Source,
-    records: list[Record],
+BLOCK = 256  # images decoded, then written, at a time: memory stays bounded whatever the split's size
+
+
+def _in_order(pool: ThreadPoolExecutor, fn: Callable, items: list, window: int) -> Iterator:
+    """``fn`` over ``items`` on ``pool``, results in order, at most ``window`` in flight (unlike ``pool.map``, which
+    submits everything at once and would hold every finished image until its turn)."""
+    pending: deque = deque()
+    it = iter(items)
+    try:
+        for item in itertools.islice(it, window):
+            pending.append(pool.submit(fn, item))
+        while pending:
+            result = pending.popleft().result()
+            for item in itertools.islice(it, 1):
+                pending.append(pool.submit(fn, item))
+            yield result
+    finally:
+        for f in pending:
+            f.cancel()
+
+
+def _write_split(
+    writer: DatasetWriter,
+    split: str,
+    items: list[tuple[Source, Record, str]],
     cfg: PrepareConfig,
     pool: ThreadPoolExecutor,
     on_image: Callable[[], None] | None,
-) -> tuple[np.ndarray, list[Record], list[str]]:
-    """Decode ``records``; return the images, the records kept and the paths skipped."""
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Decode ``items`` (source, record, stored path) block by block straight into the split; return the pids and
+    cameras kept and the paths skipped."""
 
-    def load(rec: Record) -> np.ndarray | None:
+    def load(item: tuple[Source, Record, str]) -> np.ndarray | None:
+        source, rec, _ = item
         try:
             return decode_image(source.read(rec.path), cfg.image_size, rec.path)
         except DataError:
@@ -93,12 +122,51 @@ def _decode_all(
             if on_image:
                 on_image()
 
-    arrays = list(pool.map(load, records))
-    kept = [r for r, a in zip(records, arrays, strict=False) if a is not None]
-    skipped = [r.path for r, a in zip(records, arrays, strict=False) if a is None]
+    images = writer.add_images(split, len(items))
+    block = np.empty((BLOCK, *cfg.image_size, 3), np.uint8)
+    kept: list[tuple[Source, Record, str]] = []
+    skipped: list[str] = []
+    filled = 0
+    for item, array in zip(items, _in_order(pool, load, items, 2 * BLOCK), strict=True):
+        if array is None:
+            skipped.append(item[1].path)
+            continue
+        block[len(kept) - filled] = array
+        kept.append(item)
+        if len(kept) - filled == BLOCK:
+            images[filled : len(kept)] = block
+            filled = len(kept)
     if not kept:
-        raise DataError(f"no readable image left in a split of {source.label}; check the dataset")
-    return np.stack([a for a in arrays if a is not None]), kept, skipped
+        raise DataError(f"no readable image left in the {split} split of {items[0][0].label}; check the dataset")
+    if len(kept) > filled:
+        images[filled : len(kept)] = block[: len(kept) - filled]
+    pids = np.array([r.pid for _, r, _ in kept], dtype=np.int64)
+    camids = np.array([r.camid for _, r, _ in kept], dtype=np.int64)
+    writer.finish_split(split, pids, camids, [stored for _, _, stored in kept])
+    return pids, camids, skipped
+
+
+def _extra_gallery(path: Path, gallery: list[Record]) -> tuple[Source, list[Record], str]:
+    """The extra gallery's images (Market-1501 naming, junk left out), and the prefix of their stored paths: the
+    folder's name (a zip's name without ``.zip``), so that they read as ``images/0000_c1s1_….jpg``."""
+    if not path.exists() or (path.is_file() and not zipfile.is_zipfile(path)):
+        raise DataError(f"--extra-gallery {path} is not a folder or a zip archive; pass the extra gallery images' one")
+    source = open_source(path)
+    records = []
+    for f in source.files():
+        if not f.lower().endswith(IMAGE_SUFFIXES):
+            continue
+        pid, cam = parse_market_name(PurePosixPath(f).name)
+        if pid != -1:
+            records.append(Record(f, pid, cam))
+    if not records:
+        raise DataError(f"--extra-gallery {path} holds no image with a pid (Market-1501 naming); check the folder")
+    prefix = (path.stem if path.is_file() else path.resolve().name) + "/"
+    taken = {r.path for r in gallery}
+    twice = next((prefix + r.path for r in records if prefix + r.path in taken), None)
+    if twice:
+        raise DataError(f"--extra-gallery {path}: {twice} is already in the dataset's gallery; pass only extra images")
+    return source, records, prefix
 
 
 def prepare_dataset(cfg: PrepareConfig, on_progress: Callable[[int, int], None] | None = None) -> PrepareResult:
@@ -106,7 +174,13 @@ def prepare_dataset(cfg: PrepareConfig, on_progress: Callable[[int, int], None] 
     cfg.validate()
     source = open_source(cfg.root)
     splits = parse_layout(cfg.dataset, source, cfg.cuhk03_subset)
-    total = sum(len(r) for r in splits.values())
+    items = {split: [(source, r, r.path) for r in records] for split, records in splits.items()}
+    attrs = {"source": str(cfg.root)}
+    if cfg.extra_gallery is not None:
+        extra, records, prefix = _extra_gallery(cfg.extra_gallery, splits["gallery"])
+        items["gallery"] += [(extra, r, prefix + r.path) for r in records]
+        attrs["extra_gallery"] = str(cfg.extra_gallery)
+    total = sum(len(r) for r in items.values())
     done = 0
 
     def tick() -> None:
@@ -118,18 +192,15 @@ def prepare_dataset(cfg: PrepareConfig, on_progress: Callable[[int, int], None] 
     rows, skipped = [], []
     with (
         ThreadPoolExecutor(cfg.workers) as pool,
-        write_dataset(cfg.out, cfg.dataset, cfg.image_size, source=str(cfg.root)) as writer,
+        write_dataset(cfg.out, cfg.dataset, cfg.image_size, **attrs) as writer,
     ):
         for split in SPLITS:
-            images, kept, bad = _decode_all(source, splits[split], cfg, pool, tick)
-            pids = np.array([r.pid for r in kept], dtype=np.int64)
-            camids = np.array([r.camid for r in kept], dtype=np.int64)
-            writer.add_split(split, pids, camids, [r.path for r in kept])[...] = images
+            pids, camids, bad = _write_split(writer, split, items[split], cfg, pool, tick)
             skipped += bad
             rows.append(
                 {
                     "split": split,
-                    "images": len(kept),
+                    "images": len(pids),
                     "ids": int(len(np.unique(pids))),
                     "cameras": int(len(np.unique(camids))),
                 }

@@ -20,6 +20,7 @@ __all__ = [
     "write_dataset",
     "read_dataset",
     "read_images",
+    "read_rows",
     "open_splits",
     "dataset_summary",
     "dataset_cameras",
@@ -43,20 +44,35 @@ class DatasetSplit:
 
 
 class DatasetWriter:
-    """Fills pre-sized ``images`` datasets split by split; used inside :func:`write_dataset`."""
+    """Writes the splits of a dataset file; used inside :func:`write_dataset`.
+
+    Either :meth:`add_split` (labels known, images filled by the caller), or :meth:`add_images` then
+    :meth:`finish_split` for a split written block by block whose final length is known only at its end."""
 
     def __init__(self, h5: h5py.File, image_size: tuple[int, int]):
         self.h5 = h5
         self.image_size = image_size
 
     def add_split(self, split: str, pids: np.ndarray, camids: np.ndarray, paths: list[str]) -> h5py.Dataset:
-        g = self.h5.create_group(split)
+        images = self.add_images(split, len(pids))
+        self.finish_split(split, pids, camids, paths)
+        return images
+
+    def add_images(self, split: str, capacity: int) -> h5py.Dataset:
+        """The split's ``images`` dataset, ``capacity`` rows, shrunk by :meth:`finish_split` to the rows kept."""
+        h, w = self.image_size
+        n = max(int(capacity), 1)
+        return self.h5.create_group(split).create_dataset(
+            "images", shape=(capacity, h, w, 3), maxshape=(None, h, w, 3), dtype=np.uint8, chunks=(min(64, n), h, w, 3)
+        )
+
+    def finish_split(self, split: str, pids: np.ndarray, camids: np.ndarray, paths: list[str]) -> None:
+        g = self.h5[split]
         g.create_dataset("pids", data=np.asarray(pids, dtype=np.int64))
         g.create_dataset("camids", data=np.asarray(camids, dtype=np.int64))
         g.create_dataset("paths", data=np.asarray(paths, dtype=object), dtype=_STR)
-        h, w = self.image_size
-        n = len(pids)
-        return g.create_dataset("images", shape=(n, h, w, 3), dtype=np.uint8, chunks=(min(64, max(n, 1)), h, w, 3))
+        if g["images"].shape[0] != len(pids):
+            g["images"].resize(len(pids), axis=0)
 
 
 @contextmanager
@@ -154,11 +170,25 @@ def read_images(path: str | Path, split: str, rows: np.ndarray) -> np.ndarray:
     """The images at ``rows`` of one split (any order, repeats allowed), without reading the rest: a few pictures
     of Market-1501 at 256×128 need a few MB, not the 1.9 GB of its query and gallery images."""
     rows = np.asarray(rows, dtype=np.int64)
-    wanted, back = np.unique(rows, return_inverse=True)  # h5py reads increasing rows
+    wanted, back = np.unique(rows, return_inverse=True)
     with _open_checked(path) as h5:
         if split not in h5:
             raise FormatError(f"{path} has no '{split}' split; re-prepare the dataset")
-        return h5[split]["images"][wanted][back.reshape(rows.shape)]
+        return read_rows(h5[split]["images"], wanted)[back.reshape(rows.shape)]
+
+
+def read_rows(dataset: h5py.Dataset, rows: np.ndarray) -> np.ndarray:
+    """``dataset[rows]`` for increasing unique ``rows``, read as runs of consecutive rows (one slice each): h5py's
+    point selection costs per row, and most row sets here are a few long runs (a split without its distractors)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    out = np.empty((len(rows), *dataset.shape[1:]), dataset.dtype)
+    if not len(rows):
+        return out
+    starts = np.flatnonzero(np.diff(rows, prepend=rows[0] - 2) != 1)  # where a run begins, in ``rows``
+    ends = np.append(starts[1:], len(rows))
+    for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
+        dataset.read_direct(out, np.s_[rows[a] : rows[a] + (b - a)], np.s_[a:b])
+    return out
 
 
 def dataset_summary(splits: dict[str, DatasetSplit]) -> list[dict]:

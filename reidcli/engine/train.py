@@ -15,7 +15,7 @@ import torch
 
 from reidcli.data.augment import AUGMENT_FLAGS, AugmentConfig, augment_batch
 from reidcli.data.sampler import PKSampler
-from reidcli.data.store import DatasetSplit, read_dataset
+from reidcli.data.store import DatasetSplit, read_dataset, read_images
 from reidcli.engine.checkpoint import (
     RunFiles,
     load_checkpoint,
@@ -585,9 +585,10 @@ def joined_train_split(
     parts, names = [], []
     pid_base = 0
     cam_bases = camera_offsets(data, extra) if extra else {}
-    splits_read = ("train", "query", "gallery") if combine_all else ("train",)
     for path in (data, *extra):
-        attrs, splits = read_dataset(path, splits_read, images=images)
+        attrs, splits = read_dataset(path, ("train",), images=images)
+        if combine_all:  # the test splits' labels, then only the images kept (not the distractors, e.g. 500k)
+            splits.update(read_dataset(path, ("query", "gallery"), images=False)[1])
         size = tuple(attrs["image_size"])
         if tuple(image_size) != size:
             h, w = image_size
@@ -600,7 +601,7 @@ def joined_train_split(
         if combine_all:
             keep = {s: splits[s].pids != 0 for s in ("query", "gallery")}
             train = DatasetSplit(
-                np.concatenate([train.images, *(splits[s].images[k] for s, k in keep.items())])
+                np.concatenate([train.images, *(read_images(path, s, np.flatnonzero(k)) for s, k in keep.items())])
                 if images
                 else train.images,
                 np.concatenate([train.pids, *(splits[s].pids[k] for s, k in keep.items())]),

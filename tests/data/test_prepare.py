@@ -88,6 +88,100 @@ def test_unreadable_image_names_file_and_leaves_nothing(market, tmp_path):
     assert out.exists()
 
 
+def test_skipped_images_keep_every_other_row_aligned_across_blocks(market, tmp_path, monkeypatch):
+    """Written block by block (3 images a block here): a skipped image in the middle shifts the later rows, and the
+    images, pids, cameras and paths stay together; the split shrinks to the rows kept."""
+    import reidcli.data.prepare as prep
+
+    full = read_dataset(_prepare(market, tmp_path / "full.h5").out)[1]["gallery"]
+    monkeypatch.setattr(prep, "BLOCK", 3)
+    bad = 4
+    (market / full.paths[bad]).write_bytes(b"broken")
+    result = _prepare(market, tmp_path / "m.h5", skip_bad=True)
+    assert result.skipped == [full.paths[bad]]
+    got = read_dataset(result.out)[1]["gallery"]
+    keep = np.r_[0:bad, bad + 1 : len(full)]
+    assert len(got) == len(full) - 1 and {r["split"]: r["images"] for r in result.rows}["gallery"] == len(got)
+    np.testing.assert_array_equal(got.images, full.images[keep])
+    np.testing.assert_array_equal(got.pids, full.pids[keep])
+    np.testing.assert_array_equal(got.camids, full.camids[keep])
+    assert got.paths == [full.paths[i] for i in keep]
+
+
+def test_decoding_keeps_a_bounded_number_of_images_in_flight():
+    """``pool.map`` would submit every image of a split at once and hold each decoded one until its turn."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from reidcli.data.prepare import _in_order
+
+    lock, live, peak = threading.Lock(), [0], [0]
+
+    def work(i):
+        with lock:
+            live[0] += 1
+            peak[0] = max(peak[0], live[0])
+        return i
+
+    with ThreadPoolExecutor(4) as pool:
+        out = []
+        for i in _in_order(pool, work, list(range(200)), window=8):
+            with lock:
+                live[0] -= 1  # the consumer has taken this result
+            out.append(i)
+    assert out == list(range(200)) and peak[0] <= 8 + 1  # the window, and the one the consumer holds
+
+
+def _distractors(folder: Path, n: int = 5) -> Path:
+    folder.mkdir()
+    for i in range(n):
+        Image.new("RGB", (16, 32), (10 * i, 200, 30)).save(folder / f"0000_c{i % 3 + 1}s9_{i:06d}_00.jpg")
+    Image.new("RGB", (16, 32)).save(folder / "-1_c1s9_000999_00.jpg")  # junk: left out, as in the main folders
+    (folder / "readme.txt").write_text("not an image")
+    return folder
+
+
+def test_extra_gallery_is_appended_to_the_gallery(market, tmp_path):
+    extra = _distractors(tmp_path / "images")
+    base = read_dataset(_prepare(market, tmp_path / "base.h5").out)[1]
+    out = _prepare(market, tmp_path / "m.h5", extra_gallery=extra).out
+    attrs, got = read_dataset(out)
+    n = len(base["gallery"])
+    assert attrs["extra_gallery"] == str(extra)
+    assert len(got["gallery"]) == n + 5 and len(got["query"]) == len(base["query"])
+    np.testing.assert_array_equal(got["gallery"].images[:n], base["gallery"].images)
+    names = sorted(f"0000_c{i % 3 + 1}s9_{i:06d}_00.jpg" for i in range(5))  # in file-name order
+    assert got["gallery"].paths[n:] == [f"images/{name}" for name in names]
+    assert list(got["gallery"].pids[n:]) == [0] * 5 and list(got["gallery"].camids[n:]) == [0, 0, 1, 1, 2]
+    i = int(names[1][10:16])  # the second one's own colour (each drawn in 10·i, 200, 30)
+    assert got["gallery"].images[n + 1, 0, 0].tolist() == pytest.approx([10 * i, 200, 30], abs=8)
+    # the same images from a zip: the same file contents, paths under the zip's name
+    zpath = tmp_path / "images.zip"
+    with zipfile.ZipFile(zpath, "w") as z:
+        for f in sorted(extra.iterdir()):
+            z.write(f, f.name)
+    zipped = read_dataset(_prepare(market, tmp_path / "z.h5", extra_gallery=zpath).out)[1]["gallery"]
+    np.testing.assert_array_equal(zipped.images, got["gallery"].images)
+    assert zipped.paths == got["gallery"].paths
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (lambda m, t: t / "nope", "not a folder or a zip"),
+        (lambda m, t: m / "bounding_box_test", "already in the dataset's gallery"),
+        (lambda m, t: (t / "empty").mkdir() or t / "empty", "holds no image with a pid"),
+        (lambda m, t: _distractors(t / "x") and (t / "x" / "IMG_1.jpg").write_bytes(b"x") and t / "x", "IMG_1.jpg"),
+    ],
+    ids=["missing", "the-gallery-again", "no-images", "bad-name"],
+)
+def test_extra_gallery_refusals(market, tmp_path, extra, message):
+    out = tmp_path / "m.h5"
+    with pytest.raises(DataError, match=message):
+        _prepare(market, out, extra_gallery=extra(market, tmp_path))
+    assert not out.exists()
+
+
 def test_zero_byte_image(market, tmp_path):
     bad = sorted((market / "bounding_box_test").glob("0*.jpg"))[0]
     bad.write_bytes(b"")
@@ -230,6 +324,19 @@ def test_cli_prepare_errors_are_one_line_exit_1(tmp_path):
     assert "Traceback" not in r.stderr
     r = run_cli_here("prepare", "imagenet", "--root", str(tmp_path))
     assert r.returncode == 1 and "unknown dataset 'imagenet'" in r.stderr
+
+
+def test_cli_extra_gallery(market, tmp_path):
+    out = tmp_path / "x.h5"
+    r = run_cli_here("prepare", "market1501", "--root", str(market), "--out", str(out), "--extra-gallery", "nope.zip")
+    assert r.returncode == 1 and r.stderr == "Error: --extra-gallery nope.zip is not a folder or a zip archive; " + (
+        "pass the extra gallery images' one\n"
+    )
+    extra = _distractors(tmp_path / "images")
+    r = run_cli_here("prepare", "market1501", "--root", str(market), "--out", str(out), "--extra-gallery", str(extra))
+    assert r.returncode == 0, r.stderr
+    with h5py.File(out) as h5:
+        assert h5.attrs["extra_gallery"] == str(extra) and h5["gallery/paths"][-1].decode().startswith("images/")
 
 
 def test_cli_synthetic(tmp_path):

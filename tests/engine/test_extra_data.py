@@ -105,8 +105,8 @@ def test_combine_all_trains_on_query_and_gallery_without_distractors(tiny_data, 
     _, parts = read_dataset(tiny_data)
     kept = {s: parts[s].pids != 0 for s in ("query", "gallery")}
     assert len(joined) == len(parts["train"]) + sum(int(k.sum()) for k in kept.values())
-    np.testing.assert_array_equal(joined.images[len(parts["train"]) :][: int(kept["query"].sum())],
-                                  parts["query"].images[kept["query"]])  # fmt: skip
+    np.testing.assert_array_equal(joined.images[len(parts["train"]) :],
+                                  np.concatenate([parts[s].images[k] for s, k in kept.items()]))  # fmt: skip
     assert 0 not in set(joined.pids.tolist()) and (parts["gallery"].pids == 0).any()  # distractors stay out
     ids = set(parts["train"].pids.tolist()) | set(parts["query"].pids.tolist()) | set(parts["gallery"].pids.tolist())
     assert set(joined.pids.tolist()) == ids - {0}

@@ -108,6 +108,9 @@ def test_read_images_reads_just_the_rows_asked_in_their_order(tiny_data):
     _, parts = read_dataset(tiny_data, ("gallery",))
     rows = np.array([[5, 0, 5], [len(parts["gallery"]) - 1, 2, 1]])
     np.testing.assert_array_equal(read_images(tiny_data, "gallery", rows), parts["gallery"].images[rows])
+    runs = np.r_[0:3, 7, 9:14, len(parts["gallery"]) - 2 : len(parts["gallery"])]  # runs and single rows
+    np.testing.assert_array_equal(read_images(tiny_data, "gallery", runs), parts["gallery"].images[runs])
+    assert read_images(tiny_data, "gallery", np.array([], np.int64)).shape == (0, *parts["gallery"].images.shape[1:])
 
 
 @pytest.mark.parametrize("chunk", [64, 7])
