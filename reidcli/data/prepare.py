@@ -148,9 +148,13 @@ def _write_split(
 
 def _extra_gallery(path: Path, gallery: list[Record]) -> tuple[Source, list[Record], str]:
     """The extra gallery's images (Market-1501 naming, junk left out), and the prefix of their stored paths: the
-    folder's name (a zip's name without ``.zip``), so that they read as ``images/0000_c1s1_….jpg``."""
+    folder's name (a zip's name without ``.zip``, unless its members are already in that folder), so that they read
+    as ``images/0000_c1s1_….jpg``."""
     if not path.exists() or (path.is_file() and not zipfile.is_zipfile(path)):
-        raise DataError(f"--extra-gallery {path} is not a folder or a zip archive; pass the extra gallery images' one")
+        raise DataError(
+            f"--extra-gallery {path} is neither a folder nor a zip archive; "
+            "pass the folder (or zip) of the extra images"
+        )
     source = open_source(path)
     records = []
     for f in source.files():
@@ -162,6 +166,8 @@ def _extra_gallery(path: Path, gallery: list[Record]) -> tuple[Source, list[Reco
     if not records:
         raise DataError(f"--extra-gallery {path} holds no image with a pid (Market-1501 naming); check the folder")
     prefix = (path.stem if path.is_file() else path.resolve().name) + "/"
+    if all(r.path.startswith(prefix) for r in records):  # a zip holding its folder: images/…, not images/images/…
+        prefix = ""
     taken = {r.path for r in gallery}
     twice = next((prefix + r.path for r in records if prefix + r.path in taken), None)
     if twice:

@@ -163,12 +163,18 @@ def test_extra_gallery_is_appended_to_the_gallery(market, tmp_path):
     zipped = read_dataset(_prepare(market, tmp_path / "z.h5", extra_gallery=zpath).out)[1]["gallery"]
     np.testing.assert_array_equal(zipped.images, got["gallery"].images)
     assert zipped.paths == got["gallery"].paths
+    with zipfile.ZipFile(zpath, "w") as z:  # a zip of the folder itself: images/…, not images/images/…
+        for f in sorted(extra.iterdir()):
+            z.write(f, f"images/{f.name}")
+    assert (
+        read_dataset(_prepare(market, tmp_path / "f.h5", extra_gallery=zpath).out)[1]["gallery"].paths == zipped.paths
+    )
 
 
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (lambda m, t: t / "nope", "not a folder or a zip"),
+        (lambda m, t: t / "nope", "neither a folder nor a zip"),
         (lambda m, t: m / "bounding_box_test", "already in the dataset's gallery"),
         (lambda m, t: (t / "empty").mkdir() or t / "empty", "holds no image with a pid"),
         (lambda m, t: _distractors(t / "x") and (t / "x" / "IMG_1.jpg").write_bytes(b"x") and t / "x", "IMG_1.jpg"),
@@ -329,8 +335,8 @@ def test_cli_prepare_errors_are_one_line_exit_1(tmp_path):
 def test_cli_extra_gallery(market, tmp_path):
     out = tmp_path / "x.h5"
     r = run_cli_here("prepare", "market1501", "--root", str(market), "--out", str(out), "--extra-gallery", "nope.zip")
-    assert r.returncode == 1 and r.stderr == "Error: --extra-gallery nope.zip is not a folder or a zip archive; " + (
-        "pass the extra gallery images' one\n"
+    assert r.returncode == 1 and r.stderr == "Error: --extra-gallery nope.zip is neither a folder nor a zip " + (
+        "archive; pass the folder (or zip) of the extra images\n"
     )
     extra = _distractors(tmp_path / "images")
     r = run_cli_here("prepare", "market1501", "--root", str(market), "--out", str(out), "--extra-gallery", str(extra))
