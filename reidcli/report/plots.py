@@ -252,6 +252,9 @@ def plot_ablation_summary(summary: list[dict], curves: dict[str, list[list[dict]
                              ha="center", fontsize=7)  # fmt: skip
     axes[1].axvline(0, color="grey", linewidth=1)
     axes[1].annotate("reference", (0, y[0]), ha="center", va="center", fontsize=7, color="grey")
+    ends = [0.0] + [100 * r[k] for r in summary if "ΔmAP" in r for k in ("ΔmAP low", "ΔmAP high")]
+    span = max(max(ends) - min(ends), 1e-6)  # room beside the extreme points for the labels centred on them
+    axes[1].set_xlim(min(ends) - 0.22 * span, max(ends) + 0.22 * span)
     axes[1].set(yticks=y, yticklabels=[], ylim=(y.min() - 0.5, y.max() + 0.5), xlabel="mAP points")
     over = "seeds and queries" if max(r.get("runs", 1) for r in summary) > 1 else "queries"
     axes[1].set_title(f"ΔmAP vs {labels[0]} (95% paired bootstrap over {over})", fontsize=9)
