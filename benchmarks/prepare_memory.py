@@ -1,6 +1,7 @@
 """Peak memory and wall time of ``reid prepare`` on a Market-layout folder with a large gallery.
 
-    python -m benchmarks.prepare_memory [--gallery 15740] [--size 256x128] [--out benchmarks/results/prepare_cpu.json]
+    python -m benchmarks.prepare_memory [--gallery 15740] [--size 256x128] [--ids 100] \\
+        [--out benchmarks/results/prepare_cpu.json]
 
 The folder is the synthetic generator's (100 ids, 128×64 JPEGs) with its gallery repeated under new Market-1501
 names (hard links) up to ``--gallery`` images; ``reid prepare market1501`` runs in a child process, whose peak
@@ -25,8 +26,8 @@ from benchmarks.pictures import _cpu_name
 from reidcli.data.synthetic import SyntheticConfig, generate_synthetic
 
 
-def _market_folder(root: Path, gallery: int) -> int:
-    generate_synthetic(root, SyntheticConfig(num_train_ids=100, num_test_ids=100, seed=0))
+def _market_folder(root: Path, gallery: int, ids: int) -> int:
+    generate_synthetic(root, SyntheticConfig(num_train_ids=ids, num_test_ids=ids, seed=0))
     test = root / "bounding_box_test"
     originals = sorted(test.glob("*.jpg"))
     made, copy = len(originals), 0
@@ -44,11 +45,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gallery", type=int, default=15740)
     ap.add_argument("--size", default="256x128")
+    ap.add_argument("--ids", type=int, default=100, help="synthetic identities in train and in test, each")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "market"
-        files = _market_folder(root, args.gallery)
+        files = _market_folder(root, args.gallery, args.ids)
         start = time.perf_counter()
         r = subprocess.run(
             [sys.executable, "-m", "reidcli", "prepare", "market1501", "--root", str(root), "--out",

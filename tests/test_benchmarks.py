@@ -104,3 +104,12 @@ def test_last_block_ab_smoke(tmp_path):
     assert set(rows) == {"demo 4x128 ape", "demo 4x128 both", "vit_tiny both 256x128"}
     for row in rows.values():
         assert row["train_cls_only_img_s"] > 0 and row["infer_every_token_img_s"] > 0 and row["train_speedup"] > 0
+
+
+def test_prepare_memory_smoke(tmp_path):
+    out = tmp_path / "prepare.json"
+    r = _run("benchmarks.prepare_memory", "--gallery", "600", "--size", "32x16", "--ids", "8", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["gallery_files"] == 600 and 0 < result["images"]["gallery"] <= 600
+    assert 0 < result["peak_rss_gb"] < 4 and result["wall_s"] > 0
