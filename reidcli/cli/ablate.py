@@ -141,6 +141,13 @@ def ablate(
     head_margin: HeadMarginOpt = None,
     init: Annotated[Path | None, typer.Option(help="timm-format ViT weights every run starts from.")] = None,
     perturb: Annotated[float, typer.Option(help="Query misalignment for the robustness column (0: off).")] = 0.1,
+    test_data: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="Another prepared dataset each variant is also evaluated on (its query and gallery; direct "
+            "transfer, e.g. Market → Duke): a column 'mAP → NAME'; repeatable. Finished runs are only evaluated."
+        ),
+    ] = None,
     device: DeviceOpt = "auto",
     precision: TrainPrecisionOpt = "auto",
     compile_: CompileOpt = False,
@@ -160,6 +167,8 @@ def ablate(
       reid ablate --data data/market1501.h5 --out ablations/loss --pe both --loss ce+triplet,rp-triplet
 
       reid ablate --data data/market1501.h5 --out ablations/rpw --pe both --loss rp-triplet --vary rp-weight=0.5,1,2
+
+      reid ablate --data data/market1501.h5 --out ablations/pe --pe ape,rpe,both --test-data data/dukemtmcreid.h5
 
       reid ablate --data demo/synthetic.h5 --out demo/ablation --preset vit_tiny --dim 96 --depth 4 --epochs 8 --dry-run
     """
@@ -241,7 +250,14 @@ def ablate(
     _check_swept_model(template, [option for option, _ in sweeps])
     out = check_out_folder(out)
     cfg = AblationConfig(
-        out=str(out), template=template, pes=pes, losses=losses, seeds=seed_list, perturb=perturb, vary=sweeps
+        out=str(out),
+        template=template,
+        pes=pes,
+        losses=losses,
+        seeds=seed_list,
+        perturb=perturb,
+        vary=sweeps,
+        test_data=tuple(str(p) for p in test_data or ()),
     ).validate()
     if dry_run:
         _print_plan(plan(cfg), json_out)
@@ -315,10 +331,11 @@ def _print_plan(variants, json_out: bool) -> None:
 def _print_summary(summary: list[dict], out: Path) -> None:
     from rich.table import Table
 
-    from reidcli.report.ablate import COLUMNS, format_cell
+    from reidcli.report.ablate import CROSS, format_cell, table_columns
 
-    cols = [c for c in COLUMNS if any(c in r for r in summary)]
+    cols = table_columns(summary)
     higher_better = {"mAP", "Rank-1", "Rank-5", "Rank-10", "mINP", "mAP shifted", "train img/s"}
+    higher_better |= {c for c in cols if c.startswith(CROSS)}
     best = {c: max(range(len(summary)), key=lambda i: summary[i][c]) for c in cols if c in higher_better}
     if "final loss" in cols:
         best["final loss"] = min(range(len(summary)), key=lambda i: summary[i]["final loss"])

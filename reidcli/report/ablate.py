@@ -45,6 +45,24 @@ COLUMNS = [
     "runs",
 ]
 
+CROSS = ("mAP → ", "Rank-1 → ")  # per --test-data file: the variant's metrics there; the table shows the mAP
+
+
+def cross_name(path: str | Path) -> str:
+    """The column suffix of a ``--test-data`` file: its name without ``.h5``."""
+    return Path(path).stem
+
+
+def table_columns(summary: list[dict]) -> list[str]:
+    """COLUMNS with each ``--test-data`` mAP after "mAP shifted", those some row has."""
+    cross = [c for c in dict.fromkeys(k for r in summary for k in r) if c.startswith(CROSS[0]) and " std" not in c]
+    at = COLUMNS.index("mAP shifted") + 1
+    return [c for c in [*COLUMNS[:at], *cross, *COLUMNS[at:]] if any(c in r for r in summary)]
+
+
+def _is_metric(col: str) -> bool:
+    return col in ("mAP", "Rank-1", "Rank-5", "Rank-10", "mINP", "mAP shifted") or col.startswith(CROSS)
+
 
 # The options `--vary` sweeps: the training config's part that holds each (the flag is the field, dashed, except
 # for the augmentation's: AUGMENT_FLAGS, e.g. --flip-prob sets AugmentConfig's flip).
@@ -133,6 +151,7 @@ class AblationConfig:
     perturb: float = 0.1  # query misalignment for the robustness column (fraction of the image); 0 = off
     flip: bool = True
     vary: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (option, its values) per --vary
+    test_data: tuple[str, ...] = ()  # other datasets each variant is also evaluated on (query and gallery)
 
     def validate(self) -> AblationConfig:
         if not self.pes or not self.losses or not self.seeds:
@@ -150,7 +169,35 @@ class AblationConfig:
             v.train.validate()
         if not 0.0 <= self.perturb < 0.5:
             raise ConfigError("--perturb must be in [0, 0.5)")
+        self._check_test_data()
         return self
+
+    def _check_test_data(self) -> None:
+        """Each ``--test-data`` file before any training: readable, query and gallery present, at the model's image
+        size, one column name each, not ``--data`` itself; no camera embedding (its cameras are ``--data``'s)."""
+        from reidcli.data.store import read_dataset
+
+        if not self.test_data:
+            return
+        if self.template.model.sie_cameras:
+            raise ConfigError(
+                "--test-data with --sie: the camera embeddings belong to --data's cameras, not another dataset's; "
+                "leave out --sie or --test-data"
+            )
+        names = [cross_name(p) for p in self.test_data]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ConfigError(f"--test-data names {', '.join(twice)} twice (columns are named by file); rename one")
+        for path in self.test_data:
+            if Path(path).resolve() == Path(self.template.data).resolve():
+                raise ConfigError(f"--test-data {path} is --data itself, which every variant is evaluated on already")
+            attrs, _ = read_dataset(path, ("query", "gallery"), images=False)
+            size, want = tuple(attrs["image_size"]), tuple(self.template.model.image_size)
+            if size != want:
+                raise ConfigError(
+                    f"--test-data {path} holds {size[0]}x{size[1]} images but the models take {want[0]}x{want[1]}; "
+                    f"prepare it at {want[0]}x{want[1]} ('reid prepare --image-size {want[0]}x{want[1]}')"
+                )
 
 
 @dataclass(frozen=True)
@@ -246,6 +293,7 @@ def _finished_twin(runs: Path, name: str) -> Path | None:
 
 def _run_variant(v: Variant, cfg: AblationConfig, on_step) -> dict:
     """Train (or resume), extract and evaluate one variant; return its result row (cached in results.json)."""
+    from reidcli.engine.checkpoint import load_run_model
     from reidcli.engine.extract import embed_dataset
     from reidcli.engine.train import train
     from reidcli.model.vit import parameter_report
@@ -255,12 +303,18 @@ def _run_variant(v: Variant, cfg: AblationConfig, on_step) -> dict:
 
     files = RunFiles(v.run_dir)
     cached = v.run_dir / "results.json"
-    if files.done.is_file() and cached.is_file():
-        return {**json.loads(cached.read_text()), "variant": v.label, **dict(v.setting)}
-    result = train(v.train, resume=files.checkpoint.is_file(), on_step=on_step)
-    from reidcli.engine.checkpoint import load_run_model
-
     device = resolve_device(v.train.device)
+    if files.done.is_file() and cached.is_file():
+        row = {**json.loads(cached.read_text()), "variant": v.label, **dict(v.setting)}
+        missing = [p for p in cfg.test_data if CROSS[0] + cross_name(p) not in row]
+        if missing:  # a finished run, a --test-data it has not been evaluated on: only that evaluation
+            model, _, _ = load_run_model(v.run_dir, device)
+            for path in missing:
+                row.update(_cross_metrics(model, v, cfg, path, device))
+            write_json_atomic(cached, row)  # every dataset's columns kept, for the next ablation that asks
+        wanted = {c + cross_name(p) for p in cfg.test_data for c in CROSS}
+        return {k: x for k, x in row.items() if not k.startswith(CROSS) or k in wanted}  # this ablation's columns
+    result = train(v.train, resume=files.checkpoint.is_file(), on_step=on_step)
     model, _, _ = load_run_model(v.run_dir, device)
     feats = embed_dataset(model, v.train.data, ("query", "gallery"), device, flip=cfg.flip, precision=v.train.precision)
     write_features(v.run_dir / "features.h5", feats, {"dataset_file": str(v.train.data), "flip": int(cfg.flip)})
@@ -281,6 +335,8 @@ def _run_variant(v: Variant, cfg: AblationConfig, on_step) -> dict:
     }
     if cfg.perturb > 0:
         row["mAP shifted"] = _shifted_map(model, v, cfg, feats["gallery"], device)
+    for path in cfg.test_data:
+        row.update(_cross_metrics(model, v, cfg, path, device))
     params = parameter_report(model)
     last = result.metrics[-1]
     row.update(
@@ -318,6 +374,17 @@ def _shifted_map(model, v: Variant, cfg: AblationConfig, gallery, device) -> flo
     return evaluate(feats, gallery, EvalConfig(engine="torch", device=str(device))).metrics.mAP
 
 
+def _cross_metrics(model, v: Variant, cfg: AblationConfig, path: str, device) -> dict:
+    """mAP and Rank-1 on another dataset's query and gallery (direct transfer, as torchreid's and fast-reid's
+    several test sets): the columns ``mAP → NAME`` and ``Rank-1 → NAME``."""
+    from reidcli.engine.extract import embed_dataset
+    from reidcli.retrieval.evaluate import EvalConfig, evaluate
+
+    feats = embed_dataset(model, path, ("query", "gallery"), device, flip=cfg.flip, precision=v.train.precision)
+    metrics = evaluate(feats["query"], feats["gallery"], EvalConfig(engine="torch", device=str(device))).metrics
+    return {CROSS[0] + cross_name(path): metrics.mAP, CROSS[1] + cross_name(path): metrics.cmc[0]}
+
+
 def summarize_runs(rows: list[dict], options: tuple[str, ...] = ()) -> list[dict]:
     """Mean ± std over seeds per variant (pe, loss and the ``--vary`` ``options``' values)."""
     import pandas as pd
@@ -326,7 +393,7 @@ def summarize_runs(rows: list[dict], options: tuple[str, ...] = ()) -> list[dict
     if "variant" not in df:  # rows written before --vary
         df["variant"] = df["pe"] + " · " + df["loss"]
     out = []
-    metric_cols = [c for c in ("mAP", "Rank-1", "Rank-5", "Rank-10", "mINP", "mAP shifted") if c in df]
+    metric_cols = [c for c in df.columns if _is_metric(c)]
     for variant, g in df.groupby("variant", sort=False):
         first = g.iloc[0]
         row = {"variant": variant, "pe": first["pe"], "loss": first["loss"], **{o: first[o] for o in options}}
@@ -399,7 +466,7 @@ def format_cell(row: dict, col: str) -> str:
     v = row.get(col)
     if v is None:
         return "—"
-    if col in ("mAP", "Rank-1", "Rank-5", "Rank-10", "mINP", "mAP shifted"):
+    if _is_metric(col):
         std = row.get(col + " std", 0.0)
         return f"{100 * v:.1f} ± {100 * std:.1f}" if row.get("runs", 1) > 1 else f"{100 * v:.1f}"
     if col == "ΔmAP":  # against the first variant, with its 95% paired-bootstrap interval
@@ -416,7 +483,7 @@ def format_cell(row: dict, col: str) -> str:
 
 
 def markdown_table(summary: list[dict]) -> str:
-    cols = [c for c in COLUMNS if any(c in r for r in summary)]
+    cols = table_columns(summary)
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     lines += ["| " + " | ".join(format_cell(r, c) for c in cols) + " |" for r in summary]
     return "\n".join(lines)

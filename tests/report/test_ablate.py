@@ -320,3 +320,77 @@ def test_cli_ablate_refuses_schedule_sweeps_that_train_one_model_twice(tiny_data
     ]:
         r = run_cli_here(*args, *extra, "--dry-run")
         assert r.returncode == 1 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+@pytest.fixture(scope="module")
+def other_data(tmp_path_factory) -> Path:
+    """Another synthetic 'domain' at the tiny dataset's 64×32: other identities, cameras and seed."""
+    from reidcli.data.prepare import PrepareConfig, prepare_dataset
+    from reidcli.data.synthetic import SyntheticConfig, generate_synthetic
+
+    root = tmp_path_factory.mktemp("other")
+    config = SyntheticConfig(num_train_ids=3, num_test_ids=6, num_distractors=2, num_junk=0, images_per_camera=1,
+                             num_cameras=3, seed=7)  # fmt: skip
+    generate_synthetic(root / "raw", config)
+    prepare_dataset(PrepareConfig("synthetic", root / "raw", root / "other_domain.h5", image_size=(64, 32)))
+    return root / "other_domain.h5"
+
+
+def test_test_data_adds_a_direct_transfer_column_and_reuses_finished_runs(tiny_data, other_data, tmp_path,
+                                                                          monkeypatch):  # fmt: skip
+    from reidcli.engine.checkpoint import load_run_model
+    from reidcli.engine.extract import embed_dataset
+    from reidcli.retrieval.evaluate import EvalConfig, evaluate
+
+    out = tmp_path / "abl"
+    (plain,) = run_ablation(_cfg(tiny_data, out, pes=("ape",), seeds=(0,)))
+    assert not any(k.startswith("mAP → ") for k in plain)
+
+    import reidcli.engine.train as engine
+
+    monkeypatch.setattr(engine, "train", lambda *a, **k: pytest.fail("a finished run was retrained"))
+    (row,) = run_ablation(_cfg(tiny_data, out, pes=("ape",), seeds=(0,), test_data=(str(other_data),)))
+    assert row["mAP"] == plain["mAP"]  # the finished run, only evaluated on the other dataset
+    (run,) = (out / "runs").iterdir()
+    import torch
+
+    model, _, _ = load_run_model(run, torch.device("cpu"))
+    feats = embed_dataset(model, other_data, ("query", "gallery"), torch.device("cpu"))
+    by_hand = evaluate(feats["query"], feats["gallery"], EvalConfig(engine="torch", device="cpu")).metrics
+    assert row["mAP → other_domain"] == pytest.approx(by_hand.mAP, abs=1e-12) and 0 < by_hand.mAP <= 1
+    assert row["Rank-1 → other_domain"] == pytest.approx(by_hand.cmc[0], abs=1e-12)
+    header = (out / "results.md").read_text().splitlines()[0]
+    assert "| mAP shifted | mAP → other_domain | PE params |" in header and "Rank-1 →" not in header
+    assert "Rank-1 → other_domain" in pd.read_csv(out / "results.csv")
+    # asked no more: the column leaves the table, its numbers stay with the run for the next ablation that asks
+    (again,) = run_ablation(_cfg(tiny_data, out, pes=("ape",), seeds=(0,)))
+    assert "mAP → other_domain" not in again and "mAP → other_domain" not in (out / "results.md").read_text()
+    assert json.loads((run / "results.json").read_text())["mAP → other_domain"] == row["mAP → other_domain"]
+
+
+def test_test_data_refusals(tiny_data, other_data, tmp_path):
+    from reidcli.errors import ConfigError, FormatError
+
+    cfg = _cfg(tiny_data, tmp_path, pes=("ape",), seeds=(0,))
+    sie = replace(cfg.template, model=replace(cfg.template.model, sie_cameras=6))
+    cases = [
+        (dict(test_data=(str(tiny_data),)), ConfigError, "is --data itself"),
+        (dict(test_data=(str(other_data), str(other_data))), ConfigError, "names other_domain twice"),
+        (dict(test_data=(str(other_data),), template=sie), ConfigError, "--test-data with --sie"),
+        (dict(test_data=(str(tmp_path / "nope.h5"),)), FormatError, "not found"),
+        (
+            dict(
+                test_data=(str(other_data),),
+                template=replace(cfg.template, model=replace(cfg.template.model, image_size=(32, 16))),
+            ),
+            ConfigError,
+            "holds 64x32 images but the models take 32x16",
+        ),  # fmt: skip
+    ]
+    for changes, error, message in cases:
+        with pytest.raises(error, match=message):
+            replace(cfg, **changes).validate()
+    r = run_cli_here("ablate", "--data", str(tiny_data), "--out", str(tmp_path / "a"), "--test-data",
+                     str(tmp_path / "nope.h5"), *TINY)  # fmt: skip
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "nope.h5 not found" in r.stderr
+    assert not (tmp_path / "a" / "runs").exists()
