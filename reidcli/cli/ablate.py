@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -260,7 +261,7 @@ def ablate(
         test_data=tuple(str(p) for p in test_data or ()),
     ).validate()
     if dry_run:
-        _print_plan(plan(cfg), json_out)
+        _print_plan(plan(cfg), json_out, cfg.test_data)
         return
     with progress("ablate") as update:
         summary = run_ablation(
@@ -313,14 +314,20 @@ def _check_swept_model(template, options: list[str]) -> None:
             raise ConfigError(f"--vary {option} has no effect without {what}: every variant would be alike; {fix}")
 
 
-def _print_plan(variants, json_out: bool) -> None:
+def _print_plan(variants, json_out: bool, test_data: tuple[str, ...] = ()) -> None:
     from reidcli.cli.console import print_table
     from reidcli.engine.checkpoint import RunFiles
+    from reidcli.report.ablate import CROSS, cross_name
 
     rows = []
     for v in variants:
         files = RunFiles(v.run_dir)
         state = "reuse" if files.done.is_file() else "resume" if files.checkpoint.is_file() else "train"
+        cached = v.run_dir / "results.json"
+        if state == "reuse" and test_data:  # a finished run is evaluated on the --test-data it has no numbers for
+            done = json.loads(cached.read_text()) if cached.is_file() else {}
+            new = [cross_name(p) for p in test_data if CROSS[0] + cross_name(p) not in done]
+            state += f" + evaluate on {', '.join(new)}" if new else ""
         rows.append({"variant": v.label, "seed": v.seed, "action": state, "run": str(v.run_dir)})
     if json_out:
         print_json(rows)

@@ -337,7 +337,7 @@ def other_data(tmp_path_factory) -> Path:
 
 
 def test_test_data_adds_a_direct_transfer_column_and_reuses_finished_runs(tiny_data, other_data, tmp_path,
-                                                                          monkeypatch):  # fmt: skip
+                                                                          monkeypatch, capsys):  # fmt: skip
     from reidcli.engine.checkpoint import load_run_model
     from reidcli.engine.extract import embed_dataset
     from reidcli.retrieval.evaluate import EvalConfig, evaluate
@@ -366,6 +366,15 @@ def test_test_data_adds_a_direct_transfer_column_and_reuses_finished_runs(tiny_d
     (again,) = run_ablation(_cfg(tiny_data, out, pes=("ape",), seeds=(0,)))
     assert "mAP → other_domain" not in again and "mAP → other_domain" not in (out / "results.md").read_text()
     assert json.loads((run / "results.json").read_text())["mAP → other_domain"] == row["mAP → other_domain"]
+    # the plan says which finished runs will only be evaluated, and on what
+    import shutil
+
+    from reidcli.cli.ablate import _print_plan
+
+    copy = shutil.copy(other_data, tmp_path / "copy_domain.h5")
+    _print_plan(plan(_cfg(tiny_data, out, pes=("ape",), seeds=(0,))), True, (str(other_data), str(copy)))
+    (step,) = json.loads(capsys.readouterr().out)
+    assert step["action"] == "reuse + evaluate on copy_domain"
 
 
 def test_test_data_refusals(tiny_data, other_data, tmp_path):
