@@ -47,9 +47,22 @@ def _root(
 
 
 def _register() -> None:
-    from reidcli.cli import ablate, compare, doctor, evaluate, export, extract, index, plot, prepare, search, train
+    from reidcli.cli import (
+        ablate,
+        compare,
+        doctor,
+        evaluate,
+        export,
+        extract,
+        import_,
+        index,
+        plot,
+        prepare,
+        search,
+        train,
+    )
 
-    for module in (prepare, train, extract, index, search, evaluate, compare, ablate, plot, export, doctor):
+    for module in (prepare, train, import_, extract, index, search, evaluate, compare, ablate, plot, export, doctor):
         module.register(app)
 
 

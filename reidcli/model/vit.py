@@ -437,12 +437,12 @@ def check_cameras(cfg: ModelConfig, camids, what: str) -> None:
 def jpm_groups_index(cfg: ModelConfig) -> torch.Tensor:
     """(G, L) patch indices of each JPM group: the patches rolled by ``jpm_shift``, then interleaved by a shuffle of
     ``jpm_shuffle`` (a view as (shuffle, N/shuffle), transposed; a patch count that does not divide is padded by
-    repeating the second-to-last entry, as TransReID pads), then cut into G groups of L = ⌊N'/G⌋ consecutive
-    entries."""
+    repeating the second-to-last entry, as TransReID pads), then cut into G groups of L = ⌊N/G⌋ consecutive
+    entries (N the patch count before the padding, as TransReID's ``patch_length``)."""
     n = cfg.grid[0] * cfg.grid[1]
     order = torch.roll(torch.arange(n), -cfg.jpm_shift)
     pad = -n % cfg.jpm_shuffle
     order = torch.cat([order, order[-2:-1].expand(pad) if n > 1 else order[-1:].expand(pad)])
     order = order.view(cfg.jpm_shuffle, -1).t().flatten()
-    size = len(order) // cfg.jpm_groups
+    size = n // cfg.jpm_groups
     return order[: size * cfg.jpm_groups].view(cfg.jpm_groups, size).clone()

@@ -15,6 +15,7 @@ from tests.conftest import TINY_MODEL, run_cli, run_cli_here
 COMMANDS = (
     "prepare",
     "train",
+    "import",
     "extract",
     "index",
     "search",

@@ -25,9 +25,10 @@ def test_groups_are_the_rolled_then_interleaved_patches():
     # 8 patches rolled by 1: 1..7,0; interleaved by 2: 1,5,2,6,3,7,4,0; four groups of two
     cfg = ModelConfig(pe="ape", jpm=True, jpm_shift=1, jpm_shuffle=2, jpm_groups=4, **SMALL)
     assert jpm_groups_index(cfg).tolist() == [[1, 5], [2, 6], [3, 7], [4, 0]]
-    # 7 patches (7×1 grid) do not split in two: padded with the second-to-last one, as TransReID pads
+    # 7 patches (7×1 grid) do not split in two: padded with the second-to-last one, as TransReID pads; groups of
+    # ⌊7 / 2⌋ = 3 (TransReID's patch_length counts the patches before the padding)
     odd = ModelConfig(pe="ape", jpm=True, jpm_shift=0, jpm_shuffle=2, jpm_groups=2, **{**SMALL, "image_size": (56, 8)})
-    assert jpm_groups_index(odd).tolist() == [[0, 4, 1, 5], [2, 6, 3, 5]]
+    assert jpm_groups_index(odd).tolist() == [[0, 4, 1], [5, 2, 6]]
     with pytest.raises(ConfigError, match="--jpm-groups 9 must be between 1 and the 8 patches"):
         ModelConfig(pe="ape", jpm=True, jpm_groups=9, **SMALL).validate()
 
