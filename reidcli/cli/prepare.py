@@ -32,6 +32,10 @@ def prepare(
             "500k distractors (torchreid's images/ folder)."
         ),
     ] = None,
+    resize: Annotated[
+        str,
+        typer.Option(help="Filter to the stored size: bicubic (fast-reid) or bilinear (TransReID's and torchreid's)."),
+    ] = "bicubic",
     skip_bad: Annotated[bool, typer.Option(help="Leave out unreadable images (counted) instead of stopping.")] = False,
     cuhk03_subset: Annotated[str, typer.Option(help="cuhk03np: detected or labeled.")] = "detected",
     seed: Annotated[int, typer.Option(help="synthetic: random seed (same seed, same bytes).")] = 0,
@@ -74,6 +78,7 @@ def prepare(
         skip_bad=skip_bad,
         cuhk03_subset=cuhk03_subset,
         extra_gallery=extra_gallery,
+        resize=resize,
     )
     with progress(f"prepare {dataset}") as update:
         result = prepare_dataset(cfg, update)

@@ -23,7 +23,7 @@ from reidcli.data.sources import Source, open_source
 from reidcli.data.store import DatasetWriter, write_dataset
 from reidcli.errors import ConfigError, DataError
 
-__all__ = ["PrepareConfig", "PrepareResult", "prepare_dataset", "decode_image"]
+__all__ = ["PrepareConfig", "PrepareResult", "prepare_dataset", "decode_image", "RESIZE_FILTERS"]
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,7 @@ class PrepareConfig:
     image_size: tuple[int, int] = (256, 128)
     skip_bad: bool = False  # skip unreadable images (counted and reported) instead of stopping
     cuhk03_subset: str = "detected"
+    resize: str = "bicubic"  # PIL's filter to the stored size: bicubic (fast-reid), bilinear (TransReID, torchreid)
     extra_gallery: Path | None = None  # more gallery images (Market-1501 naming), e.g. Market-1501's 500k distractors
     workers: int = field(default_factory=lambda: min(8, os.cpu_count() or 1))
 
@@ -45,6 +46,8 @@ class PrepareConfig:
         h, w = self.image_size
         if h < 16 or w < 16:
             raise ConfigError(f"--image-size {h}x{w} is too small; use at least 16x16 (default 256x128)")
+        if self.resize not in RESIZE_FILTERS:
+            raise ConfigError(f"unknown --resize {self.resize!r}; choose one of {', '.join(RESIZE_FILTERS)}")
         if self.cuhk03_subset not in ("detected", "labeled"):
             raise ConfigError("--cuhk03-subset must be 'detected' or 'labeled'")
 
@@ -59,9 +62,15 @@ class PrepareResult:
 SKIP_BAD = "restore it, or pass --skip-bad to leave it out"
 
 
-def decode_image(data: bytes, size: tuple[int, int], name: str, fix: str = SKIP_BAD) -> np.ndarray:
-    """Any PIL-readable image (JPEG, PNG, grayscale, CMYK…) → RGB uint8 ``(H, W, 3)``, bicubic-resized. ``fix``: what
-    the error message tells the user to do about an unreadable image."""
+RESIZE_FILTERS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+
+
+def decode_image(
+    data: bytes, size: tuple[int, int], name: str, fix: str = SKIP_BAD, resize: str = "bicubic"
+) -> np.ndarray:
+    """Any PIL-readable image (JPEG, PNG, grayscale, CMYK…) → RGB uint8 ``(H, W, 3)``, resized by PIL's ``resize``
+    filter (what torchvision's ``Resize`` does to a PIL image). ``fix``: what the error message tells the user to do
+    about an unreadable image."""
     if not data:
         raise DataError(f"image {name} is empty (0 bytes); {fix}")
     try:
@@ -70,7 +79,7 @@ def decode_image(data: bytes, size: tuple[int, int], name: str, fix: str = SKIP_
             im = Image.open(io.BytesIO(data))
             im = im.convert("RGB")
             if im.size != (size[1], size[0]):
-                im = im.resize((size[1], size[0]), Image.Resampling.BICUBIC)
+                im = im.resize((size[1], size[0]), RESIZE_FILTERS[resize])
             return np.asarray(im, dtype=np.uint8)
     except UnidentifiedImageError as e:  # PIL's own text names an in-memory buffer, not the file
         raise DataError(f"image {name} cannot be decoded (not in an image format PIL reads); {fix}") from e
@@ -113,7 +122,7 @@ def _write_split(
     def load(item: tuple[Source, Record, str]) -> np.ndarray | None:
         source, rec, _ = item
         try:
-            return decode_image(source.read(rec.path), cfg.image_size, rec.path)
+            return decode_image(source.read(rec.path), cfg.image_size, rec.path, resize=cfg.resize)
         except DataError:
             if not cfg.skip_bad:
                 raise
@@ -181,7 +190,7 @@ def prepare_dataset(cfg: PrepareConfig, on_progress: Callable[[int, int], None] 
     source = open_source(cfg.root)
     splits = parse_layout(cfg.dataset, source, cfg.cuhk03_subset)
     items = {split: [(source, r, r.path) for r in records] for split, records in splits.items()}
-    attrs = {"source": str(cfg.root)}
+    attrs = {"source": str(cfg.root), "resize": cfg.resize}
     if cfg.extra_gallery is not None:
         extra, records, prefix = _extra_gallery(cfg.extra_gallery, splits["gallery"])
         items["gallery"] += [(extra, r, prefix + r.path) for r in records]

@@ -14,7 +14,7 @@ import torch
 
 from reidcli.data.augment import normalize_batch
 from reidcli.data.layouts import SPLITS
-from reidcli.data.store import open_splits
+from reidcli.data.store import open_splits, read_dataset
 from reidcli.engine.checkpoint import RunFiles, load_run_model
 from reidcli.errors import ConfigError
 from reidcli.fileio import sha256_file
@@ -317,6 +317,7 @@ def extract_features(cfg: ExtractConfig, on_batch: Callable[[int], None] | None 
         "dataset": str(config.get("dataset", "")),
         "dataset_file": str(cfg.data),
         "flip": int(cfg.flip),
+        "resize": str(read_dataset(cfg.data, (), images=False)[0].get("resize", "bicubic")),  # for 'reid search'
         "precision": resolve_precision(cfg.precision, device),
         "run": str(RunFiles(cfg.run).root),
     }

@@ -161,8 +161,9 @@ def search_images(
         raise ConfigError(f"--camid {camid}: {run}'s model embeds cameras 0–{model.cfg.sie_cameras - 1} (SIE)")
     size = tuple(model.cfg.image_size)
     fix = "pass image files (JPEG, PNG, BMP)"
+    resize = str(attrs.get("resize", "bicubic"))  # the gallery's images were resized so by 'reid prepare'
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # PIL decodes without the GIL, as in prepare
-        pixels = np.stack(list(pool.map(lambda f: decode_image(f.read_bytes(), size, str(f), fix), files)))
+        pixels = np.stack(list(pool.map(lambda f: decode_image(f.read_bytes(), size, str(f), fix, resize), files)))
     cams = None if camid is None else np.full(len(files), camid, dtype=np.int64)
     flip = bool(attrs.get("flip", 1))
     queries = embed_images(model, pixels, dev, batch, flip=flip, precision=precision, camids=cams)

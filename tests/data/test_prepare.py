@@ -10,7 +10,7 @@ from PIL import Image
 from reidcli.data.prepare import PrepareConfig, prepare_dataset
 from reidcli.data.store import read_dataset
 from reidcli.data.synthetic import SyntheticConfig, generate_synthetic
-from reidcli.errors import DataError, FormatError
+from reidcli.errors import ConfigError, DataError, FormatError
 from tests.conftest import run_cli, run_cli_here
 
 SMALL = SyntheticConfig(num_train_ids=4, num_test_ids=4, num_distractors=2, num_junk=2, images_per_camera=1, seed=5)
@@ -186,6 +186,24 @@ def test_extra_gallery_refusals(market, tmp_path, extra, message):
     with pytest.raises(DataError, match=message):
         _prepare(market, out, extra_gallery=extra(market, tmp_path))
     assert not out.exists()
+
+
+def test_resize_filter_matches_the_peers_test_transforms(market, tmp_path):
+    """``--resize bilinear`` stores what TransReID's and torchreid's test transform (torchvision's Resize on the PIL
+    image) feeds the model; the default bicubic is fast-reid's (``interpolation=3``). Recorded in the file."""
+    import torchvision.transforms as T
+
+    bilinear = read_dataset(_prepare(market, tmp_path / "l.h5", resize="bilinear").out)
+    bicubic = read_dataset(_prepare(market, tmp_path / "c.h5").out)
+    assert bilinear[0]["resize"] == "bilinear" and bicubic[0]["resize"] == "bicubic"
+    first = Image.open(market / bilinear[1]["train"].paths[0]).convert("RGB")
+    modes = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}
+    peer = {m: np.asarray(T.Resize((32, 16), interpolation=mode)(first)) for m, mode in modes.items()}
+    np.testing.assert_array_equal(bilinear[1]["train"].images[0], peer["bilinear"])
+    np.testing.assert_array_equal(bicubic[1]["train"].images[0], peer["bicubic"])
+    assert not np.array_equal(peer["bilinear"], peer["bicubic"])
+    with pytest.raises(ConfigError, match="unknown --resize 'nearest'; choose one of bicubic, bilinear"):
+        _prepare(market, tmp_path / "n.h5", resize="nearest")
 
 
 def test_zero_byte_image(market, tmp_path):

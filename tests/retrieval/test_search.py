@@ -66,6 +66,25 @@ def test_images_of_another_size_are_resized_as_prepare_does(indexed):
     assert [h["rank"] for h in entry["results"]] == [1, 2, 3] and entry["results"][0]["score"] > 0.5
 
 
+def test_queries_are_resized_with_the_filter_the_gallery_was_prepared_with(indexed):
+    """A gallery prepared with ``--resize bilinear`` (recorded by extract in the features file): new query images
+    are resized with the same filter, not the default bicubic."""
+    from reidcli.data.prepare import decode_image
+
+    root, _, _ = indexed
+    Image.open(root / "queries" / "q07.png").resize((40, 90)).save(root / "odd.png")
+    with h5py.File(root / "f.h5") as f:
+        assert f.attrs["resize"] == "bicubic"  # what the tiny dataset was prepared with
+    shutil.copy(root / "f.h5", root / "f_bilinear.h5")
+    with h5py.File(root / "f_bilinear.h5", "a") as f:
+        f.attrs["resize"] = "bilinear"
+    data = (root / "odd.png").read_bytes()
+    for features, resize in ((root / "f.h5", "bicubic"), (root / "f_bilinear.h5", "bilinear")):
+        found = search_images(root / "g.faiss", [root / "odd.png"], top_k=1, device="cpu", features=features)
+        np.testing.assert_array_equal(found.images[0], decode_image(data, (64, 32), "odd.png", resize=resize))
+    assert not np.array_equal(*(decode_image(data, (64, 32), "q", resize=r) for r in ("bicubic", "bilinear")))
+
+
 def test_an_ivfpq_index_is_searched_and_reported_approximate(indexed):
     """IVF-PQ trains on 256 vectors or more: the gallery padded with random unit rows (labelled distractors)."""
     from reidcli.retrieval.features import FeatureSplit, read_features, write_features
