@@ -455,9 +455,10 @@ def resumed_config(out: Path, given: dict):
     trajectory (model, loss, batch, optimiser, schedule, seed) and takes the rest (epochs, device, precision…)."""
     from dataclasses import replace
 
-    from reidcli.engine.train import load_train_config
+    from reidcli.engine.train import check_resumable, load_train_config
     from reidcli.model.vit import ModelConfig
 
+    check_resumable(out)
     saved = load_train_config(out)
     model = {f: given[o] for o, f in _MODEL_OPTIONS.items() if o in given}
     if "preset" in given:

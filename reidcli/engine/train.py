@@ -468,6 +468,17 @@ def _save(state: _State, files: RunFiles) -> None:
     )
 
 
+def check_resumable(run: str | Path) -> None:
+    """Refuse ``--resume`` of a folder with final weights but no checkpoint (e.g. made by 'reid import'): there is
+    no optimiser state or epoch to continue from, and training from scratch would overwrite those weights."""
+    files = RunFiles(run)
+    if files.weights.exists() and not files.checkpoint.exists():
+        raise ConfigError(
+            f"{files.root} holds final weights but no checkpoint.pt to resume (imported with 'reid import', or the "
+            f"checkpoint was deleted); fine-tune from them with 'reid train --init {files.weights} --out NEW'"
+        )
+
+
 def train(
     cfg: TrainConfig,
     resume: bool = False,
@@ -477,8 +488,10 @@ def train(
     """Train into ``cfg.run_dir``; with ``resume`` continue from its checkpoint on the same trajectory."""
     files = RunFiles(cfg.run_dir)
     restoring = resume and files.checkpoint.exists()
+    if resume:
+        check_resumable(files.root)
     cfg.validate(weights_file=not restoring)
-    if files.checkpoint.exists() and not resume:
+    if (files.checkpoint.exists() or files.weights.exists()) and not resume:
         raise ConfigError(f"{files.root} already holds a run; pass --resume to continue it or choose another --out")
     if restoring:  # before the dataset is read and the model built: a refusal should cost nothing
         _check_same_trajectory(cfg, files)

@@ -11,7 +11,7 @@ from reidcli.engine.extract import embed_images
 from reidcli.engine.importer import ImportOptions, import_run, infer_model_config, rename_transreid
 from reidcli.errors import ConfigError, FormatError
 from reidcli.model.vit import ModelConfig, ViTReID
-from tests.conftest import run_cli_here
+from tests.conftest import TINY_TRAIN, run_cli_here
 
 CPU = torch.device("cpu")
 
@@ -65,7 +65,7 @@ def _same_model(a: ViTReID, b: ViTReID, cameras: int = 0) -> None:
     torch.testing.assert_close(torch.as_tensor(fa), torch.as_tensor(fb), rtol=0, atol=1e-6)
 
 
-def test_transreid_jpm_sie_checkpoint_becomes_the_same_model(tmp_path):
+def test_transreid_jpm_sie_checkpoint_becomes_the_same_model(tmp_path, tiny_data):
     source = _model(jpm=True, sie_cameras=6)
     torch.save(_transreid_layout(source), tmp_path / "transformer_120.pth")
     r = run_cli_here("import", str(tmp_path / "transformer_120.pth"), "--out", str(tmp_path / "run"),
@@ -75,9 +75,14 @@ def test_transreid_jpm_sie_checkpoint_becomes_the_same_model(tmp_path):
     assert report["initialised"] == [] and report["left out"] == ["fc.weight"]
     assert "stride 12" in report["model"] and report["jpm"] == "4 groups" and report["sie cameras"] == 6
     model, config, _ = load_run_model(tmp_path / "run", CPU)
-    assert (
-        config["imported_from"]["path"].endswith("transformer_120.pth") and len(config["imported_from"]["sha256"]) == 64
-    )
+    imported = config["imported_from"]
+    assert imported["path"].endswith("transformer_120.pth") and len(imported["sha256"]) == 64
+    weights = (tmp_path / "run" / "model.safetensors").read_bytes()
+    for resume in ((), ("--resume",)):  # neither trained over nor "resumed" from scratch
+        r = run_cli_here("train", "--out", str(tmp_path / "run"), "--data", str(tiny_data), *resume, *TINY_TRAIN)
+        assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+        assert ("fine-tune from them with 'reid train --init" if resume else "already holds a run") in r.stderr
+    assert (tmp_path / "run" / "model.safetensors").read_bytes() == weights
     _same_model(source, model, cameras=6)
 
 
