@@ -144,6 +144,8 @@ def _check_run(run: Path, data: Path | None) -> list[tuple[str, str, str]]:
     model, config, source = load_run_model(run, "cpu")
     files = RunFiles(run)
     state = "finished" if files.weights.is_file() else "in progress (checkpoint only)"
+    if config.get("imported_from"):
+        state = f"imported from {config['imported_from'].get('path', '?')} by 'reid import'"
     rows = [("run", "ok", f"{run}: {config['model']['pe']} ViT, {state}, weights from {source.name}")]
     if data is not None:
         attrs, splits = read_dataset(data, images=False)
@@ -155,7 +157,7 @@ def _check_run(run: Path, data: Path | None) -> list[tuple[str, str, str]]:
         # query and gallery too)
         combine = bool(config.get("combine_all"))
         ids = len(set(joined_train_split(str(data), extra, size, combine, images=False)[1].pids.tolist()))
-        ok = size == tuple(model.cfg.image_size) and ids == model.cfg.num_classes
+        ok = size == tuple(model.cfg.image_size)  # what extract and evaluate need; the classes: what training does
         joined = (f" (+ {len(extra)} --extra-data)" if extra else "") + (" with --combine-all" if combine else "")
         detail = (
             f"dataset{joined} {size[0]}x{size[1]} with {ids} train ids; model {model.cfg.image_size[0]}x"
@@ -165,7 +167,10 @@ def _check_run(run: Path, data: Path | None) -> list[tuple[str, str, str]]:
             cameras = camera_count(splits)
             ok = ok and cameras <= model.cfg.sie_cameras
             detail += f"; dataset cameras {cameras}, model's camera embeddings (SIE) {model.cfg.sie_cameras}"
-        rows.append(("run ↔ dataset", "ok" if ok else "FAIL", detail))
+        status = "FAIL" if not ok else "ok" if ids == model.cfg.num_classes else "note"
+        if status == "note":  # another dataset's model (or an imported one): evaluated here, not trained or resumed
+            detail += "; it can be extracted and evaluated on this dataset, not trained on with --resume"
+        rows.append(("run ↔ dataset", status, detail))
     return rows
 
 

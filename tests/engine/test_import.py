@@ -83,6 +83,11 @@ def test_transreid_jpm_sie_checkpoint_becomes_the_same_model(tmp_path, tiny_data
         assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
         assert ("fine-tune from them with 'reid train --init" if resume else "already holds a run") in r.stderr
     assert (tmp_path / "run" / "model.safetensors").read_bytes() == weights
+    from reidcli.cli.doctor import _check_run
+
+    run_row, pair = _check_run(tmp_path / "run", tiny_data)
+    assert "imported from" in run_row[2] and "transformer_120.pth" in run_row[2]
+    assert pair[1] == "note" and "can be extracted and evaluated on this dataset" in pair[2]  # not its classes
     _same_model(source, model, cameras=6)
 
 
