@@ -12,7 +12,6 @@ classifier as ``classifier``; with its jigsaw patch module (JPM) the global bran
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 import shutil
@@ -151,7 +150,8 @@ def import_run(weights: str | Path, out: str | Path, options: ImportOptions = Im
     """Read ``weights``, infer the model, load it (every backbone tensor must fit), write the run folder atomically."""
     from reidcli.engine.checkpoint import RunFiles, save_weights, write_json_atomic
     from reidcli.engine.train import TrainConfig
-    from reidcli.model.weights import _adapt, load_state_file
+    from reidcli.fileio import sha256_file
+    from reidcli.model.weights import adapt_state, load_state_file
 
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -167,7 +167,7 @@ def import_run(weights: str | Path, out: str | Path, options: ImportOptions = Im
         )
     cfg = infer_model_config(state, options)
     model = ViTReID(cfg).eval()
-    state = _adapt(model, state, None)
+    state = adapt_state(model, state, None)
     own = model.state_dict()
     wrong = sorted(k for k in state if k in own and state[k].shape != own[k].shape)
     if wrong:
@@ -184,7 +184,7 @@ def import_run(weights: str | Path, out: str | Path, options: ImportOptions = Im
             "is it a whole ViT (TransReID or timm format)?"
         )
     dropped = sorted([*other_head, *(k for k in state if k not in own)])
-    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    digest = sha256_file(weights)
     config = TrainConfig(data="", run_dir=str(out), model=cfg, epochs=0).to_dict()
     config["imported_from"] = {"path": str(weights), "sha256": digest}
     partial = out.with_name(f".{out.name}.partial")  # renamed into place only when complete

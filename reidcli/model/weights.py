@@ -10,7 +10,7 @@ import torch
 from reidcli.errors import FormatError, ReidError
 from reidcli.model.vit import ViTReID
 
-__all__ = ["load_state_file", "load_init_weights", "load_pretrained"]
+__all__ = ["load_state_file", "load_init_weights", "load_pretrained", "adapt_state"]
 
 log = logging.getLogger(__name__)
 _PREFIXES = ("module.", "base.", "backbone.", "model.", "encoder.")
@@ -51,7 +51,9 @@ def _strip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _adapt(model: ViTReID, state: dict[str, torch.Tensor], old_grid: tuple[int, int] | None) -> dict[str, torch.Tensor]:
+def adapt_state(
+    model: ViTReID, state: dict[str, torch.Tensor], old_grid: tuple[int, int] | None
+) -> dict[str, torch.Tensor]:
     """Rename timm keys to ours and resample position tables and the patch kernel to this model's grid."""
     from timm.layers import resample_abs_pos_embed, resample_patch_embed
     from timm.layers.pos_embed_rel import resize_rel_pos_bias_table
@@ -99,7 +101,7 @@ def load_init_weights(
     ``old_grid`` is the checkpoint's patch grid when known (our own runs); else it is inferred (square, or
     the model's aspect ratio).
     """
-    state = _adapt(model, _strip(state), old_grid)
+    state = adapt_state(model, _strip(state), old_grid)
     own = model.state_dict()
     usable = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
     mismatched = sorted(k for k in state if k in own and state[k].shape != own[k].shape)
