@@ -26,7 +26,6 @@ from reidcli.model.vit import ModelConfig, ViTReID
 __all__ = ["ImportOptions", "ImportResult", "import_run", "infer_model_config", "rename_transreid"]
 
 log = logging.getLogger(__name__)
-_PREFIXES = ("module.", "base.", "backbone.", "model.", "encoder.")
 _DROPPED = ("head.", "fc.", "fc_norm.", "head_drop.", "pre_logits.")  # a classification head of another task
 
 
@@ -52,12 +51,9 @@ class ImportResult:
 
 def rename_transreid(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Prefixes stripped (``module.``, ``base.``, …) and TransReID's JPM names mapped to ours."""
-    out = {}
-    for key, value in state.items():
-        for p in _PREFIXES:
-            if key.startswith(p):
-                key = key[len(p) :]
-        out[key] = value
+    from reidcli.model.weights import strip_prefixes
+
+    out = strip_prefixes(state)
     depth = 1 + max((int(m.group(1)) for k in out if (m := re.match(r"blocks\.(\d+)\.", k))), default=-1)
     renamed, branches = {}, {}
     for key, value in out.items():

@@ -10,7 +10,7 @@ import torch
 from reidcli.errors import FormatError, ReidError
 from reidcli.model.vit import ViTReID
 
-__all__ = ["load_state_file", "load_init_weights", "load_pretrained", "adapt_state"]
+__all__ = ["load_state_file", "load_init_weights", "load_pretrained", "adapt_state", "strip_prefixes"]
 
 log = logging.getLogger(__name__)
 _PREFIXES = ("module.", "base.", "backbone.", "model.", "encoder.")
@@ -40,13 +40,15 @@ def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _strip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def strip_prefixes(state: dict[str, torch.Tensor], skip: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """Keys without the wrappers' prefixes (``module.``, ``base.``, ``backbone.``, ``model.``, ``encoder.``), those
+    starting with ``skip`` left out."""
     out = {}
     for k, v in state.items():
         for p in _PREFIXES:
             if k.startswith(p):
                 k = k[len(p) :]
-        if not k.startswith(_SKIP):
+        if not k.startswith(skip):  # an empty tuple skips nothing
             out[k] = v
     return out
 
@@ -101,7 +103,7 @@ def load_init_weights(
     ``old_grid`` is the checkpoint's patch grid when known (our own runs); else it is inferred (square, or
     the model's aspect ratio).
     """
-    state = adapt_state(model, _strip(state), old_grid)
+    state = adapt_state(model, strip_prefixes(state, _SKIP), old_grid)
     own = model.state_dict()
     usable = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
     mismatched = sorted(k for k in state if k in own and state[k].shape != own[k].shape)
