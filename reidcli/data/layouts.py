@@ -13,7 +13,7 @@ from reidcli.data.naming import IMAGE_SUFFIXES, parse_market_name, parse_msmt_na
 from reidcli.data.sources import Source
 from reidcli.errors import DataError
 
-__all__ = ["Record", "DATASETS", "parse_layout", "SPLITS"]
+__all__ = ["Record", "DATASETS", "parse_layout", "SPLITS", "is_image"]
 
 SPLITS = ("train", "query", "gallery")
 DATASETS = ("market1501", "dukemtmcreid", "occludedduke", "msmt17", "cuhk03np", "veri776", "synthetic", "custom")
@@ -29,7 +29,7 @@ class Record:
     camid: int  # 0-based
 
 
-def _is_image(name: str) -> bool:
+def is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_SUFFIXES)
 
 
@@ -64,7 +64,7 @@ def _market_style(
     out: dict[str, list[Record]] = {}
     for split, folder in folders.items():
         base = f"{prefix}/{folder}/" if prefix else f"{folder}/"
-        names = [f for f in files if f.startswith(base) and "/" not in f[len(base) :] and _is_image(f)]
+        names = [f for f in files if f.startswith(base) and "/" not in f[len(base) :] and is_image(f)]
         records = []
         for f in names:
             pid, cam = parse_market_name(f[len(base) :])

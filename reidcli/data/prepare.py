@@ -17,8 +17,8 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from reidcli.data.layouts import DATASETS, SPLITS, Record, parse_layout
-from reidcli.data.naming import IMAGE_SUFFIXES, parse_market_name
+from reidcli.data.layouts import DATASETS, SPLITS, Record, is_image, parse_layout
+from reidcli.data.naming import parse_market_name
 from reidcli.data.sources import Source, open_source
 from reidcli.data.store import DatasetWriter, write_dataset
 from reidcli.errors import ConfigError, DataError
@@ -167,7 +167,7 @@ def _extra_gallery(path: Path, gallery: list[Record]) -> tuple[Source, list[Reco
     source = open_source(path)
     records = []
     for f in source.files():
-        if not f.lower().endswith(IMAGE_SUFFIXES):
+        if not is_image(f):
             continue
         pid, cam = parse_market_name(PurePosixPath(f).name)
         if pid != -1:

@@ -49,12 +49,17 @@ class ImportResult:
     dropped: list[str]  # tensors of the weights this model has no place for
 
 
+def _depth(state: dict[str, torch.Tensor]) -> int:
+    """1 + the largest ``blocks.N.`` index among the keys (0 without blocks)."""
+    return 1 + max((int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))), default=-1)
+
+
 def rename_transreid(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Prefixes stripped (``module.``, ``base.``, …) and TransReID's JPM names mapped to ours."""
     from reidcli.model.weights import strip_prefixes
 
     out = strip_prefixes(state)
-    depth = 1 + max((int(m.group(1)) for k in out if (m := re.match(r"blocks\.(\d+)\.", k))), default=-1)
+    depth = _depth(out)
     renamed, branches = {}, {}
     for key, value in out.items():
         m = re.match(r"(b1|b2)\.(0|1)\.(.+)", key)
@@ -85,20 +90,22 @@ def _stride_for(tokens: int, image_size: tuple[int, int], patch: int) -> int | N
     return None
 
 
-def infer_model_config(state: dict[str, torch.Tensor], options: ImportOptions) -> ModelConfig:
+def infer_model_config(
+    state: dict[str, torch.Tensor], options: ImportOptions, source: str = "the weights"
+) -> ModelConfig:
     """The model the renamed ``state`` belongs to: width, depth, patch, MLP ratio, position encoding, stride (from
     the APE's length at ``image_size``), JPM, SIE cameras and classes from the tensors' names and shapes."""
     if "cls_token" not in state or "patch_embed.proj.weight" not in state:
         raise FormatError(
-            "the weights hold no ViT (no cls_token and patch_embed.proj.weight, after the prefixes module., base., "
-            "backbone., model., encoder.); pass a ViT state dict (TransReID, timm)"
+            f"{source} holds no ViT (no cls_token and patch_embed.proj.weight, after the prefixes module., base., "
+            "backbone., model., encoder.); pass a ViT's state dict (TransReID, timm)"
         )
     dim = int(state["cls_token"].shape[-1])
     proj = state["patch_embed.proj.weight"]
     patch = int(proj.shape[-1])
     if proj.shape[-2] != proj.shape[-1]:
         raise FormatError(f"the patch embedding is {tuple(proj.shape[-2:])}: only square patches are read")
-    depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k)))
+    depth = _depth(state)
     fc1 = state.get("blocks.0.mlp.fc1.weight")
     mlp_ratio = fc1.shape[0] / dim if fc1 is not None else 4.0
     has_ape = "pos.pos_embed" in state
@@ -156,12 +163,7 @@ def import_run(weights: str | Path, out: str | Path, options: ImportOptions = Im
     state = rename_transreid(load_state_file(weights))
     other_head = sorted(k for k in state if k.startswith(_DROPPED))
     state = {k: v for k, v in state.items() if not k.startswith(_DROPPED)}
-    if "cls_token" not in state or "patch_embed.proj.weight" not in state:
-        raise FormatError(
-            f"{weights} holds no ViT (no cls_token and patch_embed.proj.weight, after the prefixes module., base., "
-            "backbone., model., encoder.); pass a ViT's state dict (TransReID, timm)"
-        )
-    cfg = infer_model_config(state, options)
+    cfg = infer_model_config(state, options, str(weights))
     model = ViTReID(cfg).eval()
     state = adapt_state(model, state, None)
     own = model.state_dict()
